@@ -1,0 +1,438 @@
+"""The forwarding path: `/<user>/<server>` in, the upstream's answer out.
+
+A request passes these stages, each a small function below:
+
+    parse route -> find server -> upstream URL -> resolve credential
+    -> request headers -> request body -> upstream call -> relay response
+
+Responses are never buffered: JSON bodies are relayed as they arrive, event
+streams chunk by chunk. The agent's `Authorization` and cookies stop here;
+the credential is added here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
+
+from proxy import credentials, legacy_sse, responses, routing
+from proxy.registry import Registry
+from proxy.settings import ServerConfig, Settings
+
+log = structlog.get_logger("keybearer.request")
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+        b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
+    }
+)  # fmt: skip
+# Never sent upstream: the agent's own credentials, what we set ourselves,
+# and what aiohttp computes from the body.
+DROP_REQUEST = HOP_BY_HOP | {
+    b"host", b"authorization", b"cookie", b"content-length", b"accept-encoding",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect",
+}  # fmt: skip
+# Never sent back: a challenge would start the agent's own OAuth discovery
+# against the proxy; cookies would land on the proxy's origin.
+DROP_RESPONSE = HOP_BY_HOP | {b"set-cookie", b"www-authenticate", b"server", b"date"}
+# Bodies up to this size are read whole: sent with a Content-Length and
+# available to name the JSON-RPC id in an error. Larger ones are streamed.
+WHOLE_BODY_LIMIT = 256 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's facts, for the log line and the error answers."""
+
+    scope: Scope
+    request_id: str
+    started: float = field(default_factory=time.perf_counter)
+    user: str | None = None
+    server: str | None = None
+    mcp_method: str | None = None
+    status: int = 0
+    body: bytes | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    outcome: str = "ok"
+
+
+class Forwarder:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # Bytes pass through as the upstream encoded them.
+            auto_decompress=False,
+            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.upstream_connect_timeout),
+            skip_auto_headers=("User-Agent", "Content-Type", "Accept"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = Exchange(scope, _request_id(scope))
+        try:
+            await self._handle(ex, receive, send)
+        finally:
+            log.info(
+                "request",
+                request_id=ex.request_id,
+                user=ex.user,
+                server=ex.server,
+                method=scope["method"],
+                mcp_method=ex.mcp_method,
+                status=ex.status,
+                outcome=ex.outcome,
+                duration_ms=round((time.perf_counter() - ex.started) * 1000, 2),
+                bytes_in=ex.bytes_in,
+                bytes_out=ex.bytes_out,
+            )
+
+    async def _handle(self, ex: Exchange, receive: Receive, send: Send) -> None:
+        scope = ex.scope
+        try:
+            route = routing.parse(scope.get("raw_path") or scope["path"].encode())
+        except routing.RouteError as exc:
+            return await self._fail(ex, send, exc.status, exc.code, exc.message)
+        ex.user, ex.server = route.user, route.server_id
+        server = self.registry.get(route.server_id)
+        if server is None:
+            return await self._fail(
+                ex, send, 404, "unknown_server", f"no MCP server {route.server_id!r} is configured on this proxy"
+            )
+        try:
+            url = routing.upstream_url(
+                server, route.subpath, scope["query_string"], self.registry.announced.get(server.id, frozenset())
+            )
+            credential = credentials.resolve(server, route.user, self.registry)
+        except (routing.RouteError, credentials.CredentialUnavailable) as exc:
+            return await self._fail(ex, send, exc.status, exc.code, exc.message)
+
+        headers = request_headers(scope, credential, server)
+        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes, ex)
+        except BodyTooLarge:
+            return await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
+        ex.mcp_method = _mcp_method(scope, ex.body)
+
+        await self._exchange(ex, server, route, url, headers, body, receive, send)
+
+    async def _exchange(
+        self,
+        ex: Exchange,
+        server: ServerConfig,
+        route: routing.Route,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes],
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        assert self.session is not None
+        # A streamed body is still being received by aiohttp: only one reader
+        # may call receive() at a time, so such requests go unwatched.
+        watch = DisconnectWatch(receive) if isinstance(body, bytes) else contextlib.nullcontext()
+        try:
+            async with watch:
+                async with asyncio.timeout(self.settings.upstream_timeout):
+                    upstream = await self.session.request(
+                        ex.scope["method"], URL(url, encoded=True), headers=headers, data=body,
+                        allow_redirects=False, compress=None, chunked=None,
+                    )  # fmt: skip
+                try:
+                    await self._relay(ex, server, route, url, upstream, send)
+                finally:
+                    upstream.close()
+        except BodyTooLarge:
+            await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
+        except ClientGone:
+            ex.outcome = "client_disconnected"
+        except TimeoutError:
+            await self._fail(
+                ex, send, 504, "upstream_timeout",
+                f"server {server.id!r} did not answer within {self.settings.upstream_timeout:g} s; "
+                "try again later, or ask the operator to raise upstream_timeout",
+                server=server.id,
+            )  # fmt: skip
+        except aiohttp.ClientError as exc:
+            if ex.outcome == "body_too_large":
+                return await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
+            if ex.outcome == "client_disconnected":
+                return
+            await self._fail(
+                ex, send, 502, "upstream_unreachable",
+                f"server {server.id!r} could not be reached ({_describe(exc)}); "
+                "check that it is running and that its url in the proxy's config is right",
+                server=server.id,
+            )  # fmt: skip
+
+    async def _relay(
+        self,
+        ex: Exchange,
+        server: ServerConfig,
+        route: routing.Route,
+        url: str,
+        upstream: aiohttp.ClientResponse,
+        send: Send,
+    ) -> None:
+        if upstream.status == 401 and server.auth in ("none", "api_key"):
+            ex.outcome = "upstream_rejected_credential"
+            detail = (
+                "check the key with `keybearer api-key set " + server.id + "`"
+                if server.auth == "api_key"
+                else "the server wants credentials: configure it with auth: api_key or oauth"
+            )
+            return await self._fail(
+                ex, send, 502, "upstream_unauthorized",
+                f"server {server.id!r} refused the proxy's request as unauthorized (HTTP 401); "
+                f"the operator must {detail}",
+                server=server.id,
+            )  # fmt: skip
+        is_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+        ex.status = upstream.status
+        await send(
+            {
+                "type": "http.response.start",
+                "status": upstream.status,
+                "headers": response_headers(upstream.raw_headers, is_stream),
+            }
+        )
+        rewriter = None
+        if is_stream and ex.scope["method"] == "GET" and not route.subpath:
+            rewriter = legacy_sse.EndpointRewriter(
+                server, url, f"/{route.user}/{route.server_id}", _proxy_origin(ex.scope),
+                lambda path: self.registry.note_announced(server.id, path),
+            )  # fmt: skip
+        content = upstream.content
+        try:
+            while True:
+                if is_stream:
+                    chunk = await content.readany()
+                else:
+                    async with asyncio.timeout(self.settings.upstream_timeout):
+                        chunk = await content.readany()
+                if not chunk:
+                    break
+                if rewriter is not None:
+                    chunk = rewriter.feed(chunk)
+                    if rewriter.done and not chunk:
+                        continue
+                ex.bytes_out += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except legacy_sse.ForeignEndpoint as exc:
+            ex.outcome = "foreign_endpoint_refused"
+            log.warning("legacy endpoint refused", server=server.id, reason=str(exc))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: all that is left is to end the body.
+            ex.outcome = "upstream_broke_off"
+            log.warning("upstream broke off", server=server.id, reason=_describe(exc))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, ex: Exchange, send: Send, status: int, code: str, message: str, **data: Any) -> None:
+        ex.status, ex.outcome = status, code
+        ex.bytes_out = await responses.send_error(send, status, code, message, body=ex.body, **data)
+
+    def _too_large_message(self) -> str:
+        return (
+            f"the request body is larger than the proxy's limit of {self.settings.max_body_bytes} bytes "
+            "(setting max_body_bytes)"
+        )
+
+
+class ClientGone(Exception):
+    """The agent closed its connection; the upstream request is abandoned."""
+
+
+class DisconnectWatch:
+    """Cancels the request the moment the agent disconnects.
+
+    Without it an idle event stream would hold its upstream connection until
+    the next event tried to reach a client that is no longer there.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.gone = False
+        self._task: asyncio.Task[None] | None = None
+        self._owner: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> DisconnectWatch:
+        self._owner = asyncio.current_task()
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                assert self._owner is not None
+                self._owner.cancel()
+                return
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        assert self._task is not None and self._owner is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self.gone and exc_type is asyncio.CancelledError:
+            self._owner.uncancel()
+            raise ClientGone
+        return False
+
+
+def request_headers(scope: Scope, credential: credentials.Credential | None, server: ServerConfig) -> list[tuple[str, str]]:
+    drop = DROP_REQUEST
+    connection_tokens: set[bytes] = set()
+    host = b""
+    out: list[tuple[str, str]] = []
+    for name, value in scope["headers"]:
+        if name == b"connection":
+            connection_tokens = {t.strip().lower() for t in value.split(b",")}
+        elif name == b"host":
+            host = value
+    for name, value in scope["headers"]:
+        if name in drop or name in connection_tokens or (credential and name == credential.header):
+            continue
+        out.append((name.decode("latin-1"), value.decode("latin-1")))
+    client = scope.get("client")
+    out.append(("X-Forwarded-For", client[0] if client else "unknown"))
+    out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+    if host:
+        out.append(("X-Forwarded-Host", host.decode("latin-1")))
+    # identity: an event stream must reach the agent uncompressed, and the
+    # legacy endpoint event must be readable to be rewritten.
+    out.append(("Accept-Encoding", "identity"))
+    if credential is not None:
+        out.append((credential.header.decode(), credential.value.decode("latin-1")))
+    return out
+
+
+def response_headers(raw: Any, is_stream: bool) -> list[tuple[bytes, bytes]]:
+    connection_tokens: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            connection_tokens = {t.strip().lower() for t in value.split(b",")}
+    out = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower in DROP_RESPONSE or lower in connection_tokens:
+            continue
+        if is_stream and lower == b"content-length":
+            continue
+        out.append((lower, value))
+    if is_stream:
+        # Tell any buffering proxy in front (nginx) to pass events on at once.
+        out = [(n, v) for n, v in out if n != b"x-accel-buffering"]
+        out.append((b"x-accel-buffering", b"no"))
+        if not any(n == b"cache-control" for n, _ in out):
+            out.append((b"cache-control", b"no-cache"))
+    return out
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int, ex: Exchange) -> bytes | AsyncIterator[bytes]:
+    """The whole body when it is small and announced; else a capped stream."""
+    length: int | None = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise BodyTooLarge  # unparsable lengths are refused like oversize ones
+            length = int(value)
+    if length is not None and length > limit:
+        raise BodyTooLarge
+    if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS") and not length:
+        return b""
+    if length is not None and length <= WHOLE_BODY_LIMIT:
+        chunks = []
+        while True:
+            message: Message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        ex.body = b"".join(chunks)
+        ex.bytes_in = len(ex.body)
+        return ex.body
+    return _stream_body(receive, limit, ex)
+
+
+async def _stream_body(receive: Receive, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ex.outcome = "client_disconnected"
+            raise ClientGone
+        chunk = message.get("body", b"")
+        ex.bytes_in += len(chunk)
+        if ex.bytes_in > limit:
+            # aiohttp may wrap what the body iterator raises: the outcome says what it was.
+            ex.outcome = "body_too_large"
+            raise BodyTooLarge
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+def _mcp_method(scope: Scope, body: bytes | None) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"mcp-method":
+            return value.decode("latin-1")[:64]
+    if body and body[:1] == b"{":
+        try:
+            method = json.loads(body).get("method")
+        except (ValueError, AttributeError):
+            return None
+        return method[:64] if isinstance(method, str) else None
+    return None
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii() and value.replace(b"-", b"").isalnum():
+            return value.decode()
+    return secrets.token_hex(8)
+
+
+def _proxy_origin(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            return f"{scope.get('scheme', 'http')}://{value.decode('latin-1')}"
+    server = scope.get("server") or ("127.0.0.1", 80)
+    return f"{scope.get('scheme', 'http')}://{server[0]}:{server[1]}"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return type(exc).__name__

@@ -1,0 +1,100 @@
+"""The legacy HTTP+SSE transport (MCP 2024-11-05): rewriting its `endpoint` event.
+
+A legacy server opens its GET stream with `event: endpoint` whose data is the
+URL the client must POST messages to. That URL points at the upstream; the
+agent must see one under `/<user>/<server>/` instead. Only the first event can
+be the endpoint, so only the first event is parsed; after it, chunks pass
+through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from urllib.parse import urljoin, urlsplit
+
+from proxy.settings import UPSTREAM_PATH_PATTERN, ServerConfig
+
+MAX_FIRST_EVENT = 64 * 1024
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+class ForeignEndpoint(Exception):
+    """The server announced an endpoint outside its own origin."""
+
+
+class EndpointRewriter:
+    def __init__(
+        self,
+        server: ServerConfig,
+        upstream_url: str,
+        proxy_prefix: str,
+        proxy_origin: str,
+        on_announce: Callable[[str], None],
+    ) -> None:
+        self.server = server
+        self.upstream_url = upstream_url
+        self.proxy_prefix = proxy_prefix
+        self.proxy_origin = proxy_origin
+        self.on_announce = on_announce
+        self.done = False
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Bytes to relay now for this chunk (possibly none while the first event is incomplete)."""
+        if self.done:
+            return chunk
+        self._buffer += chunk
+        out = b""
+        while not self.done:
+            match = _EVENT_END.search(self._buffer)
+            if match is None:
+                if len(self._buffer) > MAX_FIRST_EVENT:
+                    self.done = True  # not an endpoint event worth parsing
+                    out, self._buffer = out + self._buffer, b""
+                return out
+            block, self._buffer = self._buffer[: match.end()], self._buffer[match.end() :]
+            out += self._event(block)
+        out, self._buffer = out + self._buffer, b""
+        return out
+
+    def _event(self, block: bytes) -> bytes:
+        text = block.decode("utf-8", errors="replace")
+        lines = [line for line in _LINE_END.split(text) if line]
+        fields = [line for line in lines if not line.startswith(":")]
+        if not fields:
+            return block  # keep-alive comments before the first event
+        self.done = True
+        event = next((_value(f) for f in fields if f.split(":", 1)[0] == "event"), "message")
+        if event != "endpoint":
+            return block
+        data = "".join(_value(f) for f in fields if f.split(":", 1)[0] == "data")
+        comments = "".join(line + "\n" for line in lines if line.startswith(":"))
+        return f"{comments}event: endpoint\ndata: {self.rewrite(data)}\n\n".encode()
+
+    def rewrite(self, announced: str) -> str:
+        target = urlsplit(urljoin(self.upstream_url, announced.strip()))
+        if f"{target.scheme}://{target.netloc}" != self.server.origin:
+            raise ForeignEndpoint(
+                f"server {self.server.id!r} announced a message endpoint on another origin "
+                f"({target.scheme}://{target.netloc}); refused"
+            )
+        path = target.path or "/"
+        if not UPSTREAM_PATH_PATTERN.fullmatch(path) or any(s in (".", "..") for s in path.split("/")):
+            raise ForeignEndpoint(f"server {self.server.id!r} announced an unusable message path {path!r}")
+        if path == self.server.path:
+            rewritten = self.proxy_prefix
+        else:
+            self.on_announce(path)
+            rewritten = self.proxy_prefix + path
+        if target.query:
+            rewritten += "?" + target.query
+        if urlsplit(announced.strip()).scheme:
+            rewritten = self.proxy_origin + rewritten
+        return rewritten
+
+
+def _value(field: str) -> str:
+    _, _, value = field.partition(":")
+    return value[1:] if value.startswith(" ") else value

@@ -1,0 +1,190 @@
+"""The servers Keybearer knows, and their API keys, cached for the hot path.
+
+Config-file servers are declarative and win over stored ones with the same
+id. Stored servers and sealed API keys are loaded into memory at start and
+reloaded when the store reports a change, so resolving a request never waits
+on the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from proxy import logs
+from proxy.crypto import DecryptError, Keyring
+from proxy.settings import ServerConfig
+from proxy.stores import Store, StoreUnavailable
+
+log = structlog.get_logger("keybearer.registry")
+
+API_KEY = "api_key"
+
+
+class RegistryError(ValueError):
+    """A change was refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What may be shown about an API key: never the key."""
+
+    set: bool
+    source: str | None = None
+    last4: str | None = None
+    length: int | None = None
+
+
+class Registry:
+    def __init__(self, config_servers: Mapping[str, ServerConfig], store: Store, keyring: Keyring) -> None:
+        self.config_servers = dict(config_servers)
+        self.store = store
+        self.keyring = keyring
+        self.servers: dict[str, ServerConfig] = dict(config_servers)
+        self._stored_keys: dict[str, str] = {}
+        self._file_keys: dict[str, tuple[float, str]] = {}
+        # Legacy SSE message endpoints each server has announced.
+        self.announced: dict[str, frozenset[str]] = {}
+        self._seen_changes: int | None = None
+        self._watcher: asyncio.Task[None] | None = None
+
+    # -- loading -------------------------------------------------------------
+
+    async def load(self) -> None:
+        servers = dict(self.config_servers)
+        for server in await self.store.list_servers():
+            if server.id in self.config_servers:
+                log.warning("stored server shadowed by config file", server=server.id)
+                continue
+            servers[server.id] = server
+        keys: dict[str, str] = {}
+        for kind, name, ciphertext in await self.store.list_secrets():
+            if kind != API_KEY:
+                continue
+            try:
+                keys[name] = self.keyring.decrypt(API_KEY, ciphertext, f"{API_KEY}:{name}").decode()
+            except DecryptError as exc:
+                log.error("stored API key cannot be decrypted", server=name, reason=str(exc))
+                continue
+            logs.register_secret(keys[name])
+        self.servers, self._stored_keys = servers, keys
+
+    async def start(self, poll_interval: float = 1.0) -> None:
+        self._seen_changes = await self.store.changes()
+        await self.load()
+        self._watcher = asyncio.create_task(self._watch(poll_interval))
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+
+    async def _watch(self, interval: float) -> None:
+        # Picks up writes made by another process (the CLI next to a running
+        # server). The store being briefly down must not stop serving.
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                changes = await self.store.changes()
+                if changes != self._seen_changes:
+                    self._seen_changes = changes
+                    await self.load()
+            except StoreUnavailable as exc:
+                log.warning("store unavailable; serving from cache", reason=str(exc))
+
+    # -- reading (hot path) ----------------------------------------------------
+
+    def get(self, server_id: str) -> ServerConfig | None:
+        return self.servers.get(server_id)
+
+    def api_key(self, server: ServerConfig) -> str | None:
+        """The key to present upstream: env, then file, then the stored one."""
+        if server.api_key_env:
+            value = _env(server.api_key_env)
+            if value:
+                return value
+        if server.api_key_file:
+            value = self._read_key_file(server.api_key_file)
+            if value:
+                return value
+        return self._stored_keys.get(server.id)
+
+    def key_info(self, server: ServerConfig) -> KeyInfo:
+        key = self.api_key(server)
+        if not key:
+            return KeyInfo(set=False)
+        source = "stored"
+        if server.api_key_env and _env(server.api_key_env):
+            source = "env"
+        elif server.api_key_file and self._read_key_file(server.api_key_file):
+            source = "file"
+        return KeyInfo(set=True, source=source, last4=key[-4:] if len(key) >= 12 else None, length=len(key))
+
+    def _read_key_file(self, path: str) -> str | None:
+        # Kubernetes rewrites mounted Secrets in place: re-read on change.
+        try:
+            mtime = Path(path).stat().st_mtime
+        except OSError:
+            return None
+        cached = self._file_keys.get(path)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        value = Path(path).read_text().strip()
+        logs.register_secret(value)
+        self._file_keys[path] = (mtime, value)
+        return value
+
+    def note_announced(self, server_id: str, path: str) -> None:
+        known = self.announced.get(server_id, frozenset())
+        if path not in known:
+            self.announced[server_id] = known | {path}
+
+    # -- writing -----------------------------------------------------------------
+
+    async def put_server(self, server: ServerConfig) -> None:
+        if server.id in self.config_servers:
+            raise RegistryError(f"server {server.id!r} is defined in the config file and is read-only at run time")
+        await self.store.put_server(server)
+        self.servers = {**self.servers, server.id: server}
+
+    async def delete_server(self, server_id: str) -> bool:
+        if server_id in self.config_servers:
+            raise RegistryError(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        deleted = await self.store.delete_server(server_id)
+        self.servers = {k: v for k, v in self.servers.items() if k != server_id}
+        self._stored_keys.pop(server_id, None)
+        return deleted
+
+    async def set_api_key(self, server_id: str, key: str) -> None:
+        server = self.servers.get(server_id)
+        if server is None:
+            raise RegistryError(f"no server {server_id!r}; add it to the config file or with `keybearer servers add`")
+        if server.auth != "api_key":
+            raise RegistryError(f"server {server_id!r} uses auth: {server.auth}, not api_key")
+        key = key.strip()
+        if not key or any(c in key for c in "\r\n\0") or len(key) > 4096:
+            raise RegistryError("the API key must be one line of 1-4096 characters")
+        logs.register_secret(key)
+        ciphertext = self.keyring.encrypt(API_KEY, key.encode(), f"{API_KEY}:{server_id}")
+        await self.store.set_secret(API_KEY, server_id, ciphertext)
+        self._stored_keys = {**self._stored_keys, server_id: key}
+
+    async def clear_api_key(self, server_id: str) -> bool:
+        if server_id not in self.servers:
+            raise RegistryError(f"no server {server_id!r}")
+        self._stored_keys = {k: v for k, v in self._stored_keys.items() if k != server_id}
+        return await self.store.delete_secret(API_KEY, server_id)
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(name)
+    if value:
+        logs.register_secret(value)
+    return value

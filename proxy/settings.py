@@ -1,0 +1,355 @@
+"""Every setting Keybearer reads, declared in one place.
+
+Sources, strongest first: command-line flags, `KEYBEARER_*` environment
+variables, the YAML file. Every secret can also come from a file named by the
+`…_FILE` twin of its variable, which is how Kubernetes Secrets are mounted.
+Unknown keys are errors: a typo in an auth proxy's config must not silently
+turn a setting off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+
+AuthType = Literal["none", "api_key", "oauth"]
+AUTH_TYPES: tuple[str, ...] = ("none", "api_key", "oauth")
+
+# One path segment, a conservative alphabet, a length cap. Starting with an
+# alphanumeric rules out "." and ".." without a special case.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
+SERVER_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
+ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+UPSTREAM_PATH_PATTERN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,1023}")
+
+
+class ConfigError(ValueError):
+    """A setting is wrong; `key` names it the way the operator wrote it."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One upstream MCP server."""
+
+    id: str
+    url: str
+    auth: AuthType = "none"
+    # api_key: where the key comes from (env or file win over a stored key)
+    # and how it is presented upstream.
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    api_key_header: str = "Authorization"
+    api_key_scheme: str = "Bearer"
+    # Upstream paths on the server's origin reachable besides `url` itself.
+    paths: tuple[str, ...] = ()
+    # oauth
+    client_id: str | None = None
+    client_secret_env: str | None = None
+    client_secret_file: str | None = None
+    scopes: tuple[str, ...] = ()
+    resource: bool = True
+    authorization_params: Mapping[str, str] = field(default_factory=dict)
+    # Where the definition came from: "config" servers are read-only at run time.
+    source: Literal["config", "store"] = "config"
+
+    @property
+    def origin(self) -> str:
+        parts = urlsplit(self.url)
+        return f"{parts.scheme}://{parts.netloc}"
+
+    @property
+    def path(self) -> str:
+        return urlsplit(self.url).path or "/"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The declarative form, as written in YAML or sent to the admin API."""
+        out: dict[str, Any] = {}
+        defaults = ServerConfig(id=self.id, url=self.url)
+        for f in fields(self):
+            if f.name in ("id", "source"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in ("url", "auth") or value != getattr(defaults, f.name):
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+_SERVER_KEYS = {f.name for f in fields(ServerConfig)} - {"id", "source"}
+
+
+def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") -> ServerConfig:
+    """Validate one server definition; raise ConfigError naming the bad key."""
+    if not isinstance(server_id, str) or not SERVER_ID_PATTERN.fullmatch(server_id):
+        raise ConfigError(
+            key, "server id must be 1-64 characters of a-z, 0-9, '-' and '_', starting alphanumeric"
+        )
+    if not isinstance(raw, Mapping):
+        raise ConfigError(key, "must be a mapping with at least `url` and `auth`")
+    unknown = sorted(set(raw) - _SERVER_KEYS)
+    if unknown:
+        raise ConfigError(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
+    if "url" not in raw:
+        raise ConfigError(f"{key}.url", "required")
+    url = _upstream_url(raw["url"], key=f"{key}.url")
+    auth = raw.get("auth", "none")
+    if auth not in AUTH_TYPES:
+        raise ConfigError(f"{key}.auth", f"must be one of {', '.join(AUTH_TYPES)} (got {auth!r})")
+    values: dict[str, Any] = {"id": server_id, "url": url, "auth": auth, "source": source}
+    for name in ("api_key_env", "client_secret_env"):
+        if name in raw:
+            values[name] = _string(raw[name], f"{key}.{name}", ENV_NAME_PATTERN, "an environment variable name")
+    for name in ("api_key_file", "client_secret_file", "client_id"):
+        if name in raw:
+            values[name] = _string(raw[name], f"{key}.{name}")
+    if "api_key_header" in raw:
+        values["api_key_header"] = _string(
+            raw["api_key_header"], f"{key}.api_key_header", HEADER_NAME_PATTERN, "an HTTP header name"
+        )
+    if "api_key_scheme" in raw:
+        scheme = raw["api_key_scheme"]
+        if scheme is None:
+            scheme = ""
+        values["api_key_scheme"] = _string(
+            scheme, f"{key}.api_key_scheme", re.compile(r"[A-Za-z0-9._-]{0,32}"), "a word such as Bearer, or empty"
+        )
+    if "paths" in raw:
+        values["paths"] = tuple(
+            _string(p, f"{key}.paths[{i}]", UPSTREAM_PATH_PATTERN, "an absolute path such as /messages/")
+            for i, p in enumerate(_list(raw["paths"], f"{key}.paths"))
+        )
+        for i, p in enumerate(values["paths"]):
+            if any(seg in (".", "..") for seg in p.split("/")):
+                raise ConfigError(f"{key}.paths[{i}]", "dot segments are not allowed")
+    if "scopes" in raw:
+        values["scopes"] = tuple(
+            _string(s, f"{key}.scopes[{i}]", re.compile(r"[!#-\[\]-~]{1,256}"), "a scope token")
+            for i, s in enumerate(_list(raw["scopes"], f"{key}.scopes"))
+        )
+    if "resource" in raw:
+        if not isinstance(raw["resource"], bool):
+            raise ConfigError(f"{key}.resource", "must be true or false")
+        values["resource"] = raw["resource"]
+    if "authorization_params" in raw:
+        params = raw["authorization_params"]
+        if not isinstance(params, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in params.items()
+        ):
+            raise ConfigError(f"{key}.authorization_params", "must map parameter names to strings")
+        values["authorization_params"] = dict(params)
+    if auth != "api_key":
+        for name in ("api_key_env", "api_key_file"):
+            if name in values:
+                raise ConfigError(f"{key}.{name}", f"only meaningful with auth: api_key (auth is {auth})")
+    if auth != "oauth":
+        for name in ("client_id", "client_secret_env", "client_secret_file", "scopes"):
+            if name in values:
+                raise ConfigError(f"{key}.{name}", f"only meaningful with auth: oauth (auth is {auth})")
+    return ServerConfig(**values)
+
+
+def _upstream_url(raw: Any, *, key: str) -> str:
+    if not isinstance(raw, str) or len(raw) > 2048:
+        raise ConfigError(key, "must be an http(s) URL of at most 2048 characters")
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"must be an absolute http:// or https:// URL (got {raw!r})")
+    if parts.username or parts.password:
+        raise ConfigError(key, "must not carry credentials; use auth: api_key or oauth")
+    if parts.fragment:
+        raise ConfigError(key, "must not have a #fragment")
+    return raw
+
+
+def _string(raw: Any, key: str, pattern: re.Pattern[str] | None = None, what: str = "a string") -> str:
+    if not isinstance(raw, str) or (pattern is not None and not pattern.fullmatch(raw)):
+        raise ConfigError(key, f"must be {what} (got {raw!r})")
+    return raw
+
+
+def _list(raw: Any, key: str) -> list[Any]:
+    if isinstance(raw, str):
+        return raw.split()
+    if not isinstance(raw, list):
+        raise ConfigError(key, "must be a list")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    listen: str = "127.0.0.1:8080"
+    public_url: str = "http://127.0.0.1:8080"
+    database_url: str = "sqlite:///keybearer.db"
+    redis_url: str | None = None
+    redis_prefix: str = "mcp"
+    admin_token: str | None = None
+    salt: str | None = None
+    # Earlier salts, still accepted for decryption while `keys rotate` runs.
+    salt_previous: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_connect_timeout: float = 10.0
+    # Time allowed for the upstream's response headers, and between chunks of
+    # a non-stream body. An open event stream has no read timeout.
+    upstream_timeout: float = 60.0
+    log_level: str = "info"
+    servers: Mapping[str, ServerConfig] = field(default_factory=dict)
+    config_file: str | None = None
+
+    @property
+    def listen_host(self) -> str:
+        host, _, _ = self.listen.rpartition(":")
+        return host.strip("[]")
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+# name -> (kind, is_secret). Kinds parse both YAML values and env strings.
+SETTINGS: dict[str, tuple[str, bool]] = {
+    "listen": ("listen", False),
+    "public_url": ("url", False),
+    "database_url": ("str", True),
+    "redis_url": ("str", True),
+    "redis_prefix": ("prefix", False),
+    "admin_token": ("str", True),
+    "salt": ("str", True),
+    "salt_previous": ("list", True),
+    "max_body_bytes": ("int", False),
+    "upstream_connect_timeout": ("float", False),
+    "upstream_timeout": ("float", False),
+    "log_level": ("level", False),
+}
+FILE_ONLY_KEYS = {"servers"}
+ENV_PREFIX = "KEYBEARER_"
+
+
+def env_name(setting: str) -> str:
+    return ENV_PREFIX + setting.upper()
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Merge file < environment < flags into validated Settings."""
+    env = os.environ if env is None else env
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    config_file = flags.pop("config", None) or env.get(ENV_PREFIX + "CONFIG") or config_file
+    raw: dict[str, Any] = _read_file(config_file) if config_file else {}
+
+    values: dict[str, Any] = {}
+    for name in raw:
+        if name not in SETTINGS and name not in FILE_ONLY_KEYS:
+            known = ", ".join(sorted([*SETTINGS, *FILE_ONLY_KEYS]))
+            raise ConfigError(name, f"unknown key (known: {known})")
+    for name, (kind, secret) in SETTINGS.items():
+        if name in raw:
+            values[name] = _convert(kind, raw[name], name)
+        from_env = _from_env(env, name, secret)
+        if from_env is not None:
+            values[name] = _convert(kind, from_env, env_name(name))
+        if name in flags:
+            values[name] = _convert(kind, flags[name], "--" + name.replace("_", "-"))
+
+    servers_raw = raw.get("servers") or {}
+    if not isinstance(servers_raw, Mapping):
+        raise ConfigError("servers", "must be a mapping of server id to its definition")
+    values["servers"] = {
+        sid: parse_server(sid, body, key=f"servers.{sid}") for sid, body in servers_raw.items()
+    }
+    values["config_file"] = config_file
+    settings = Settings(**values)
+    if settings.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes", "must be at least 1024")
+    return settings
+
+
+def _from_env(env: Mapping[str, str], name: str, secret: bool) -> str | None:
+    names = [env_name(name)]
+    if name == "salt":
+        names.append("SALT")  # accepted for deployments that already set it
+    for var in names:
+        if secret and env.get(var + "_FILE"):
+            path = env[var + "_FILE"]
+            try:
+                return Path(path).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(var + "_FILE", f"cannot read {path}: {exc.strerror}") from None
+        if env.get(var):
+            return env[var]
+    return None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where else ""
+        raise ConfigError("config", f"{path} is not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping at the top level")
+    return data
+
+
+def _convert(kind: str, value: Any, key: str) -> Any:
+    if kind == "int":
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ConfigError(key, f"must be a whole number (got {value!r})")
+        return int(value)
+    if kind == "float":
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(key, f"must be a number of seconds (got {value!r})") from None
+        if not 0 < number <= 3600:
+            raise ConfigError(key, "must be between 0 and 3600 seconds")
+        return number
+    if kind == "list":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(key, "must be a list of strings (comma-separated in the environment)")
+        return tuple(i.strip() for i in items if i.strip())
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be a string (got {value!r})")
+    if kind == "listen":
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(key, f"must be HOST:PORT, e.g. 127.0.0.1:8080 (got {value!r})")
+    elif kind == "url":
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(key, f"must be an http(s) base URL without query (got {value!r})")
+        value = value.rstrip("/")
+    elif kind == "prefix":
+        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
+            raise ConfigError(key, f"must be 1-64 characters of letters, digits, _ . : - (got {value!r})")
+    elif kind == "level":
+        value = value.lower()
+        if value not in ("debug", "info", "warning", "error"):
+            raise ConfigError(key, "must be one of debug, info, warning, error")
+    return value
+
+
+def with_servers(settings: Settings, servers: Mapping[str, ServerConfig]) -> Settings:
+    return replace(settings, servers=dict(servers))

@@ -1,0 +1,99 @@
+"""Starting real processes on loopback for tests: the proxy as its image runs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[Any] | None = None, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+class ProxyProcess:
+    """`keybearer serve --config FILE` in a subprocess, its log captured to a file."""
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        workdir: Path,
+        env: dict[str, str],
+        *,
+        port: int | None = None,
+        start: bool = True,
+    ) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "public_url": f"http://127.0.0.1:{self.port}",
+            "database_url": f"sqlite:///{workdir}/keybearer.db",
+            **config,
+        }
+        self.config_path = workdir / f"config-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = workdir / f"proxy-{self.port}.log"
+        self.env = {**os.environ, **env}
+        self.proc: subprocess.Popen[bytes] | None = None
+        if start:
+            self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy", *args, "--config", str(self.config_path)],
+            input=input, capture_output=True, text=True, env=self.env, cwd=ROOT, timeout=60,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT,
+        )  # fmt: skip
+        try:
+            wait_for_port(self.port, self.proc)
+            httpx.get(self.url + "/ping", timeout=5).raise_for_status()
+        except BaseException:
+            self.stop()
+            raise RuntimeError(f"proxy did not start; log:\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
