@@ -44,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--database-url", help="sqlite:///file.db (env KEYBEARER_DATABASE_URL)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    parser = argparse.ArgumentParser(prog="keybearer", description="Auth sidecar and reverse proxy for MCP servers.")
+    parser = argparse.ArgumentParser(
+        prog="keybearer", description="Auth sidecar and reverse proxy for MCP servers."
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="run the proxy")
@@ -53,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     serve.set_defaults(run=serve_command)
 
-    check = sub.add_parser("check", parents=[common], help="validate the configuration and secrets, then exit")
+    check = sub.add_parser(
+        "check", parents=[common], help="validate the configuration and secrets, then exit"
+    )
     check.set_defaults(run=check_command)
 
     migrate = sub.add_parser("migrate", parents=[common], help="apply database migrations")
@@ -78,7 +82,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("server")
     p.add_argument("--url", required=True)
     p.add_argument("--auth", required=True, choices=["none", "api_key", "oauth"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="another server key, e.g. api_key_header=X-API-Key")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another server key, e.g. api_key_header=X-API-Key",
+    )
     p.set_defaults(run=_store_command(servers_add))
     p = srv_sub.add_parser("remove", parents=[common], help="delete a stored server and its secrets")
     p.add_argument("server")
@@ -134,7 +144,9 @@ def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings],
             await store.open()
             try:
                 await store.migrate()
-                registry = Registry(settings.servers, store, Keyring(settings.salt or "", settings.salt_previous))
+                registry = Registry(
+                    settings.servers, store, Keyring(settings.salt or "", settings.salt_previous)
+                )
                 await registry.load()
                 return int(await fn(args, registry) or 0)
             finally:
@@ -171,14 +183,23 @@ async def api_key_show(args: argparse.Namespace, registry: Registry) -> int:
     if server is None:
         raise RegistryError(f"no server {args.server!r}")
     info = registry.key_info(server)
-    text = f"{args.server}: " + (f"set ({info.source}), {info.length} characters, ending …{info.last4 or '(hidden)'}" if info.set else "not set")
+    text = f"{args.server}: " + (
+        f"set ({info.source}), {info.length} characters, ending …{info.last4 or '(hidden)'}"
+        if info.set
+        else "not set"
+    )
     _print(args, {"server": args.server, **info.__dict__}, text)
     return 0
 
 
 async def servers_list(args: argparse.Namespace, registry: Registry) -> int:
-    rows = [{"id": s.id, "source": s.source, **s.to_dict()} for s in sorted(registry.servers.values(), key=lambda s: s.id)]
-    text = "\n".join(f"{r['id']:<24} {r['auth']:<8} {r['source']:<7} {r['url']}" for r in rows) or "no servers"
+    rows = [
+        {"id": s.id, "source": s.source, **s.to_dict()}
+        for s in sorted(registry.servers.values(), key=lambda s: s.id)
+    ]
+    text = (
+        "\n".join(f"{r['id']:<24} {r['auth']:<8} {r['source']:<7} {r['url']}" for r in rows) or "no servers"
+    )
     _print(args, rows, text)
     return 0
 

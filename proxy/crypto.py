@@ -42,7 +42,9 @@ def check_salt(salt: str | None, name: str = "KEYBEARER_SALT") -> str:
     if not salt:
         raise SecretError(f"{name} is not set: {HOW_TO_MAKE_ONE}")
     if len(salt) < MIN_SALT_LENGTH:
-        raise SecretError(f"{name} is too short ({len(salt)} characters, need {MIN_SALT_LENGTH}): {HOW_TO_MAKE_ONE}")
+        raise SecretError(
+            f"{name} is too short ({len(salt)} characters, need {MIN_SALT_LENGTH}): {HOW_TO_MAKE_ONE}"
+        )
     lowered = salt.lower()
     if len(set(salt)) < 12 or any(word in lowered for word in _PLACEHOLDERS):
         raise SecretError(f"{name} looks like a placeholder, not a random secret: {HOW_TO_MAKE_ONE}")

@@ -116,30 +116,30 @@ class Forwarder:
     async def _handle(self, ex: Exchange, receive: Receive, send: Send) -> None:
         scope = ex.scope
         try:
-            route = routing.parse(scope.get("raw_path") or scope["path"].encode())
-        except routing.RouteError as exc:
-            return await self._fail(ex, send, exc.status, exc.code, exc.message)
-        ex.user, ex.server = route.user, route.server_id
-        server = self.registry.get(route.server_id)
-        if server is None:
-            return await self._fail(
-                ex, send, 404, "unknown_server", f"no MCP server {route.server_id!r} is configured on this proxy"
-            )
-        try:
-            url = routing.upstream_url(
-                server, route.subpath, scope["query_string"], self.registry.announced.get(server.id, frozenset())
-            )
-            credential = credentials.resolve(server, route.user, self.registry)
-        except (routing.RouteError, credentials.CredentialUnavailable) as exc:
-            return await self._fail(ex, send, exc.status, exc.code, exc.message)
-
-        headers = request_headers(scope, credential, server)
-        try:
+            # Read first, so that every error below can answer a JSON-RPC
+            # request with its own id.
             body = await read_body(scope, receive, self.settings.max_body_bytes, ex)
         except BodyTooLarge:
             return await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
         ex.mcp_method = _mcp_method(scope, ex.body)
-
+        try:
+            route = routing.parse(scope.get("raw_path") or scope["path"].encode())
+            ex.user, ex.server = route.user, route.server_id
+            server = self.registry.get(route.server_id)
+            if server is None:
+                raise routing.RouteError(
+                    404, "unknown_server", f"no MCP server {route.server_id!r} is configured on this proxy"
+                )
+            url = routing.upstream_url(
+                server,
+                route.subpath,
+                scope["query_string"],
+                self.registry.announced.get(server.id, frozenset()),
+            )
+            credential = credentials.resolve(server, route.user, self.registry)
+        except (routing.RouteError, credentials.CredentialUnavailable) as exc:
+            return await self._fail(ex, send, exc.status, exc.code, exc.message)
+        headers = request_headers(scope, credential, server)
         await self._exchange(ex, server, route, url, headers, body, receive, send)
 
     async def _exchange(
@@ -253,7 +253,9 @@ class Forwarder:
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-    async def _fail(self, ex: Exchange, send: Send, status: int, code: str, message: str, **data: Any) -> None:
+    async def _fail(
+        self, ex: Exchange, send: Send, status: int, code: str, message: str, **data: Any
+    ) -> None:
         ex.status, ex.outcome = status, code
         ex.bytes_out = await responses.send_error(send, status, code, message, body=ex.body, **data)
 
@@ -306,7 +308,9 @@ class DisconnectWatch:
         return False
 
 
-def request_headers(scope: Scope, credential: credentials.Credential | None, server: ServerConfig) -> list[tuple[str, str]]:
+def request_headers(
+    scope: Scope, credential: credentials.Credential | None, server: ServerConfig
+) -> list[tuple[str, str]]:
     drop = DROP_REQUEST
     connection_tokens: set[bytes] = set()
     host = b""
@@ -415,7 +419,12 @@ def _mcp_method(scope: Scope, body: bytes | None) -> str | None:
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
-        if name == b"x-request-id" and 0 < len(value) <= 64 and value.isascii() and value.replace(b"-", b"").isalnum():
+        if (
+            name == b"x-request-id"
+            and 0 < len(value) <= 64
+            and value.isascii()
+            and value.replace(b"-", b"").isalnum()
+        ):
             return value.decode()
     return secrets.token_hex(8)
 

@@ -150,13 +150,17 @@ class Registry:
 
     async def put_server(self, server: ServerConfig) -> None:
         if server.id in self.config_servers:
-            raise RegistryError(f"server {server.id!r} is defined in the config file and is read-only at run time")
+            raise RegistryError(
+                f"server {server.id!r} is defined in the config file and is read-only at run time"
+            )
         await self.store.put_server(server)
         self.servers = {**self.servers, server.id: server}
 
     async def delete_server(self, server_id: str) -> bool:
         if server_id in self.config_servers:
-            raise RegistryError(f"server {server_id!r} is defined in the config file and is read-only at run time")
+            raise RegistryError(
+                f"server {server_id!r} is defined in the config file and is read-only at run time"
+            )
         deleted = await self.store.delete_server(server_id)
         self.servers = {k: v for k, v in self.servers.items() if k != server_id}
         self._stored_keys.pop(server_id, None)
@@ -165,7 +169,9 @@ class Registry:
     async def set_api_key(self, server_id: str, key: str) -> None:
         server = self.servers.get(server_id)
         if server is None:
-            raise RegistryError(f"no server {server_id!r}; add it to the config file or with `keybearer servers add`")
+            raise RegistryError(
+                f"no server {server_id!r}; add it to the config file or with `keybearer servers add`"
+            )
         if server.auth != "api_key":
             raise RegistryError(f"server {server_id!r} uses auth: {server.auth}, not api_key")
         key = key.strip()

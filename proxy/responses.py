@@ -49,7 +49,9 @@ def error_body(
     return json.dumps(payload).encode()
 
 
-async def send_json(send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json(
+    send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send(
         {
             "type": "http.response.start",

@@ -49,7 +49,9 @@ def parse(raw_path: bytes) -> Route:
     user, server_id = parts[1], parts[2]
     if "%" in user or "%" in server_id:
         raise RouteError(
-            400, "invalid_path", "percent-encoded characters (such as %2F) are not allowed in /<user>/<server>"
+            400,
+            "invalid_path",
+            "percent-encoded characters (such as %2F) are not allowed in /<user>/<server>",
         )
     if not ID_PATTERN.fullmatch(user):
         raise RouteError(
@@ -72,7 +74,9 @@ def parse(raw_path: bytes) -> Route:
     if subpath:
         segments = subpath.split("/")
         if "%" in subpath or "\\" in subpath or any(s in (".", "..") for s in segments):
-            raise RouteError(400, "invalid_path", "encoded characters and dot segments are not allowed in the path")
+            raise RouteError(
+                400, "invalid_path", "encoded characters and dot segments are not allowed in the path"
+            )
     return Route(user, server_id, subpath)
 
 

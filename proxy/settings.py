@@ -110,7 +110,9 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
     values: dict[str, Any] = {"id": server_id, "url": url, "auth": auth, "source": source}
     for name in ("api_key_env", "client_secret_env"):
         if name in raw:
-            values[name] = _string(raw[name], f"{key}.{name}", ENV_NAME_PATTERN, "an environment variable name")
+            values[name] = _string(
+                raw[name], f"{key}.{name}", ENV_NAME_PATTERN, "an environment variable name"
+            )
     for name in ("api_key_file", "client_secret_file", "client_id"):
         if name in raw:
             values[name] = _string(raw[name], f"{key}.{name}")
@@ -123,7 +125,10 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
         if scheme is None:
             scheme = ""
         values["api_key_scheme"] = _string(
-            scheme, f"{key}.api_key_scheme", re.compile(r"[A-Za-z0-9._-]{0,32}"), "a word such as Bearer, or empty"
+            scheme,
+            f"{key}.api_key_scheme",
+            re.compile(r"[A-Za-z0-9._-]{0,32}"),
+            "a word such as Bearer, or empty",
         )
     if "paths" in raw:
         values["paths"] = tuple(

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from services import POSTGRES_URL, REDIS_URL, unreachable  # noqa: E402
-from support import ProxyProcess, free_port  # noqa: E402
+from services import POSTGRES_URL, REDIS_URL, unreachable
+from support import ProxyProcess, free_port
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -30,7 +30,9 @@ def unreachable() -> list[str]:
         try:
             socket.create_connection((host, port), timeout=2).close()
         except OSError as exc:
-            problems.append(f"{name} is not reachable at {host}:{port} ({exc.strerror or exc}); {HOW_TO_START[name]}")
+            problems.append(
+                f"{name} is not reachable at {host}:{port} ({exc.strerror or exc}); {HOW_TO_START[name]}"
+            )
     return problems
 
 

@@ -64,7 +64,7 @@ class Store(abc.ABC):
 def migrations(backend: str) -> list[tuple[str, str]]:
     """The versioned SQL files for a backend, in order."""
     folder = resources.files("proxy") / "migrations" / backend
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 

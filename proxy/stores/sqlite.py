@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -49,7 +50,7 @@ class SQLiteStore(Store):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open SQLite file {self.path}: {exc}") from None
         # The file holds sealed secrets: keep it to its owner.
-        Path(self.path).chmod(0o600)
+        os.chmod(self.path, 0o600)
 
     async def close(self) -> None:
         if self._db is not None:
@@ -71,7 +72,9 @@ class SQLiteStore(Store):
 
     async def migrate(self) -> list[str]:
         def apply(db: sqlite3.Connection) -> list[str]:
-            db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at REAL)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version TEXT PRIMARY KEY, applied_at REAL)"
+            )
             # BEGIN IMMEDIATE takes the write lock, so two processes starting
             # at once apply each migration exactly once.
             db.execute("BEGIN IMMEDIATE")
@@ -99,7 +102,9 @@ class SQLiteStore(Store):
         return await self._run(lambda db: db.execute("PRAGMA data_version").fetchone()[0])
 
     async def list_servers(self) -> list[ServerConfig]:
-        rows = await self._run(lambda db: db.execute("SELECT id, definition FROM servers ORDER BY id").fetchall())
+        rows = await self._run(
+            lambda db: db.execute("SELECT id, definition FROM servers ORDER BY id").fetchall()
+        )
         return [_server(sid, definition) for sid, definition in rows]
 
     async def put_server(self, server: ServerConfig) -> None:
@@ -128,7 +133,9 @@ class SQLiteStore(Store):
 
     async def get_secret(self, kind: str, name: str) -> str | None:
         row = await self._run(
-            lambda db: db.execute("SELECT ciphertext FROM secrets WHERE kind = ? AND name = ?", (kind, name)).fetchone()
+            lambda db: db.execute(
+                "SELECT ciphertext FROM secrets WHERE kind = ? AND name = ?", (kind, name)
+            ).fetchone()
         )
         return row[0] if row else None
 

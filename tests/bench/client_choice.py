@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,7 +308,7 @@ def post_once(url: str, timeout: float = 2.0) -> bytes:
         headers={"Content-Type": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return bytes(response.read())
 
 
@@ -368,9 +368,7 @@ class WrkResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
-def run_wrk(
-    url: str, connections: int, seconds: int, lua: Path, proxy_pid: int | None
-) -> WrkResult:
+def run_wrk(url: str, connections: int, seconds: int, lua: Path, proxy_pid: int | None) -> WrkResult:
     command = [
         "taskset", "-c", LOAD_CPU, "wrk",
         "-t", "1", "-c", str(connections), "-d", f"{seconds}s",
@@ -409,9 +407,7 @@ def median_result(results: list[WrkResult]) -> WrkResult:
     )
 
 
-def print_table(
-    results: dict[tuple[str, int], WrkResult], candidates: list[str], levels: list[int]
-) -> None:
+def print_table(results: dict[tuple[str, int], WrkResult], candidates: list[str], levels: list[int]) -> None:
     header = (
         f"{'candidate':<15} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'vs aiohttp':>10} {'proxy cpu':>9} {'errors':>6}"
@@ -436,8 +432,7 @@ def check_tools() -> None:
     missing = [tool for tool in ("wrk", "taskset") if shutil.which(tool) is None]
     if missing:
         sys.exit(
-            f"missing: {', '.join(missing)}. On Debian: apt-get install -y wrk "
-            "(taskset is in util-linux)."
+            f"missing: {', '.join(missing)}. On Debian: apt-get install -y wrk (taskset is in util-linux)."
         )
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs at least 2 CPUs (proxy on CPU 0, wrk and upstream on CPU 1)")

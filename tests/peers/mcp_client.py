@@ -216,10 +216,14 @@ class Recorder:
                     self._changed = anyio.Event()
                 await self._changed.wait()
 
-    async def wait_log(self, data: Any = None, timeout: float = 5.0) -> types.LoggingMessageNotificationParams:
+    async def wait_log(
+        self, data: Any = None, timeout: float = 5.0
+    ) -> types.LoggingMessageNotificationParams:
         """First ``notifications/message`` (optionally with ``params.data == data``)."""
         note = await self.wait_for(
-            lambda n: isinstance(n, types.LoggingMessageNotification) and (data is None or n.params.data == data),
+            lambda n: (
+                isinstance(n, types.LoggingMessageNotification) and (data is None or n.params.data == data)
+            ),
             timeout,
         )
         assert isinstance(note, types.LoggingMessageNotification)
@@ -269,7 +273,9 @@ async def streamable_session(
             headers=dict(headers or {}), timeout=timeout, event_hooks={"response": [capture_session_id]}
         ) as http,
         streamable_http_client(url, http_client=http, terminate_on_close=terminate_on_close) as (read, write),
-        ClientSession(read, write, read_timeout_seconds=read_timeout, message_handler=rec.message_handler) as session,
+        ClientSession(
+            read, write, read_timeout_seconds=read_timeout, message_handler=rec.message_handler
+        ) as session,
     ):
         await _start_session(session, mode)
         yield session
@@ -293,11 +299,15 @@ async def sse_session(
         rec.session_id = session_id
 
     async with (
-        sse_client(url, headers=dict(headers or {}), timeout=timeout, on_session_created=on_session_created) as (
+        sse_client(
+            url, headers=dict(headers or {}), timeout=timeout, on_session_created=on_session_created
+        ) as (
             read,
             write,
         ),
-        ClientSession(read, write, read_timeout_seconds=read_timeout, message_handler=rec.message_handler) as session,
+        ClientSession(
+            read, write, read_timeout_seconds=read_timeout, message_handler=rec.message_handler
+        ) as session,
     ):
         await session.initialize()
         yield session

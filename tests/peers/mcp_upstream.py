@@ -23,7 +23,9 @@ MCP tools:
 Plain-HTTP side routes (served by an ASGI wrapper in front of the SDK app, so they are not
 subject to the SDK's Host/Origin checks):
     ``GET /_stats``     JSON counters, see ``Stats.snapshot``: ``open_connections`` (TCP
-                        connections currently open, counted by a uvicorn protocol hook),
+                        connections currently open, counted by a uvicorn protocol hook,
+                        excluding the one carrying this /_stats request; idle keep-alive
+                        connections of a pooling client/proxy count too),
                         ``open_requests`` (in-flight HTTP requests/streams), ``requests``
                         (total), ``disconnects`` (requests that ended because the client
                         went away), ``open_by_path``, ``get_streams`` (open standalone GET
@@ -57,6 +59,9 @@ Notifications (which stream they arrive on):
       response. In ``--json-response`` mode the SDK drops it (a JSON body has no room).
     * Legacy sse transport: everything arrives on the single ``GET /sse`` stream.
     * Stateless mode has no session and no GET stream: only ``channel="request"`` works.
+    * Protocol 2026-07-28 (client ``mode="auto"`` against this server negotiates it: no
+      ``initialize``, no Mcp-Session-Id, no GET stream): no standalone channel, and
+      request-scoped logs are only sent if the client opted in (``ClientSession(log_level=)``).
 
     The tool's text result says what happened (``"sent on standalone stream"``,
     ``"no GET stream seen; sent anyway"``, ``"scheduled in 0.5s"``, ...).
@@ -64,8 +69,13 @@ Notifications (which stream they arrive on):
 Host/Origin: for 127.0.0.1 the SDK enables DNS-rebinding protection with
 ``allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"]`` (other Host -> 421 "Invalid Host
 header"; a foreign Origin -> 403). ``--allowed-host`` (repeatable, ``host:port`` or ``host:*``)
-adds hosts to that list and ``--no-host-check`` disables the protection entirely, for tests
-where the proxy forwards the client's Host unchanged.
+adds hosts to that list (``host:*`` only matches a Host *with* a port: pass ``host`` too for
+the bare form) and ``--no-host-check`` disables the protection entirely, for tests where the
+proxy forwards the client's Host unchanged. Note the checks run after the session lookup: a
+request with an unknown Mcp-Session-Id gets 404 even with a foreign Host.
+
+Trailing slashes: ``POST /mcp/`` and ``POST /messages?...`` get Starlette's 307 redirect to
+``/mcp`` / ``/messages/?...``, with an absolute Location built from the request's Host.
 """
 
 from __future__ import annotations
@@ -73,6 +83,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import sys
 import warnings
@@ -84,6 +95,7 @@ from urllib.parse import parse_qs
 import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -110,7 +122,8 @@ class Stats:
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "open_connections": self.open_connections,
+            # Minus the connection carrying the /_stats request itself.
+            "open_connections": self.open_connections - 1,
             "open_requests": self.open_requests,
             "requests": self.requests,
             "disconnects": self.disconnects,
@@ -367,18 +380,30 @@ async def notify(
     """Send ``notifications/message`` (logger keybearer-test) to the client. See module doc."""
     if channel == "request":
         await _send_log(ctx, message, ctx.request_id)
+        if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            return "sent on request stream (dropped unless the client opted in via log_level)"
         return "sent on request stream"
 
+    # Protocol 2026-07-28 (client mode="auto"/pinned) has no standalone channel at all.
+    # (`_connection` is private SDK API; only used to give a truthful answer.)
+    connection = getattr(ctx.session, "_connection", None)
+    if not getattr(connection, "has_standalone_channel", True):
+        return f"no standalone channel at protocol {ctx.protocol_version}; not sent"
+    request = getattr(ctx.request_context, "request", None)
+    legacy_sse = request is not None and request.url.path.startswith(MESSAGE_PATH)
     session_id = (ctx.headers or {}).get("mcp-session-id")
-    streamable = session_id is not None
+    if not legacy_sse and session_id is None:
+        return "stateless streamable HTTP: no session, no GET stream; not sent"
 
     async def send_standalone() -> str:
-        seen = await _wait_for_get_stream(session_id, wait_for_stream) if streamable else True
+        seen = True if legacy_sse else await _wait_for_get_stream(session_id, wait_for_stream)
         try:
             await _send_log(ctx, message, None)
-        except Exception as exc:  # e.g. no standalone channel (stateless / modern protocol)
+        except Exception as exc:
             return f"failed: {type(exc).__name__}: {exc}"
-        return "sent on standalone stream" if seen else "no GET stream seen; sent anyway"
+        if legacy_sse:
+            return "sent on sse stream"
+        return "sent on standalone stream" if seen else "no GET stream seen; sent anyway (SDK drops it)"
 
     if delay > 0:
 
@@ -406,10 +431,17 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
         security = TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*", *args.allowed_host],
-            allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*", *args.allowed_origin],
+            allowed_origins=[
+                "http://127.0.0.1:*",
+                "http://localhost:*",
+                "http://[::1]:*",
+                *args.allowed_origin,
+            ],
         )
     if args.transport == "sse":
-        app = mcp_server.sse_app(sse_path=SSE_PATH, message_path=MESSAGE_PATH, transport_security=security, host=args.host)
+        app = mcp_server.sse_app(
+            sse_path=SSE_PATH, message_path=MESSAGE_PATH, transport_security=security, host=args.host
+        )
     else:
         app = mcp_server.streamable_http_app(
             streamable_http_path=MCP_PATH,
@@ -423,6 +455,8 @@ def build_app(args: argparse.Namespace) -> ASGIApp:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # MCPServer() configured the root logger at INFO (to stderr); quieten it.
+    logging.getLogger().setLevel(args.log_level.upper())
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((args.host, args.port))
@@ -450,13 +484,21 @@ async def serve(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
-    p.add_argument("--json-response", action="store_true", help="streamable-http: answer POSTs with JSON, not SSE")
-    p.add_argument("--stateless", action="store_true", help="streamable-http: no sessions (stateless_http=True)")
+    p.add_argument(
+        "--json-response", action="store_true", help="streamable-http: answer POSTs with JSON, not SSE"
+    )
+    p.add_argument(
+        "--stateless", action="store_true", help="streamable-http: no sessions (stateless_http=True)"
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port (reported on the READY line)")
     p.add_argument("--session-idle-timeout", type=float, default=None, help="seconds; default: never expire")
-    p.add_argument("--allowed-host", action="append", default=[], help="extra allowed Host (host:port or host:*)")
-    p.add_argument("--allowed-origin", action="append", default=[], help="extra allowed Origin (with --allowed-host)")
+    p.add_argument(
+        "--allowed-host", action="append", default=[], help="extra allowed Host (host:port or host:*)"
+    )
+    p.add_argument(
+        "--allowed-origin", action="append", default=[], help="extra allowed Origin (with --allowed-host)"
+    )
     p.add_argument("--no-host-check", action="store_true", help="disable the SDK's DNS-rebinding protection")
     p.add_argument("--log-level", default="warning")
     args = p.parse_args(argv)
