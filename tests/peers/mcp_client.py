@@ -99,11 +99,13 @@ class Upstream:
     def stats(self) -> dict[str, Any]:
         """``GET /_stats`` (blocking; use ``await anyio.to_thread.run_sync(up.stats)`` if needed)."""
         with urllib.request.urlopen(self.base_url + "/_stats", timeout=5) as resp:
-            return json.loads(resp.read())
+            stats: dict[str, Any] = json.loads(resp.read())
+        return stats
 
     async def astats(self) -> dict[str, Any]:
         async with httpx2.AsyncClient(timeout=5) as client:
-            return (await client.get(self.base_url + "/_stats")).json()
+            stats: dict[str, Any] = (await client.get(self.base_url + "/_stats")).json()
+        return stats
 
 
 @contextlib.contextmanager
