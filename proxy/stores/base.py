@@ -7,6 +7,8 @@ Stores hold ciphertext only: sealing and opening happen in the layer above
 from __future__ import annotations
 
 import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from importlib import resources
 
 from proxy.settings import ServerConfig
@@ -76,3 +78,98 @@ def open_store(database_url: str) -> Store:
     raise ValueError(
         f"database_url must start with sqlite:/// (got scheme {database_url.split(':', 1)[0]!r})"
     )
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One user's connection to one OAuth server.
+
+    Only `sealed` is secret (the token set, encrypted by the layer above); the
+    rest is plain so that listings and the connections page need no key.
+    """
+
+    user: str
+    server: str
+    state: str = "connected"  # "connected" | "must_reconnect"
+    sealed: str | None = None
+    issuer: str | None = None
+    client_id: str | None = None
+    scopes: tuple[str, ...] = ()
+    expires_at: float | None = None  # the access token's; the refresh token has no expiry here
+    obtained_at: float = 0.0
+    last_error: str | None = None
+    # Bumped by every write; put_connection(expected_version=…) compares it so
+    # that a late or stale writer never overwrites newer tokens.
+    version: int = 0
+
+
+class TokenStore(abc.ABC):
+    """Per-user tokens, pending authorizations, locks, caches and change events.
+
+    Shared deployments use Redis; the embedded default keeps them in SQLite.
+    """
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreUnavailable when the backend does not answer."""
+
+    @abc.abstractmethod
+    async def get_connection(self, user: str, server: str) -> Connection | None: ...
+
+    @abc.abstractmethod
+    async def put_connection(self, connection: Connection, *, expected_version: int | None = None) -> bool:
+        """Store `connection` (its `version` is written as given).
+
+        With `expected_version`, only when the stored version equals it (0 means
+        "none stored"); returns False, changing nothing, when it does not.
+        """
+
+    @abc.abstractmethod
+    async def delete_connection(self, user: str, server: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def list_connections(self, server: str) -> list[Connection]: ...
+
+    @abc.abstractmethod
+    async def list_user_connections(self, user: str) -> list[Connection]: ...
+
+    @abc.abstractmethod
+    async def delete_server_connections(self, server: str) -> int: ...
+
+    @abc.abstractmethod
+    async def put_pending(self, key: str, sealed: str, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def take_pending(self, key: str) -> str | None:
+        """Get and delete in one step: a pending authorization is single-use."""
+
+    @abc.abstractmethod
+    async def acquire_lock(self, name: str, ttl: float) -> str | None:
+        """A token proving ownership, or None when someone else holds it."""
+
+    @abc.abstractmethod
+    async def release_lock(self, name: str, token: str) -> None:
+        """Release only if still held with this token."""
+
+    @abc.abstractmethod
+    async def cache_get(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def cache_set(self, key: str, value: str, ttl: float) -> None: ...
+
+    @abc.abstractmethod
+    async def cache_delete_prefix(self, prefix: str) -> int: ...
+
+    @abc.abstractmethod
+    async def publish(self, event: str) -> None:
+        """Tell every replica something changed (e.g. "servers")."""
+
+    @abc.abstractmethod
+    def events(self) -> AsyncIterator[str]:
+        """Change events from every replica, this one included."""

@@ -40,8 +40,13 @@ The client turns that body into the request's error, so ``session.call_tool(...)
 synthesizes ``MCPError(-32600, "Session terminated")`` instead; before a session id exists a
 bare 404 becomes ``-32601 "Not Found"``.) Use ``raw_post(url, payload, session_id=...)`` to
 see the HTTP status itself. Legacy sse: the message POST gets a plain-text 404 "Could not find
-session", the SDK client only logs it and the request times out (``read_timeout``), so test
-that at the HTTP level with ``raw_post``.
+session"; the SDK client logs "Error in post_writer", its writer dies and the pending and all
+later requests raise ``MCPError`` with ``.code == -32000`` (CONNECTION_CLOSED, "Connection
+closed"), so check the 404 itself at the HTTP level with a raw POST to ``/messages/?session_id=``.
+
+Protocol eras: ``mode="legacy"`` (default) is the pre-2026 handshake every proxy test wants.
+Against this SDK server ``mode="auto"`` negotiates 2026-07-28: no Mcp-Session-Id, no GET stream,
+no standalone notifications, logs only with ``ClientSession(log_level=...)`` opt-in.
 """
 
 from __future__ import annotations
