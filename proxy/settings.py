@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -28,6 +28,8 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,127}")
 SERVER_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 HEADER_NAME_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
 ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# First path segments a configurable proxy path may use (they are reserved as user ids).
+RESERVED_FOR_PATHS = frozenset({"oauth", "oauth2", "callback", "connect", "keybearer"})
 UPSTREAM_PATH_PATTERN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,1023}")
 
 
@@ -209,6 +211,23 @@ class Settings:
     # a non-stream body. An open event stream has no read timeout.
     upstream_timeout: float = 60.0
     log_level: str = "info"
+    # Shared deployments.
+    migrate_on_start: bool = False
+    postgres_pool_size: int = 10
+    # Off behind PgBouncer in transaction mode, which cannot keep prepared statements.
+    postgres_statement_cache: bool = True
+    # OAuth, the browser side.
+    callback_path: str = "/oauth/callback"
+    connect_link_ttl: float = 3600.0
+    # A header set by a trusted SSO proxy in front; when set, it must equal the
+    # path's user for a browser to complete a connection.
+    browser_identity_header: str | None = None
+    refresh_skew: float = 60.0
+    metadata_cache_ttl: float = 3600.0
+    # Discovery fetches: plain http only to loopback, and only when allowed (tests).
+    oauth_allow_http_loopback: bool = False
+    # Private (RFC 1918 and the like) addresses, for authorization servers inside the cluster.
+    oauth_allow_private_addresses: bool = False
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     config_file: str | None = None
 
@@ -236,6 +255,16 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "upstream_connect_timeout": ("float", False),
     "upstream_timeout": ("float", False),
     "log_level": ("level", False),
+    "migrate_on_start": ("bool", False),
+    "postgres_pool_size": ("int", False),
+    "postgres_statement_cache": ("bool", False),
+    "callback_path": ("path", False),
+    "connect_link_ttl": ("float", False),
+    "browser_identity_header": ("header", False),
+    "refresh_skew": ("float", False),
+    "metadata_cache_ttl": ("float", False),
+    "oauth_allow_http_loopback": ("bool", False),
+    "oauth_allow_private_addresses": ("bool", False),
 }
 FILE_ONLY_KEYS = {"servers"}
 ENV_PREFIX = "KEYBEARER_"
@@ -327,9 +356,15 @@ def _convert(kind: str, value: Any, key: str) -> Any:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(key, f"must be a number of seconds (got {value!r})") from None
-        if not 0 < number <= 3600:
-            raise ConfigError(key, "must be between 0 and 3600 seconds")
+        if not 0 < number <= 86400:
+            raise ConfigError(key, "must be between 0 and 86400 seconds")
         return number
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(key, f"must be true or false (got {value!r})")
     if kind == "list":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -349,12 +384,21 @@ def _convert(kind: str, value: Any, key: str) -> Any:
     elif kind == "prefix":
         if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
             raise ConfigError(key, f"must be 1-64 characters of letters, digits, _ . : - (got {value!r})")
+    elif kind == "path":
+        if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or any(
+            s in (".", "..") for s in value.split("/")
+        ):
+            raise ConfigError(key, f"must be an absolute path such as /oauth/callback (got {value!r})")
+        if value.split("/")[1].lower() not in RESERVED_FOR_PATHS:
+            raise ConfigError(
+                key,
+                f"must start with one of /{', /'.join(sorted(RESERVED_FOR_PATHS))} so it cannot be a user id",
+            )
+    elif kind == "header":
+        if not HEADER_NAME_PATTERN.fullmatch(value):
+            raise ConfigError(key, f"must be an HTTP header name (got {value!r})")
     elif kind == "level":
         value = value.lower()
         if value not in ("debug", "info", "warning", "error"):
             raise ConfigError(key, "must be one of debug, info, warning, error")
     return value
-
-
-def with_servers(settings: Settings, servers: Mapping[str, ServerConfig]) -> Settings:
-    return replace(settings, servers=dict(servers))

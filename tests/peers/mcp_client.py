@@ -132,6 +132,7 @@ def run_upstream(
     SIGKILL after 5 s.
     """
     cmd = [sys.executable, str(UPSTREAM_SCRIPT), "--transport", transport, "--port", str(port)]
+    cmd.append("--exit-on-stdin-eof")  # no orphan if this process is killed without cleanup
     if json_response:
         cmd.append("--json-response")
     if stateless:
@@ -145,7 +146,7 @@ def run_upstream(
     cmd += list(extra_args)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         ready_port = _wait_ready(proc, startup_timeout)
         upstream = Upstream(transport, ready_port, proc)
@@ -160,8 +161,9 @@ def run_upstream(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
 
 def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> int:

@@ -86,6 +86,7 @@ import json
 import logging
 import socket
 import sys
+import threading
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -478,6 +479,16 @@ async def serve(args: argparse.Namespace) -> None:
             raise SystemExit("uvicorn exited during startup")
         await asyncio.sleep(0.01)
     print(f"READY {port}", flush=True)
+    if args.exit_on_stdin_eof:
+        # The parent holds our stdin pipe: EOF means it died (even by SIGKILL), so do not
+        # linger as an orphan holding a port.
+        loop = asyncio.get_running_loop()
+
+        def watch_stdin() -> None:
+            sys.stdin.read()
+            loop.call_soon_threadsafe(setattr, server, "should_exit", True)
+
+        threading.Thread(target=watch_stdin, daemon=True).start()
     await task
 
 
@@ -501,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--no-host-check", action="store_true", help="disable the SDK's DNS-rebinding protection")
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--exit-on-stdin-eof", action="store_true", help="shut down when stdin closes (parent died)"
+    )
     args = p.parse_args(argv)
     if args.transport == "sse" and (args.json_response or args.stateless):
         p.error("--json-response/--stateless only apply to --transport streamable-http")
