@@ -7,6 +7,7 @@ Run as a subprocess (see ``tests/peers/mcp_client.py::run_upstream``)::
 
 Once listening it prints exactly one line ``READY <port>`` to stdout (``--port 0``
 binds a free port chosen by the OS, so there is no race on port allocation).
+``--exit-on-stdin-eof`` (used by ``run_upstream``) makes it exit when its parent dies.
 
 Mount paths (SDK defaults):
     streamable-http  ->  ``/mcp`` (POST / GET standalone stream / DELETE)
@@ -63,8 +64,9 @@ Notifications (which stream they arrive on):
       ``initialize``, no Mcp-Session-Id, no GET stream): no standalone channel, and
       request-scoped logs are only sent if the client opted in (``ClientSession(log_level=)``).
 
-    The tool's text result says what happened (``"sent on standalone stream"``,
-    ``"no GET stream seen; sent anyway"``, ``"scheduled in 0.5s"``, ...).
+    The tool's text result says what happened: ``"sent on standalone stream"`` (GET stream),
+    ``"sent on sse stream"`` (legacy), ``"sent on request stream"``, ``"scheduled in 0.5s"``,
+    ``"no GET stream seen; sent anyway ..."``, or ``"... not sent"`` (stateless / 2026-07-28).
 
 Host/Origin: for 127.0.0.1 the SDK enables DNS-rebinding protection with
 ``allowed_hosts=["127.0.0.1:*", "localhost:*", "[::1]:*"]`` (other Host -> 421 "Invalid Host
