@@ -18,28 +18,36 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import routing
+from proxy import admin, routing
 from proxy.crypto import Keyring
 from proxy.forwarding import Forwarder
+from proxy.management import Management
+from proxy.oauth import flow
+from proxy.oauth.connector import Connector
 from proxy.registry import Registry
 from proxy.settings import Settings
-from proxy.stores import Store, StoreUnavailable, open_store
+from proxy.stores import StoreUnavailable, open_store, open_token_store
 
 log = structlog.get_logger("keybearer")
 
 
 class Keybearer:
-    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.keyring = Keyring(settings.salt or "", settings.salt_previous)
-        self.store = store or open_store(settings.database_url)
+        self.store = open_store(settings)
+        self.tokens = open_token_store(settings, self.store)
         self.registry = Registry(settings.servers, self.store, self.keyring)
-        self.forwarder = Forwarder(settings, self.registry)
+        self.connector = Connector(settings, self.keyring, self.registry, self.tokens)
+        self.management = Management(self.registry, self.tokens)
+        self.forwarder = Forwarder(settings, self.registry, self.connector)
         self.web = Starlette(
             routes=[
                 Route("/", self.index),
                 Route("/ping", self.ping),
                 Route("/ready", self.ready),
+                *admin.routes(settings.admin_token, lambda: self.management),
+                *flow.routes(self.connector),
             ],
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,
@@ -53,17 +61,25 @@ class Keybearer:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
-        await self.store.open()
-        await self.store.migrate()
-        await self.registry.start()
-        await self.forwarder.start()
-        log.info("started", listen=self.settings.listen, servers=sorted(self.registry.servers))
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await self.store.open()
+            stack.push_async_callback(self.store.close)
+            if self.tokens is not self.store:
+                await self.tokens.open()
+                stack.push_async_callback(self.tokens.close)
+            if self.settings.migrate_on_start or self.settings.database_url.startswith("sqlite:"):
+                await self.store.migrate()
+            await self.registry.start(
+                poll_interval=1.0 if self.settings.database_url.startswith("sqlite:") else 5.0,
+                events=self.tokens.events(),
+            )
+            stack.push_async_callback(self.registry.stop)
+            await self.connector.start()
+            stack.push_async_callback(self.connector.close)
+            await self.forwarder.start()
+            stack.push_async_callback(self.forwarder.stop)
+            log.info("started", listen=self.settings.listen, servers=sorted(self.registry.servers))
             yield
-        finally:
-            await self.forwarder.stop()
-            await self.registry.stop()
-            await self.store.close()
 
     async def index(self, _: Request) -> Response:
         return PlainTextResponse("Keybearer: point MCP clients at /<user>/<server>.\n")
@@ -72,10 +88,14 @@ class Keybearer:
         return PlainTextResponse("ok\n")
 
     async def ready(self, _: Request) -> Response:
-        try:
-            await self.store.ping()
-        except StoreUnavailable as exc:
-            return JSONResponse({"ready": False, "store": str(exc)}, status_code=503)
+        problems = {}
+        for name, store in (("database", self.store), ("tokens", self.tokens)):
+            try:
+                await store.ping()
+            except StoreUnavailable as exc:
+                problems[name] = str(exc)
+        if problems:
+            return JSONResponse({"ready": False, **problems}, status_code=503)
         return JSONResponse({"ready": True})
 
     async def http_error(self, _: Request, exc: Exception) -> Response:

@@ -16,9 +16,10 @@ from typing import Any
 
 from proxy import logs
 from proxy.crypto import Keyring, SecretError, check_salt
+from proxy.management import Conflict, Management, NotFound
 from proxy.registry import Registry, RegistryError
-from proxy.settings import ConfigError, Settings, load_settings, parse_server
-from proxy.stores import StoreUnavailable, open_store
+from proxy.settings import ConfigError, Settings, load_settings
+from proxy.stores import StoreUnavailable, open_store, open_token_store
 
 
 class Failure(Exception):
@@ -90,9 +91,42 @@ def _parser() -> argparse.ArgumentParser:
         help="another server key, e.g. api_key_header=X-API-Key",
     )
     p.set_defaults(run=_store_command(servers_add))
-    p = srv_sub.add_parser("remove", parents=[common], help="delete a stored server and its secrets")
+    p = srv_sub.add_parser("remove", parents=[common], help="delete a stored server, its secrets and every user's tokens")
     p.add_argument("server")
     p.set_defaults(run=_store_command(servers_remove))
+
+    oauth = sub.add_parser("oauth-client", help="a server's static OAuth client (for providers without registration)")
+    oauth_sub = oauth.add_subparsers(required=True, metavar="ACTION")
+    p = oauth_sub.add_parser("set", parents=[common], help="store a client id; the secret is read from standard input")
+    p.add_argument("server")
+    p.add_argument("--client-id", required=True)
+    p.add_argument("--auth-method", choices=["client_secret_basic", "client_secret_post", "none"])
+    p.add_argument("--no-secret", action="store_true", help="a public client: read no secret")
+    p.set_defaults(run=_store_command(oauth_client_set))
+    for name, fn, text in (("show", oauth_client_show, "show the stored client (never the secret)"),
+                           ("clear", oauth_client_clear, "delete the stored client")):  # fmt: skip
+        p = oauth_sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("server")
+        p.set_defaults(run=_store_command(fn))
+
+    conns = sub.add_parser("connections", help="users' OAuth connections to a server")
+    conns_sub = conns.add_subparsers(required=True, metavar="ACTION")
+    p = conns_sub.add_parser("list", parents=[common], help="connected users with state and expiry")
+    p.add_argument("server")
+    p.set_defaults(run=_store_command(connections_list))
+    p = conns_sub.add_parser("delete", parents=[common], help="delete one user's connection")
+    p.add_argument("server")
+    p.add_argument("user")
+    p.set_defaults(run=_store_command(connections_delete))
+
+    p = sub.add_parser("reset", parents=[common], help="wipe a server's OAuth state: tokens, registrations, caches")
+    p.add_argument("server")
+    p.set_defaults(run=_store_command(reset_command))
+
+    keys = sub.add_parser("keys", help="encryption keys")
+    keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
+    p = keys_sub.add_parser("rotate", parents=[common], help="re-encrypt every stored secret and token with the current salt")
+    p.set_defaults(run=_store_command(keys_rotate))
     return parser
 
 
@@ -128,61 +162,65 @@ def check_command(args: argparse.Namespace, settings: Settings) -> int:
     check_salt(settings.salt)
     for previous in settings.salt_previous:
         check_salt(previous, "KEYBEARER_SALT_PREVIOUS")
-    open_store(settings.database_url)
+    open_store(settings)
+    open_token_store(settings)
     _print(args, {"ok": True, "servers": sorted(settings.servers)},
            f"configuration OK: {len(settings.servers)} server(s): {', '.join(sorted(settings.servers)) or 'none'}")  # fmt: skip
     return 0
 
 
-StoreCommand = Callable[[argparse.Namespace, Registry], Awaitable[int | None]]
+StoreCommand = Callable[[argparse.Namespace, Management], Awaitable[int | None]]
 
 
 def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         async def go() -> int:
-            store = open_store(settings.database_url)
+            keyring = Keyring(settings.salt or "", settings.salt_previous)
+            store, tokens = open_store(settings), open_token_store(settings)
             await store.open()
             try:
                 await store.migrate()
-                registry = Registry(
-                    settings.servers, store, Keyring(settings.salt or "", settings.salt_previous)
-                )
-                await registry.load()
-                return int(await fn(args, registry) or 0)
+                await tokens.open()
+                try:
+                    registry = Registry(settings.servers, store, keyring)
+                    await registry.load()
+                    return int(await fn(args, Management(registry, tokens)) or 0)
+                finally:
+                    await tokens.close()
             finally:
                 await store.close()
 
-        return asyncio.run(go())
+        try:
+            return asyncio.run(go())
+        except NotFound as exc:
+            raise RegistryError(str(exc)) from None
+        except Conflict as exc:
+            raise Failure(str(exc)) from None
 
     return run
 
 
-async def migrate_command(args: argparse.Namespace, registry: Registry) -> int:
+async def migrate_command(args: argparse.Namespace, m: Management) -> int:
     _print(args, {"ok": True}, "database schema is up to date")
     return 0
 
 
-async def api_key_set(args: argparse.Namespace, registry: Registry) -> int:
-    if sys.stdin.isatty():
-        print(f"Paste the API key for {args.server}, then press Enter:", file=sys.stderr)
-    key = sys.stdin.readline()
-    await registry.set_api_key(args.server, key)
+async def api_key_set(args: argparse.Namespace, m: Management) -> int:
+    key = _read_secret(f"the API key for {args.server}")
+    await m.set_api_key(args.server, key)
     _print(args, {"ok": True, "server": args.server}, f"API key for {args.server} stored (encrypted)")
     return 0
 
 
-async def api_key_clear(args: argparse.Namespace, registry: Registry) -> int:
-    if not await registry.clear_api_key(args.server):
+async def api_key_clear(args: argparse.Namespace, m: Management) -> int:
+    if not await m.clear_api_key(args.server):
         raise Failure(f"server {args.server!r} has no stored API key")
     _print(args, {"ok": True, "server": args.server}, f"API key for {args.server} deleted")
     return 0
 
 
-async def api_key_show(args: argparse.Namespace, registry: Registry) -> int:
-    server = registry.get(args.server)
-    if server is None:
-        raise RegistryError(f"no server {args.server!r}")
-    info = registry.key_info(server)
+async def api_key_show(args: argparse.Namespace, m: Management) -> int:
+    info = m.registry.key_info(m.server(args.server))
     text = f"{args.server}: " + (
         f"set ({info.source}), {info.length} characters, ending …{info.last4 or '(hidden)'}"
         if info.set
@@ -192,11 +230,8 @@ async def api_key_show(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-async def servers_list(args: argparse.Namespace, registry: Registry) -> int:
-    rows = [
-        {"id": s.id, "source": s.source, **s.to_dict()}
-        for s in sorted(registry.servers.values(), key=lambda s: s.id)
-    ]
+async def servers_list(args: argparse.Namespace, m: Management) -> int:
+    rows = m.list_servers()
     text = (
         "\n".join(f"{r['id']:<24} {r['auth']:<8} {r['source']:<7} {r['url']}" for r in rows) or "no servers"
     )
@@ -204,24 +239,92 @@ async def servers_list(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-async def servers_add(args: argparse.Namespace, registry: Registry) -> int:
+async def servers_add(args: argparse.Namespace, m: Management) -> int:
     raw: dict[str, Any] = {"url": args.url, "auth": args.auth}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: write KEY=VALUE")
         raw[key] = value
-    server = parse_server(args.server, raw, key=args.server, source="store")
-    await registry.put_server(server)
-    _print(args, {"ok": True, "id": server.id, **server.to_dict()}, f"server {server.id} saved")
+    if m.registry.get(args.server) is not None:
+        server = await m.update_server(args.server, raw)
+    else:
+        server = await m.create_server(args.server, raw)
+    _print(args, m.describe(server), f"server {server.id} saved")
     return 0
 
 
-async def servers_remove(args: argparse.Namespace, registry: Registry) -> int:
-    if not await registry.delete_server(args.server):
-        raise Failure(f"no stored server {args.server!r}")
+async def servers_remove(args: argparse.Namespace, m: Management) -> int:
+    await m.delete_server(args.server)
     _print(args, {"ok": True, "id": args.server}, f"server {args.server} and its secrets deleted")
     return 0
+
+
+async def oauth_client_set(args: argparse.Namespace, m: Management) -> int:
+    body: dict[str, Any] = {"client_id": args.client_id}
+    if args.auth_method:
+        body["auth_method"] = args.auth_method
+    if not args.no_secret:
+        body["client_secret"] = _read_secret(f"the client secret for {args.server}").strip()
+    info = await m.set_oauth_client(args.server, body)
+    _print(args, info, f"OAuth client for {args.server} stored ({info['auth_method']})")
+    return 0
+
+
+async def oauth_client_show(args: argparse.Namespace, m: Management) -> int:
+    info = await m.oauth_client(args.server)
+    text = f"{args.server}: client {info['client_id']} ({info['auth_method']})" if info["set"] else f"{args.server}: none"
+    _print(args, info, text)
+    return 0
+
+
+async def oauth_client_clear(args: argparse.Namespace, m: Management) -> int:
+    if not await m.clear_oauth_client(args.server):
+        raise Failure(f"server {args.server!r} has no stored OAuth client")
+    _print(args, {"ok": True}, f"OAuth client for {args.server} deleted")
+    return 0
+
+
+async def connections_list(args: argparse.Namespace, m: Management) -> int:
+    rows = await m.connections(args.server)
+    text = "\n".join(f"{r['user']:<32} {r['state']:<15} {_when(r['expires_at'])} {r['last_error'] or ''}" for r in rows)
+    _print(args, rows, text or f"no connections to {args.server}")
+    return 0
+
+
+async def connections_delete(args: argparse.Namespace, m: Management) -> int:
+    if not await m.delete_connection(args.server, args.user):
+        raise Failure(f"user {args.user!r} has no connection to {args.server!r}")
+    _print(args, {"ok": True}, f"connection of {args.user} to {args.server} deleted")
+    return 0
+
+
+async def reset_command(args: argparse.Namespace, m: Management) -> int:
+    deleted = await m.reset(args.server)
+    _print(args, {"server": args.server, "deleted": deleted},
+           f"{args.server}: deleted {deleted['connections']} connection(s), {deleted['registrations']} registration(s), "
+           f"{deleted['cache_entries']} cache entrie(s)")  # fmt: skip
+    return 0
+
+
+async def keys_rotate(args: argparse.Namespace, m: Management) -> int:
+    from proxy.rotation import rotate
+
+    report = await rotate(m.registry, m.tokens)
+    _print(args, report.__dict__, report.summary())
+    return 1 if report.failed else 0
+
+
+def _read_secret(what: str) -> str:
+    if sys.stdin.isatty():
+        print(f"Paste {what}, then press Enter:", file=sys.stderr)
+    return sys.stdin.readline()
+
+
+def _when(timestamp: float | None) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(timestamp)) if timestamp else "-"
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> None:

@@ -41,6 +41,10 @@ def resolve(server: ServerConfig, user: str, registry: Registry) -> Credential |
     )
 
 
+def bearer(token: str) -> Credential:
+    return Credential(b"authorization", f"Bearer {token}".encode())
+
+
 def api_key_credential(server: ServerConfig, registry: Registry) -> Credential:
     key = registry.api_key(server)
     if not key:

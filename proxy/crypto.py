@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 VERSION = "kb1"
-PURPOSES = ("api_key", "oauth_token", "client_secret", "link", "state", "proxy_token")
+PURPOSES = ("api_key", "oauth_token", "client_secret", "client_registration", "link", "state", "proxy_token")
 MIN_SALT_LENGTH = 32
 _PLACEHOLDERS = ("change", "secret", "example", "salt", "password", "default", "keybearer", "xxxx", "1234")
 HOW_TO_MAKE_ONE = (

@@ -26,7 +26,10 @@ import structlog
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from proxy import credentials, legacy_sse, responses, routing
+from proxy import credentials, legacy_sse, links, responses, routing
+from proxy.oauth.connector import Connector
+from proxy.oauth.discovery import parse_www_authenticate
+from proxy.oauth.lifecycle import NeedsConsent, TemporarilyUnavailable
 from proxy.registry import Registry
 from proxy.settings import ServerConfig, Settings
 
@@ -73,10 +76,15 @@ class Exchange:
     outcome: str = "ok"
 
 
+MAX_STEP_UPS = 3
+
+
 class Forwarder:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, oauth: Connector | None = None) -> None:
         self.settings = settings
         self.registry = registry
+        self.keyring = registry.keyring
+        self.oauth = oauth
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -136,9 +144,16 @@ class Forwarder:
                 scope["query_string"],
                 self.registry.announced.get(server.id, frozenset()),
             )
-            credential = credentials.resolve(server, route.user, self.registry)
+            credential = None if server.auth == "oauth" else credentials.resolve(server, route.user, self.registry)
         except (routing.RouteError, credentials.CredentialUnavailable) as exc:
             return await self._fail(ex, send, exc.status, exc.code, exc.message)
+        if server.auth == "oauth":
+            try:
+                credential = await self._oauth_credential(server, route.user)
+            except NeedsConsent as exc:
+                return await self._ask_consent(ex, send, server, route.user, exc.scopes, exc.reason)
+            except TemporarilyUnavailable as exc:
+                return await self._unavailable(ex, send, server, exc)
         headers = request_headers(scope, credential, server)
         await self._exchange(ex, server, route, url, headers, body, receive, send)
 
@@ -159,15 +174,27 @@ class Forwarder:
         watch = DisconnectWatch(receive) if isinstance(body, bytes) else contextlib.nullcontext()
         try:
             async with watch:
-                async with asyncio.timeout(self.settings.upstream_timeout):
-                    upstream = await self.session.request(
-                        ex.scope["method"], URL(url, encoded=True), headers=headers, data=body,
-                        allow_redirects=False, compress=None, chunked=None,
-                    )  # fmt: skip
-                try:
-                    await self._relay(ex, server, route, url, upstream, send)
-                finally:
-                    upstream.close()
+                for attempt in (1, 2):
+                    async with asyncio.timeout(self.settings.upstream_timeout):
+                        upstream = await self.session.request(
+                            ex.scope["method"], URL(url, encoded=True), headers=headers, data=body,
+                            allow_redirects=False, compress=None, chunked=None,
+                        )  # fmt: skip
+                    if server.auth == "oauth" and upstream.status in (401, 403):
+                        upstream.close()  # its body is not relayed either way below
+                        used = next((v for k, v in headers if k == "authorization"), "")
+                        replay = await self._oauth_rejected(
+                            ex, send, server, route.user, upstream, attempt, body, used.removeprefix("Bearer ")
+                        )
+                        if replay is None:
+                            return
+                        headers = request_headers(ex.scope, replay, server)
+                        continue
+                    try:
+                        await self._relay(ex, server, route, url, upstream, send)
+                    finally:
+                        upstream.close()
+                    return
         except BodyTooLarge:
             await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
         except ClientGone:
@@ -254,10 +281,96 @@ class Forwarder:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _fail(
-        self, ex: Exchange, send: Send, status: int, code: str, message: str, **data: Any
+        self,
+        ex: Exchange,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        **data: Any,
     ) -> None:
         ex.status, ex.outcome = status, code
-        ex.bytes_out = await responses.send_error(send, status, code, message, body=ex.body, **data)
+        ex.bytes_out = await responses.send_error(send, status, code, message, body=ex.body, headers=headers, **data)
+
+    # -- OAuth servers ----------------------------------------------------------------
+
+    async def _oauth_credential(self, server: ServerConfig, user: str) -> credentials.Credential:
+        if self.oauth is None:
+            raise TemporarilyUnavailable("OAuth is not available on this proxy", 60)
+        return credentials.bearer(await self.oauth.lifecycle.access_token(server, user))
+
+    async def _oauth_rejected(
+        self,
+        ex: Exchange,
+        send: Send,
+        server: ServerConfig,
+        user: str,
+        upstream: aiohttp.ClientResponse,
+        attempt: int,
+        body: bytes | AsyncIterator[bytes],
+        rejected: str,
+    ) -> credentials.Credential | None:
+        """An OAuth server refused the token: a credential to replay with, or None once answered."""
+        assert self.oauth is not None
+        challenge = parse_www_authenticate(upstream.headers.getall("WWW-Authenticate", []))
+        if upstream.status == 403:
+            if challenge is None or challenge.error != "insufficient_scope":
+                await self._fail(ex, send, 403, "forbidden", f"server {server.id!r} refused this request (HTTP 403)",
+                                 server=server.id)  # fmt: skip
+                return None
+            await self._step_up(ex, send, server, user, challenge.scope)
+            return None
+        # 401: the token was revoked or expired early. One refresh and one
+        # replay, when the body can be sent again.
+        try:
+            if attempt == 1 and isinstance(body, bytes):
+                return credentials.bearer(await self.oauth.lifecycle.refresh_rejected(server, user, rejected))
+            await self.oauth.lifecycle.mark_rejected(server, user)
+            raise NeedsConsent("the server rejected the stored token")
+        except NeedsConsent as exc:
+            await self._ask_consent(ex, send, server, user, (), exc.reason)
+        except TemporarilyUnavailable as exc:
+            await self._unavailable(ex, send, server, exc)
+        return None
+
+    async def _step_up(
+        self, ex: Exchange, send: Send, server: ServerConfig, user: str, challenged: tuple[str, ...]
+    ) -> None:
+        assert self.oauth is not None
+        attempts = await self.oauth.lifecycle.count_step_up(server, user)
+        if attempts > MAX_STEP_UPS:
+            return await self._fail(
+                ex, send, 403, "insufficient_scope",
+                f"server {server.id!r} still wants more permissions ({' '.join(challenged)}) after {MAX_STEP_UPS} "
+                "reconnects; the account may not be allowed them: ask its administrator",
+                server=server.id,
+            )  # fmt: skip
+        granted = await self.oauth.lifecycle.granted_scopes(server, user)
+        scopes = tuple(dict.fromkeys((*granted, *challenged)))
+        await self._ask_consent(ex, send, server, user, scopes, "the server needs more permissions")
+
+    async def _ask_consent(
+        self, ex: Exchange, send: Send, server: ServerConfig, user: str, scopes: tuple[str, ...], reason: str
+    ) -> None:
+        """The -32042 answer: a signed connect link, in the error data and in its text."""
+        url = links.connect_url(
+            self.settings.public_url, self.keyring, user, server.id, self.settings.connect_link_ttl, scopes
+        )
+        message = f"{server.id} needs you to connect your account ({reason}). Open this link in your browser, then retry: {url}"
+        ex.status, ex.outcome = 200, "consent_required"
+        content = responses.elicitation_required(ex.body, server.id, url, message)
+        if content is None:
+            # Not a JSON-RPC request (a GET stream, a DELETE): no id to answer. 403, never
+            # 401: a 401 would start the client's own OAuth discovery against the proxy.
+            ex.status = 403
+            content = responses.error_body("connection_required", message, connect_url=url, server=server.id)
+        await responses.send_json(send, ex.status, content)
+        ex.bytes_out = len(content)
+
+    async def _unavailable(self, ex: Exchange, send: Send, server: ServerConfig, exc: TemporarilyUnavailable) -> None:
+        await self._fail(ex, send, 503, "temporarily_unavailable", exc.message,
+                         headers=[(b"retry-after", str(exc.retry_after).encode())], server=server.id)  # fmt: skip
 
     def _too_large_message(self) -> str:
         return (

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,7 @@ class Registry:
         # Legacy SSE message endpoints each server has announced.
         self.announced: dict[str, frozenset[str]] = {}
         self._seen_changes: int | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._watchers: list[asyncio.Task[None]] = []
 
     # -- loading -------------------------------------------------------------
 
@@ -75,20 +75,23 @@ class Registry:
             logs.register_secret(keys[name])
         self.servers, self._stored_keys = servers, keys
 
-    async def start(self, poll_interval: float = 1.0) -> None:
+    async def start(self, poll_interval: float = 1.0, events: AsyncIterator[str] | None = None) -> None:
+        """Load, then follow changes: `events` (pub/sub from other replicas) for
+        speed, polling `Store.changes()` as the backstop that cannot miss one."""
         self._seen_changes = await self.store.changes()
         await self.load()
-        self._watcher = asyncio.create_task(self._watch(poll_interval))
+        self._watchers = [asyncio.create_task(self._poll(poll_interval))]
+        if events is not None:
+            self._watchers.append(asyncio.create_task(self._follow(events)))
 
     async def stop(self) -> None:
-        if self._watcher:
-            self._watcher.cancel()
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+                await task
 
-    async def _watch(self, interval: float) -> None:
-        # Picks up writes made by another process (the CLI next to a running
-        # server). The store being briefly down must not stop serving.
+    async def _poll(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
@@ -96,6 +99,16 @@ class Registry:
                 if changes != self._seen_changes:
                     self._seen_changes = changes
                     await self.load()
+            except StoreUnavailable as exc:
+                # Serving goes on from what is cached.
+                log.warning("store unavailable; serving from cache", reason=str(exc))
+
+    async def _follow(self, events: AsyncIterator[str]) -> None:
+        async for event in events:
+            if event != "servers":
+                continue
+            try:
+                await self.load()
             except StoreUnavailable as exc:
                 log.warning("store unavailable; serving from cache", reason=str(exc))
 
@@ -126,6 +139,14 @@ class Registry:
         elif server.api_key_file and self._read_key_file(server.api_key_file):
             source = "file"
         return KeyInfo(set=True, source=source, last4=key[-4:] if len(key) >= 12 else None, length=len(key))
+
+    def client_secret(self, server: ServerConfig) -> str | None:
+        """A static OAuth client's secret from the config's env or file."""
+        if server.client_secret_env:
+            return _env(server.client_secret_env)
+        if server.client_secret_file:
+            return self._read_key_file(server.client_secret_file)
+        return None
 
     def _read_key_file(self, path: str) -> str | None:
         # Kubernetes rewrites mounted Secrets in place: re-read on change.
@@ -182,11 +203,37 @@ class Registry:
         await self.store.set_secret(API_KEY, server_id, ciphertext)
         self._stored_keys = {**self._stored_keys, server_id: key}
 
+    # -- other sealed secrets (OAuth clients), read on the OAuth path only -----------
+
+    async def set_secret(self, kind: str, name: str, plaintext: str) -> None:
+        logs.register_secret(plaintext)
+        await self.store.set_secret(kind, name, self.keyring.encrypt(kind, plaintext.encode(), f"{kind}:{name}"))
+
+    async def get_secret(self, kind: str, name: str) -> str | None:
+        sealed = await self.store.get_secret(kind, name)
+        if sealed is None:
+            return None
+        return self.keyring.decrypt(kind, sealed, f"{kind}:{name}").decode()
+
+    async def delete_secret(self, kind: str, name: str) -> bool:
+        return await self.store.delete_secret(kind, name)
+
+    async def delete_secrets_of(self, kind: str, server_id: str) -> int:
+        """Every `kind` secret recorded for the server (`<id>` or `<id>|…`)."""
+        names = [n for k, n, _ in await self.store.list_secrets() if k == kind and owned_by(n, server_id)]
+        for name in names:
+            await self.store.delete_secret(kind, name)
+        return len(names)
+
     async def clear_api_key(self, server_id: str) -> bool:
         if server_id not in self.servers:
             raise RegistryError(f"no server {server_id!r}")
         self._stored_keys = {k: v for k, v in self._stored_keys.items() if k != server_id}
         return await self.store.delete_secret(API_KEY, server_id)
+
+
+def owned_by(secret_name: str, server_id: str) -> bool:
+    return secret_name == server_id or secret_name.startswith(server_id + "|")
 
 
 def _env(name: str) -> str | None:

@@ -10,6 +10,7 @@ client into its own OAuth discovery against the proxy.
 from __future__ import annotations
 
 import json
+import secrets
 from typing import Any
 
 from starlette.types import Send
@@ -17,6 +18,7 @@ from starlette.types import Send
 # JSON-RPC codes: -32000 is the implementation-defined server error range.
 RPC_SERVER_ERROR = -32000
 RPC_INVALID_REQUEST = -32600
+URL_ELICITATION_REQUIRED = -32042
 
 
 def jsonrpc_id(body: bytes | None) -> tuple[bool, Any]:
@@ -49,6 +51,21 @@ def error_body(
     return json.dumps(payload).encode()
 
 
+def elicitation_required(body: bytes | None, server: str, url: str, message: str) -> bytes | None:
+    """The -32042 URL-elicitation error (MCP 2025-11-25), or None when the
+    request was not a JSON-RPC request that can carry an answer."""
+    is_rpc, request_id = jsonrpc_id(body)
+    if not is_rpc or request_id is None:
+        return None
+    elicitation = {"mode": "url", "elicitationId": f"connect-{server}-{secrets.token_hex(6)}", "url": url, "message": message}
+    payload = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "error": {"code": URL_ELICITATION_REQUIRED, "message": message, "data": {"elicitations": [elicitation]}},
+    }
+    return json.dumps(payload).encode()
+
+
 async def send_json(
     send: Send, status: int, content: bytes, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
@@ -68,8 +85,15 @@ async def send_json(
 
 
 async def send_error(
-    send: Send, status: int, code: str, message: str, *, body: bytes | None = None, **data: Any
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    body: bytes | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    **data: Any,
 ) -> int:
     content = error_body(code, message, body=body, **data)
-    await send_json(send, status, content)
+    await send_json(send, status, content, headers)
     return len(content)

@@ -310,7 +310,7 @@ async def test_keepalive_comments_relayed(proxy: ProxyProcess) -> None:
         ("/alice/nosuch", 404, "unknown_server"),
         ("/al%2Fice/plain", 400, "invalid_path"),
         ("/alice/plain/%2e%2e/admin", 400, "invalid_path"),
-        ("/admin/plain", 404, "not_found"),
+        ("/admin/plain", 404, "admin_disabled"),
         ("/alice/plain/_echo", 404, "path_not_allowed"),
         ("/.well-known/oauth-protected-resource", 404, "not_found"),
     ],

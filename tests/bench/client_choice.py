@@ -367,6 +367,13 @@ class WrkResult:
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_us_per_request(self) -> float | None:
+        """Proxy CPU time per request: less sensitive to a noisy machine than req/s."""
+        if self.proxy_cpu is None or not self.rps:
+            return None
+        return self.proxy_cpu * 1e6 / self.rps
+
 
 def run_wrk(url: str, connections: int, seconds: int, lua: Path, proxy_pid: int | None) -> WrkResult:
     command = [
@@ -410,7 +417,7 @@ def median_result(results: list[WrkResult]) -> WrkResult:
 def print_table(results: dict[tuple[str, int], WrkResult], candidates: list[str], levels: list[int]) -> None:
     header = (
         f"{'candidate':<15} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'vs aiohttp':>10} {'proxy cpu':>9} {'errors':>6}"
+        f"{'vs aiohttp':>10} {'proxy cpu':>9} {'cpu us/req':>10} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -422,9 +429,11 @@ def print_table(results: dict[tuple[str, int], WrkResult], candidates: list[str]
                 continue
             ratio = f"{result.rps / base.rps:.2f}" if base and base.rps else "-"
             cpu = f"{result.proxy_cpu:.0%}" if result.proxy_cpu is not None else "-"
+            cost = result.cpu_us_per_request
+            cost_text = f"{cost:.0f}" if cost is not None else "-"
             print(
                 f"{candidate:<15} {level:>4} {result.rps:>9,.0f} {result.p50_ms:>8.2f} "
-                f"{result.p99_ms:>8.2f} {ratio:>10} {cpu:>9} {result.errors:>6}"
+                f"{result.p99_ms:>8.2f} {ratio:>10} {cpu:>9} {cost_text:>10} {result.errors:>6}"
             )
 
 
@@ -488,7 +497,9 @@ def benchmark(args: argparse.Namespace) -> None:
                         print(
                             f"round {round_no} {candidate:<15} c={level:<3} "
                             f"{result.rps:>9,.0f} req/s  p50 {result.p50_ms:.2f} ms  "
-                            f"p99 {result.p99_ms:.2f} ms  errors {result.errors}",
+                            f"p99 {result.p99_ms:.2f} ms  proxy cpu "
+                            f"{'-' if pid is None else f'{result.proxy_cpu:.0%}'}  "
+                            f"errors {result.errors}",
                             file=sys.stderr,
                             flush=True,
                         )

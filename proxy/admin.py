@@ -1,0 +1,209 @@
+"""The admin HTTP API under /admin/: bearer-token protected, off when no token is set.
+
+401 means "no credential presented", 403 "the credential is wrong". Every
+answer is JSON; every refusal says what to change. Bodies are capped and
+unknown fields refused before anything is stored.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy.crypto import DecryptError
+from proxy.management import Conflict, Management, NotFound
+from proxy.registry import RegistryError
+from proxy.routing import RouteError
+from proxy.settings import ID_PATTERN, ConfigError
+from proxy.stores import StoreUnavailable
+
+log = structlog.get_logger("keybearer.admin")
+
+MAX_BODY = 64 * 1024
+Handler = Callable[[Request, Management], Awaitable[Response]]
+
+
+def routes(admin_token: str | None, management: Callable[[], Management]) -> list[Route]:
+    def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            if not admin_token:
+                return error(404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on")
+            refused = check_token(request, admin_token)
+            if refused is not None:
+                return refused
+            try:
+                return await handler(request, management())
+            except (ConfigError, RegistryError, RouteError, BadRequest) as exc:
+                return error(400, "invalid_request", str(getattr(exc, "message", None) and exc) or str(exc))
+            except NotFound as exc:
+                return error(404, "not_found", str(exc))
+            except Conflict as exc:
+                return error(409, "conflict", str(exc))
+            except TooLarge:
+                return error(413, "body_too_large", f"admin request bodies are limited to {MAX_BODY} bytes")
+            except StoreUnavailable as exc:
+                log.error("admin write failed: store unavailable", reason=str(exc))
+                return error(503, "store_unavailable", f"{exc}; nothing was changed, retry when it is back",
+                             headers={"Retry-After": "5"})  # fmt: skip
+            except DecryptError as exc:
+                return error(500, "decrypt_failed", str(exc))
+
+        return endpoint
+
+    return [
+        Route("/admin/servers", guarded(list_servers), methods=["GET"]),
+        Route("/admin/servers", guarded(create_server), methods=["POST"]),
+        Route("/admin/servers/{server}", guarded(get_server), methods=["GET"]),
+        Route("/admin/servers/{server}", guarded(update_server), methods=["PUT"]),
+        Route("/admin/servers/{server}", guarded(delete_server), methods=["DELETE"]),
+        Route("/admin/servers/{server}/api-key", guarded(get_api_key), methods=["GET"]),
+        Route("/admin/servers/{server}/api-key", guarded(set_api_key), methods=["PUT"]),
+        Route("/admin/servers/{server}/api-key", guarded(clear_api_key), methods=["DELETE"]),
+        Route("/admin/servers/{server}/oauth-client", guarded(get_oauth_client), methods=["GET"]),
+        Route("/admin/servers/{server}/oauth-client", guarded(set_oauth_client), methods=["PUT"]),
+        Route("/admin/servers/{server}/oauth-client", guarded(clear_oauth_client), methods=["DELETE"]),
+        Route("/admin/servers/{server}/connections", guarded(list_connections), methods=["GET"]),
+        Route("/admin/servers/{server}/connections/{user}", guarded(delete_connection), methods=["DELETE"]),
+        Route("/admin/servers/{server}/reset", guarded(reset), methods=["POST"]),
+        Route("/admin/{rest:path}", guarded(unknown), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    ]
+
+
+def check_token(request: Request, expected: str) -> Response | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return error(401, "unauthorized", "send the admin token as `Authorization: Bearer <token>`",
+                     headers={"WWW-Authenticate": 'Bearer realm="keybearer-admin"'})  # fmt: skip
+    if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+        log.warning("admin request with a wrong token", client=request.client.host if request.client else None)
+        return error(403, "forbidden", "the admin token is wrong")
+    return None
+
+
+def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+class BadRequest(ValueError):
+    pass
+
+
+class TooLarge(ValueError):
+    pass
+
+
+async def body(request: Request) -> Any:
+    declared = request.headers.get("content-length")
+    if declared and (not declared.isdigit() or int(declared) > MAX_BODY):
+        raise TooLarge
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise TooLarge
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise BadRequest("the body must be JSON") from None
+
+
+def path_param(request: Request, name: str) -> str:
+    value = str(request.path_params[name])
+    if not ID_PATTERN.fullmatch(value):
+        raise BadRequest(f"{name} {value!r} is not a valid id")
+    return value
+
+
+async def list_servers(request: Request, m: Management) -> Response:
+    return JSONResponse({"servers": m.list_servers()})
+
+
+async def get_server(request: Request, m: Management) -> Response:
+    return JSONResponse(m.describe(m.server(path_param(request, "server"))))
+
+
+async def create_server(request: Request, m: Management) -> Response:
+    data = await body(request)
+    if not isinstance(data, dict) or not isinstance(data.get("id"), str):
+        raise BadRequest("send a JSON object with `id`, `url` and `auth`")
+    server_id = data.pop("id")
+    server = await m.create_server(server_id, data)
+    return JSONResponse(m.describe(server), status_code=201)
+
+
+async def update_server(request: Request, m: Management) -> Response:
+    data = await body(request)
+    if isinstance(data, dict) and data.get("id", request.path_params["server"]) != request.path_params["server"]:
+        raise BadRequest("the id in the body differs from the one in the path; ids cannot be changed")
+    if isinstance(data, dict):
+        data.pop("id", None)
+    server = await m.update_server(path_param(request, "server"), data)
+    return JSONResponse(m.describe(server))
+
+
+async def delete_server(request: Request, m: Management) -> Response:
+    await m.delete_server(path_param(request, "server"))
+    return Response(status_code=204)
+
+
+async def get_api_key(request: Request, m: Management) -> Response:
+    server = m.server(path_param(request, "server"))
+    return JSONResponse(m.describe(server).get("api_key", {"set": False}))
+
+
+async def set_api_key(request: Request, m: Management) -> Response:
+    server_id = path_param(request, "server")
+    data = await body(request)
+    if not isinstance(data, dict) or set(data) != {"api_key"}:
+        raise BadRequest('send {"api_key": "<key>"} and nothing else')
+    await m.set_api_key(server_id, data["api_key"])
+    return Response(status_code=204)
+
+
+async def clear_api_key(request: Request, m: Management) -> Response:
+    if not await m.clear_api_key(path_param(request, "server")):
+        raise NotFound("no stored API key for this server")
+    return Response(status_code=204)
+
+
+async def get_oauth_client(request: Request, m: Management) -> Response:
+    return JSONResponse(await m.oauth_client(path_param(request, "server")))
+
+
+async def set_oauth_client(request: Request, m: Management) -> Response:
+    server_id = path_param(request, "server")
+    return JSONResponse(await m.set_oauth_client(server_id, await body(request)))
+
+
+async def clear_oauth_client(request: Request, m: Management) -> Response:
+    if not await m.clear_oauth_client(path_param(request, "server")):
+        raise NotFound("no static OAuth client is stored for this server")
+    return Response(status_code=204)
+
+
+async def list_connections(request: Request, m: Management) -> Response:
+    server_id = path_param(request, "server")
+    return JSONResponse({"server": server_id, "connections": await m.connections(server_id)})
+
+
+async def delete_connection(request: Request, m: Management) -> Response:
+    server_id, user = path_param(request, "server"), path_param(request, "user")
+    if not await m.delete_connection(server_id, user):
+        raise NotFound(f"user {user!r} has no connection to {server_id!r}")
+    return Response(status_code=204)
+
+
+async def reset(request: Request, m: Management) -> Response:
+    return JSONResponse({"server": request.path_params["server"], "deleted": await m.reset(path_param(request, "server"))})
+
+
+async def unknown(request: Request, m: Management) -> Response:
+    return error(404, "not_found", f"no admin endpoint {request.method} {request.url.path}; see README's admin API section")

@@ -1,0 +1,55 @@
+"""Signed, expiring links handed to people: connect a server, see one's connections.
+
+A link is only an invitation: it names the user and server and proves the
+proxy made it recently. What binds the flow to one browser is the cookie set
+when the link is opened (see oauth/flow.py).
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote, urlencode
+
+from proxy.crypto import Keyring
+
+
+class LinkError(ValueError):
+    pass
+
+
+def _message(kind: str, user: str, server: str, expires: int, scope: str) -> bytes:
+    return "\n".join((kind, user, server, str(expires), scope)).encode()
+
+
+def connect_path(user: str, server: str) -> str:
+    return f"/connect/{quote(user, safe='@')}/{server}"
+
+
+def connections_path(user: str) -> str:
+    return f"/connections/{quote(user, safe='@')}"
+
+
+def connect_url(public_url: str, keyring: Keyring, user: str, server: str, ttl: float, scopes: tuple[str, ...] = ()) -> str:
+    expires = int(time.time() + ttl)
+    scope = " ".join(scopes)
+    query = {"expires": str(expires), **({"scope": scope} if scope else {})}
+    query["sig"] = keyring.sign("link", _message("connect", user, server, expires, scope))
+    return f"{public_url}{connect_path(user, server)}?{urlencode(query)}"
+
+
+def connections_url(public_url: str, keyring: Keyring, user: str, ttl: float) -> str:
+    expires = int(time.time() + ttl)
+    sig = keyring.sign("link", _message("connections", user, "", expires, ""))
+    return f"{public_url}{connections_path(user)}?{urlencode({'expires': expires, 'sig': sig})}"
+
+
+def verify(keyring: Keyring, kind: str, user: str, server: str, params: dict[str, str]) -> tuple[str, ...]:
+    """Check a link's signature and expiry; return the scopes it asks for."""
+    expires_raw, sig, scope = params.get("expires", ""), params.get("sig", ""), params.get("scope", "")
+    if not expires_raw.isdigit() or not sig:
+        raise LinkError("This link is incomplete. Ask your agent for a fresh one.")
+    if not keyring.verify("link", _message(kind, user, server, int(expires_raw), scope), sig):
+        raise LinkError("This link is not valid: it was changed or was not made by this proxy.")
+    if int(expires_raw) < time.time():
+        raise LinkError("This link has expired. Go back to your agent and retry; it will give you a fresh link.")
+    return tuple(scope.split())

@@ -1,0 +1,189 @@
+"""What operators can do, in one place: the admin API and the CLI both call this.
+
+Every method validates its input before touching a store, so a refused
+request changes nothing, and tells every replica about what it changed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from proxy.crypto import DecryptError
+from proxy.registry import Registry, RegistryError
+from proxy.settings import ConfigError, ServerConfig, parse_server
+from proxy.stores import Connection, TokenStore
+
+STATIC_CLIENT = "client_secret"
+REGISTRATION = "client_registration"
+SERVERS_CHANGED = "servers"
+
+
+class NotFound(LookupError):
+    pass
+
+
+class Conflict(ValueError):
+    pass
+
+
+class Management:
+    def __init__(self, registry: Registry, tokens: TokenStore) -> None:
+        self.registry = registry
+        self.tokens = tokens
+
+    # -- servers -----------------------------------------------------------------
+
+    def describe(self, server: ServerConfig) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": server.id, "source": server.source, "read_only": server.source == "config"}
+        out.update(server.to_dict())
+        if server.auth == "api_key":
+            out["api_key"] = asdict(self.registry.key_info(server))
+        return out
+
+    def list_servers(self) -> list[dict[str, Any]]:
+        return [self.describe(s) for s in sorted(self.registry.servers.values(), key=lambda s: s.id)]
+
+    def server(self, server_id: str) -> ServerConfig:
+        server = self.registry.get(server_id)
+        if server is None:
+            raise NotFound(f"no server {server_id!r}")
+        return server
+
+    async def create_server(self, server_id: str, definition: Any) -> ServerConfig:
+        server = parse_server(server_id, definition, key="server", source="store")
+        if self.registry.get(server_id) is not None:
+            raise Conflict(f"server {server_id!r} exists; update it with PUT instead")
+        await self.registry.put_server(server)
+        await self._changed()
+        return server
+
+    async def update_server(self, server_id: str, definition: Any) -> ServerConfig:
+        current = self.server(server_id)
+        if current.source == "config":
+            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        server = parse_server(server_id, definition, key="server", source="store")
+        await self.registry.put_server(server)
+        if server.url != current.url or server.auth != current.auth:
+            # Tokens were issued for the old resource: they must not reach the new one.
+            await self.tokens.delete_server_connections(server_id)
+        await self._changed()
+        return server
+
+    async def delete_server(self, server_id: str) -> None:
+        server = self.server(server_id)
+        if server.source == "config":
+            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        await self.registry.delete_server(server_id)
+        await self.tokens.delete_server_connections(server_id)
+        await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
+        await self._changed()
+
+    # -- API keys ------------------------------------------------------------------
+
+    async def set_api_key(self, server_id: str, key: Any) -> None:
+        self.server(server_id)
+        if not isinstance(key, str):
+            raise ConfigError("api_key", "must be a string")
+        await self.registry.set_api_key(server_id, key)
+        await self._changed()
+
+    async def clear_api_key(self, server_id: str) -> bool:
+        self.server(server_id)
+        cleared = await self.registry.clear_api_key(server_id)
+        await self._changed()
+        return cleared
+
+    # -- static OAuth clients ----------------------------------------------------
+
+    async def set_oauth_client(self, server_id: str, body: Any) -> dict[str, Any]:
+        server = self.server(server_id)
+        if server.auth != "oauth":
+            raise ConfigError("auth", f"server {server_id!r} uses auth: {server.auth}, not oauth")
+        if not isinstance(body, dict):
+            raise ConfigError("body", "must be a JSON object with client_id and optionally client_secret")
+        unknown = sorted(set(body) - {"client_id", "client_secret", "auth_method"})
+        if unknown:
+            raise ConfigError(unknown[0], "unknown field (known: auth_method, client_id, client_secret)")
+        client_id = body.get("client_id")
+        secret = body.get("client_secret")
+        method = body.get("auth_method") or ("client_secret_basic" if secret else "none")
+        if not isinstance(client_id, str) or not 0 < len(client_id) <= 512 or not client_id.isprintable():
+            raise ConfigError("client_id", "must be a printable string of 1-512 characters")
+        if secret is not None and (not isinstance(secret, str) or not 0 < len(secret) <= 4096):
+            raise ConfigError("client_secret", "must be a string of 1-4096 characters")
+        if method not in ("client_secret_basic", "client_secret_post", "none"):
+            raise ConfigError("auth_method", "must be client_secret_basic, client_secret_post or none")
+        if method != "none" and not secret:
+            raise ConfigError("client_secret", f"is required with auth_method {method}")
+        record = {"client_id": client_id, "client_secret": secret, "auth_method": method}
+        await self.registry.set_secret(STATIC_CLIENT, server_id, json.dumps(record))
+        # A new client makes earlier dynamic registrations irrelevant.
+        await self.registry.delete_secrets_of(REGISTRATION, server_id)
+        await self._changed()
+        return self.oauth_client_info(server_id, record)
+
+    async def oauth_client(self, server_id: str) -> dict[str, Any]:
+        self.server(server_id)
+        try:
+            raw = await self.registry.get_secret(STATIC_CLIENT, server_id)
+        except DecryptError as exc:
+            raise Conflict(str(exc)) from None
+        return self.oauth_client_info(server_id, json.loads(raw) if raw else None)
+
+    @staticmethod
+    def oauth_client_info(server_id: str, record: dict[str, Any] | None) -> dict[str, Any]:
+        if not record:
+            return {"server": server_id, "set": False}
+        return {
+            "server": server_id,
+            "set": True,
+            "client_id": record["client_id"],
+            "auth_method": record["auth_method"],
+            "client_secret_set": bool(record.get("client_secret")),
+        }
+
+    async def clear_oauth_client(self, server_id: str) -> bool:
+        self.server(server_id)
+        cleared = await self.registry.delete_secret(STATIC_CLIENT, server_id)
+        await self._changed()
+        return cleared
+
+    # -- connections ---------------------------------------------------------------
+
+    async def connections(self, server_id: str) -> list[dict[str, Any]]:
+        self.server(server_id)
+        return [connection_info(c) for c in sorted(await self.tokens.list_connections(server_id), key=lambda c: c.user)]
+
+    async def delete_connection(self, server_id: str, user: str) -> bool:
+        self.server(server_id)
+        return await self.tokens.delete_connection(user, server_id)
+
+    async def reset(self, server_id: str) -> dict[str, int]:
+        """Wipe a server's whole OAuth state: tokens, registrations, cached metadata."""
+        self.server(server_id)
+        connections = await self.tokens.delete_server_connections(server_id)
+        registrations = await self.registry.delete_secrets_of(REGISTRATION, server_id)
+        cached = await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
+        await self._changed()
+        return {"connections": connections, "registrations": registrations, "cache_entries": cached}
+
+    async def _changed(self) -> None:
+        await self.tokens.publish(SERVERS_CHANGED)
+
+
+def connection_info(c: Connection) -> dict[str, Any]:
+    return {
+        "user": c.user,
+        "server": c.server,
+        "state": c.state,
+        "issuer": c.issuer,
+        "scopes": list(c.scopes),
+        "expires_at": c.expires_at,
+        "obtained_at": c.obtained_at,
+        "last_error": c.last_error,
+    }
+
+
+__all__ = ["Conflict", "Management", "NotFound", "RegistryError"]

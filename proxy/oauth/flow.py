@@ -1,0 +1,260 @@
+"""The browser side of OAuth: connect page, callback, connections page.
+
+    GET  /connect/<user>/<server>?expires&scope&sig   names who and what; sets the browser cookie
+    POST /connect/<user>/<server>?…                    (CSRF) -> 303 to the authorization server
+    GET  <callback_path>?code&state&iss                 one URL for every server
+    GET  /connections/<user>?expires&sig                each server's state; Connect, Reconnect, Disconnect
+    POST /connections/<user>/<server>/disconnect?…      (CSRF) revoke, delete, back to the list
+    GET  /oauth/client-metadata.json                    the proxy's Client ID Metadata Document
+
+The browser that opens the connect link gets a random cookie; the pending
+authorization stores its hash, and the callback must come from the same
+browser. With `browser_identity_header` set, the identity an SSO proxy in
+front asserts must equal the path's user at every step.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import structlog
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from proxy import links, pages
+from proxy.links import LinkError
+from proxy.oauth import client as oauth_client
+from proxy.oauth.connector import CLIENT_METADATA_PATH, CLIENT_NAME, Connector, FlowError, browser_hash
+from proxy.oauth.lifecycle import MUST_RECONNECT
+from proxy.routing import RESERVED
+from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig
+from proxy.stores import StoreUnavailable
+
+log = structlog.get_logger("keybearer.oauth")
+
+COOKIE = "kb_browser"
+COOKIE_MAX_AGE = 86400
+MAX_FORM_BYTES = 4096
+
+
+def routes(connector: Connector) -> list[Route]:
+    flow = Flow(connector)
+    return [
+        Route("/connect/{user}/{server}", flow.guard(flow.connect_page), methods=["GET"]),
+        Route("/connect/{user}/{server}", flow.guard(flow.connect_continue), methods=["POST"]),
+        Route(connector.settings.callback_path, flow.guard(flow.callback), methods=["GET"]),
+        Route("/connections/{user}", flow.guard(flow.connections_page), methods=["GET"]),
+        Route("/connections/{user}/{server}/disconnect", flow.guard(flow.disconnect), methods=["POST"]),
+        Route(CLIENT_METADATA_PATH, flow.client_metadata, methods=["GET"]),
+    ]
+
+
+class Flow:
+    def __init__(self, connector: Connector) -> None:
+        self.connector = connector
+        self.settings = connector.settings
+        self.keyring = connector.keyring
+
+    def guard(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except FlowError as exc:
+                return pages.problem(exc.title, exc.what, exc.next_step, exc.status)
+            except LinkError as exc:
+                return pages.problem("Link not usable", str(exc), "Ask your agent for a fresh link.", 403)
+            except StoreUnavailable:
+                return pages.problem(
+                    "Temporarily unavailable",
+                    "Keybearer cannot reach its storage right now.",
+                    "Try again in a minute.",
+                    503,
+                )
+
+        return endpoint
+
+    # -- connect -------------------------------------------------------------------------
+
+    async def connect_page(self, request: Request) -> Response:
+        user, server = self._user(request), self._server(request)
+        scopes = links.verify(self.keyring, "connect", user, server.id, dict(request.query_params))
+        self._check_identity(request, user)
+        browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
+        response = pages.connect(
+            user, server.id, urlsplit(server.url).netloc, _self_url(request), self._csrf(browser_id, user), scopes
+        )
+        self._set_cookie(response, browser_id)
+        return response
+
+    async def connect_continue(self, request: Request) -> Response:
+        user, server = self._user(request), self._server(request)
+        scopes = links.verify(self.keyring, "connect", user, server.id, dict(request.query_params))
+        self._check_identity(request, user)
+        browser_id = self._browser(request)
+        await self._check_csrf(request, browser_id, user)
+        authorization_url = await self.connector.begin(user, server, browser_id, scopes)
+        log.info("authorization started", user=user, server=server.id)
+        return RedirectResponse(authorization_url, status_code=303, headers=pages.SECURITY_HEADERS)
+
+    async def callback(self, request: Request) -> Response:
+        params = request.query_params
+        pending = await self.connector.take_pending(params.get("state", ""))
+        # The state is spent from here on, whatever happens next.
+        if not hmac.compare_digest(browser_hash(request.cookies.get(COOKIE, "")), pending.browser):
+            log.warning("callback from another browser refused", server=pending.server)
+            raise FlowError(
+                "Started in another browser",
+                "This sign-in was started in a different browser (or its cookies were cleared).",
+                "Open the link from your agent in this browser and start again.",
+                403,
+            )
+        self._check_identity(request, pending.user)
+        if "error" in params:
+            error = params.get("error", "")[:64]
+            description = params.get("error_description", "")[:300]
+            log.info("authorization refused at the provider", server=pending.server, error=error)
+            raise FlowError(
+                "Not connected",
+                f"The provider of {pending.server} answered: {error}" + (f" ({description})" if description else ""),
+                "Nothing was changed. Go back to your agent and retry if you want to connect.",
+            )
+        code = params.get("code", "")
+        if not code or len(code) > 2048:
+            raise FlowError("Not connected", "The provider sent no authorization code.", "Go back to your agent and retry.")
+        await self.connector.finish(pending, code, params.get("iss"))
+        return pages.connected(pending.user, pending.server)
+
+    # -- connections ---------------------------------------------------------------------
+
+    async def connections_page(self, request: Request) -> Response:
+        user = self._user(request)
+        links.verify(self.keyring, "connections", user, "", dict(request.query_params))
+        self._check_identity(request, user)
+        browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
+        query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
+        stored = {c.server: c for c in await self.connector.tokens.list_user_connections(user)}
+        rows = []
+        for server in sorted(self.connector.registry.servers.values(), key=lambda s: s.id):
+            if server.auth != "oauth":
+                continue
+            conn = stored.get(server.id)
+            rows.append(
+                pages.ConnectionRow(
+                    server=server.id,
+                    host=urlsplit(server.url).netloc,
+                    state=_state(conn),
+                    expires_at=conn.expires_at if conn else None,
+                    last_error=conn.last_error if conn else None,
+                    connect_url=links.connect_url(
+                        self.settings.public_url, self.keyring, user, server.id, self.settings.connect_link_ttl
+                    ),
+                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect?{query}" if conn else None,
+                )
+            )
+        response = pages.connections(user, rows, self._csrf(browser_id, user))
+        self._set_cookie(response, browser_id)
+        return response
+
+    async def disconnect(self, request: Request) -> Response:
+        user, server = self._user(request), self._server(request)
+        links.verify(self.keyring, "connections", user, "", dict(request.query_params))
+        self._check_identity(request, user)
+        await self._check_csrf(request, self._browser(request), user)
+        await self.connector.disconnect(user, server)
+        log.info("disconnected", user=user, server=server.id)
+        query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
+        return RedirectResponse(f"{links.connections_path(user)}?{query}", status_code=303)
+
+    async def client_metadata(self, request: Request) -> Response:
+        document = oauth_client.client_metadata_document(
+            self.connector.client_id_url, self.connector.redirect_uri, CLIENT_NAME
+        )
+        return JSONResponse(document, headers={"Cache-Control": "public, max-age=3600"})
+
+    # -- checks --------------------------------------------------------------------------
+
+    def _user(self, request: Request) -> str:
+        user = str(request.path_params["user"])
+        if not ID_PATTERN.fullmatch(user) or user.lower() in RESERVED:
+            raise FlowError("Not found", "This link names no valid user.", "Ask your agent for a fresh link.", 404)
+        return user
+
+    def _server(self, request: Request) -> ServerConfig:
+        server_id = str(request.path_params["server"])
+        server = self.connector.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
+        if server is None or server.auth != "oauth":
+            raise FlowError(
+                "Not found", f"No OAuth server {server_id!r} is configured here.", "Ask your agent for a fresh link.", 404
+            )
+        return server
+
+    def _check_identity(self, request: Request, user: str) -> None:
+        header = self.settings.browser_identity_header
+        if header is None:
+            return
+        asserted = request.headers.get(header)
+        if asserted != user:
+            log.warning("browser identity does not match the link's user", user=user)
+            raise FlowError(
+                "Wrong account",
+                f"You are signed in as {asserted or 'nobody'}, but this link is for {user}.",
+                "Sign in as that user, or ask your agent for a link for your own user id.",
+                403,
+            )
+
+    def _browser(self, request: Request) -> str:
+        browser_id = request.cookies.get(COOKIE)
+        if not browser_id:
+            raise FlowError(
+                "Cookies needed",
+                "This browser did not keep Keybearer's cookie from the previous page.",
+                "Allow cookies for this site and open the link again.",
+                403,
+            )
+        return browser_id
+
+    def _csrf(self, browser_id: str, user: str) -> str:
+        return self.keyring.sign("link", f"csrf\n{browser_id}\n{user}".encode())
+
+    async def _check_csrf(self, request: Request, browser_id: str, user: str) -> None:
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+            raise FlowError("Bad request", "The form is too large.", "Open the link again.")
+        form: FormData = await request.form(max_files=0, max_fields=4)
+        token = str(form.get("csrf", ""))
+        if not self.keyring.verify("link", f"csrf\n{browser_id}\n{user}".encode(), token):
+            raise FlowError(
+                "Request refused",
+                "This form was not sent from the page Keybearer showed in this browser.",
+                "Open the link from your agent again and press the button there.",
+                403,
+            )
+
+    def _set_cookie(self, response: Response, browser_id: str) -> None:
+        response.set_cookie(
+            COOKIE, browser_id, max_age=COOKIE_MAX_AGE, httponly=True, samesite="lax",
+            secure=self.settings.public_url.startswith("https://"), path="/",
+        )  # fmt: skip
+
+
+def _self_url(request: Request) -> str:
+    """The page's own path and query, to post the form back to."""
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _state(conn: Any) -> str:
+    if conn is None:
+        return "not connected"
+    if conn.state == MUST_RECONNECT:
+        return "must reconnect"
+    if conn.expires_at is not None and conn.expires_at < time.time():
+        return "expired (refreshes on next use)"
+    return "connected"

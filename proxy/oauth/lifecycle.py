@@ -1,0 +1,291 @@
+"""Per-user tokens after the connect flow: reading, refreshing, marking for reconnect.
+
+Refresh is single-flight twice over. In one process, concurrent requests for
+the same (user, server) share one refresh task. Across replicas, a lock in
+the token store lets one replica call the authorization server while the
+others wait and then read what it wrote. The write itself is conditional on
+the version read, so a late or stale writer can never put older tokens over
+newer ones. This matters because providers rotate refresh tokens and treat a
+second use of the old one as theft, revoking the whole grant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+
+import structlog
+
+from proxy import logs
+from proxy.crypto import DecryptError, Keyring
+from proxy.oauth.client import AuthServerUnavailable, OAuthError, TokenResponse
+from proxy.settings import ServerConfig
+from proxy.stores import Connection, StoreUnavailable, TokenStore
+
+log = structlog.get_logger("keybearer.oauth")
+
+PURPOSE = "oauth_token"
+CONNECTED = "connected"
+MUST_RECONNECT = "must_reconnect"
+LOCK_TTL = 30.0
+# Errors that mean the grant is gone: only the user can fix it, by reconnecting.
+GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
+
+
+class NeedsConsent(Exception):
+    """The user must (re)connect in the browser; `scopes` to ask for, if any."""
+
+    def __init__(self, reason: str, scopes: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.scopes = scopes
+
+
+class TemporarilyUnavailable(Exception):
+    def __init__(self, message: str, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    access_token: str
+    refresh_token: str | None
+    token_type: str = "Bearer"
+
+
+# The refresh call itself, made by the connector (it knows the client and AS).
+Refresher = Callable[[ServerConfig, Connection, str], Awaitable[TokenResponse]]
+
+
+def record(user: str, server: str) -> str:
+    return f"{PURPOSE}:{user}:{server}"
+
+
+def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
+    payload = {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token, "token_type": tokens.token_type}
+    return keyring.encrypt(PURPOSE, json.dumps(payload).encode(), record(user, server))
+
+
+def unseal(keyring: Keyring, conn: Connection) -> TokenSet:
+    if conn.sealed is None:
+        raise DecryptError("no tokens stored")
+    data = json.loads(keyring.decrypt(PURPOSE, conn.sealed, record(conn.user, conn.server)))
+    logs.register_secret(data["access_token"])
+    logs.register_secret(data.get("refresh_token"))
+    return TokenSet(data["access_token"], data.get("refresh_token"), data.get("token_type") or "Bearer")
+
+
+def new_connection(
+    keyring: Keyring,
+    previous: Connection | None,
+    user: str,
+    server: str,
+    answer: TokenResponse,
+    *,
+    issuer: str,
+    client_id: str,
+    requested_scopes: tuple[str, ...],
+    keep_refresh_token: str | None = None,
+) -> Connection:
+    """The Connection to store for a token response (from a code or a refresh)."""
+    now = time.time()
+    # RFC 6749 §6: a refresh response may omit the refresh token; the old one stays valid.
+    refresh_token = answer.refresh_token or keep_refresh_token
+    tokens = TokenSet(answer.access_token, refresh_token, answer.token_type or "Bearer")
+    logs.register_secret(answer.access_token)
+    logs.register_secret(refresh_token)
+    return Connection(
+        user=user,
+        server=server,
+        state=CONNECTED,
+        sealed=seal(keyring, user, server, tokens),
+        issuer=issuer,
+        client_id=client_id,
+        scopes=answer.scope if answer.scope is not None else requested_scopes,
+        expires_at=now + answer.expires_in if answer.expires_in else None,
+        obtained_at=now,
+        last_error=None,
+        version=(previous.version if previous else 0) + 1,
+    )
+
+
+class CircuitBreaker:
+    """Per issuer: after repeated outages, stop calling for a while, so that an
+    authorization server that hangs does not stall every request behind it."""
+
+    def __init__(self, failures: int = 3, cooldown: float = 15.0) -> None:
+        self.failures, self.cooldown = failures, cooldown
+        self._count: dict[str, int] = {}
+        self._open_until: dict[str, float] = {}
+
+    def check(self, issuer: str) -> None:
+        until = self._open_until.get(issuer, 0.0)
+        if until > time.monotonic():
+            raise AuthServerUnavailable(f"{issuer} failed repeatedly; not retrying for {until - time.monotonic():.0f} s")
+
+    def failed(self, issuer: str) -> None:
+        self._count[issuer] = self._count.get(issuer, 0) + 1
+        if self._count[issuer] >= self.failures:
+            self._open_until[issuer] = time.monotonic() + self.cooldown
+
+    def succeeded(self, issuer: str) -> None:
+        self._count.pop(issuer, None)
+        self._open_until.pop(issuer, None)
+
+
+class Lifecycle:
+    def __init__(self, keyring: Keyring, store: TokenStore, refresh_skew: float, refresher: Refresher) -> None:
+        self.keyring = keyring
+        self.store = store
+        self.skew = refresh_skew
+        self.refresher = refresher
+        self.breaker = CircuitBreaker()
+        self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
+        self.on_refresh: Callable[[str, str], None] = lambda server, result: None
+
+    async def access_token(self, server: ServerConfig, user: str) -> str:
+        """A usable access token, refreshed first when it is about to expire."""
+        conn = await self._load(server, user)
+        tokens = self._open(conn)
+        if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
+            conn, tokens = await self.refresh(server, conn)
+        return tokens.access_token
+
+    async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
+        """The upstream refused the access token before its expiry (revoked,
+        rotated elsewhere): refresh once, unless another request already did."""
+        conn = await self._load(server, user)
+        tokens = self._open(conn)
+        if tokens.access_token != rejected:
+            return tokens.access_token
+        conn, tokens = await self.refresh(server, conn)
+        return tokens.access_token
+
+    async def mark_rejected(self, server: ServerConfig, user: str) -> None:
+        """Even a fresh token was refused: only a reconnect can help."""
+        conn = await self.store.get_connection(user, server.id)
+        if conn is not None and conn.state != MUST_RECONNECT:
+            await self._mark_reconnect(conn, "the server refused a freshly refreshed token")
+
+    async def granted_scopes(self, server: ServerConfig, user: str) -> tuple[str, ...]:
+        conn = await self.store.get_connection(user, server.id)
+        return conn.scopes if conn else ()
+
+    async def count_step_up(self, server: ServerConfig, user: str) -> int:
+        """How many step-ups this connection asked for lately (bounded, so a
+        server that is never satisfied does not loop the user forever)."""
+        key = f"stepup:{server.id}:{user}"
+        count = int(await self.store.cache_get(key) or 0) + 1
+        await self.store.cache_set(key, str(count), 3600)
+        return count
+
+    async def refresh(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+        """Refresh `seen` once, however many callers and replicas ask at the same time."""
+        key = (seen.user, seen.server)
+        running = self._inflight.get(key)
+        if running is not None:
+            return await asyncio.shield(running)
+        future: asyncio.Future[tuple[Connection, TokenSet]] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._refresh_across_replicas(server, seen)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # waiters see it; no "never retrieved" warning
+            raise
+        finally:
+            del self._inflight[key]
+
+    async def _refresh_across_replicas(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+        lock_name = f"refresh:{seen.user}:{seen.server}"
+        deadline = time.monotonic() + LOCK_TTL + 5
+        while True:
+            token = await self.store.acquire_lock(lock_name, LOCK_TTL)
+            if token is not None:
+                try:
+                    return await self._refresh_holding_lock(server, seen)
+                finally:
+                    await self.store.release_lock(lock_name, token)
+            # Another replica is refreshing: wait for its write, then use it.
+            await asyncio.sleep(0.05 + secrets.randbelow(50) / 1000)
+            current = await self._load(server, seen.user)
+            if current.version != seen.version:
+                return current, self._open(current)
+            if time.monotonic() > deadline:
+                raise TemporarilyUnavailable(
+                    f"another replica is refreshing the token for {server.id!r} and has not finished; retry shortly", 5
+                )
+
+    async def _refresh_holding_lock(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+        current = await self._load(server, seen.user)
+        if current.version != seen.version:
+            return current, self._open(current)  # someone refreshed between our read and the lock
+        tokens = self._open(current)
+        if not tokens.refresh_token:
+            await self._mark_reconnect(current, "the provider gave no refresh token and the access token expired")
+            raise NeedsConsent("the access token expired and cannot be refreshed")
+        issuer = current.issuer or ""
+        try:
+            self.breaker.check(issuer)
+            answer = await self.refresher(server, current, tokens.refresh_token)
+        except OAuthError as exc:
+            self.breaker.succeeded(issuer)
+            self.on_refresh(server.id, exc.error if exc.error in GRANT_LOST else "error")
+            if exc.error in GRANT_LOST:
+                await self._mark_reconnect(current, f"the provider refused the refresh: {exc.error}")
+                raise NeedsConsent(f"the provider refused to refresh the token ({exc.error})") from None
+            raise TemporarilyUnavailable(f"the provider refused the refresh ({exc.error}); retry shortly") from None
+        except AuthServerUnavailable as exc:
+            self.breaker.failed(issuer)
+            self.on_refresh(server.id, "unavailable")
+            log.warning("token endpoint unavailable; keeping stored tokens", server=server.id, reason=str(exc))
+            if current.expires_at is not None and current.expires_at > time.time():
+                return current, tokens  # still valid: use it while the provider recovers
+            raise TemporarilyUnavailable(
+                f"the authorization server of {server.id!r} is unavailable and the access token has expired; "
+                "the stored connection is kept, retry in a moment",
+                15,
+            ) from None
+        self.breaker.succeeded(issuer)
+        fresh = new_connection(
+            self.keyring, current, current.user, current.server, answer,
+            issuer=issuer, client_id=current.client_id or "", requested_scopes=current.scopes,
+            keep_refresh_token=tokens.refresh_token,
+        )  # fmt: skip
+        if not await self.store.put_connection(fresh, expected_version=current.version):
+            # Only a reconnect or a delete can have written under our lock: theirs wins.
+            newer = await self._load(server, seen.user)
+            return newer, self._open(newer)
+        self.on_refresh(server.id, "refreshed")
+        log.info("token refreshed", server=server.id, user=current.user)
+        return fresh, self._open(fresh)
+
+    async def _load(self, server: ServerConfig, user: str) -> Connection:
+        try:
+            conn = await self.store.get_connection(user, server.id)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable(f"token storage is unavailable ({exc}); retry shortly", 5) from None
+        if conn is None:
+            raise NeedsConsent(f"{server.id!r} is not connected for this user")
+        if conn.state == MUST_RECONNECT or conn.sealed is None:
+            raise NeedsConsent(conn.last_error or f"{server.id!r} must be reconnected")
+        return conn
+
+    def _open(self, conn: Connection) -> TokenSet:
+        try:
+            return unseal(self.keyring, conn)
+        except (DecryptError, ValueError, KeyError) as exc:
+            log.error("stored tokens cannot be decrypted", server=conn.server, reason=str(exc))
+            raise NeedsConsent("the stored tokens cannot be read; connect again") from None
+
+    async def _mark_reconnect(self, conn: Connection, reason: str) -> None:
+        marked = replace(conn, state=MUST_RECONNECT, last_error=reason, version=conn.version + 1)
+        await self.store.put_connection(marked, expected_version=conn.version)
