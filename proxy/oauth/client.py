@@ -1,0 +1,475 @@
+"""The OAuth 2.1 client side: PKCE, the authorization URL, client registration
+(static, Client ID Metadata Document, RFC 7591 dynamic registration), and the
+token endpoint (code exchange, refresh, RFC 7009 revocation).
+
+Errors:
+- `OAuthError` when the authorization server answered but not with what was
+  asked for: its OAuth error (`.error` is `invalid_grant`, `invalid_client`, …)
+  or one of Keybearer's own codes: `invalid_response` (a malformed answer),
+  `unsafe_url` (an endpoint the fetcher refused), `registration_not_supported`,
+  `unsupported_auth_method`. Only `invalid_grant` means the grant is gone.
+- `AuthServerUnavailable` for 5xx, 429, timeouts and network trouble: the
+  caller keeps what it has stored and tries later.
+
+No secret (client secret, code, verifier, tokens) ever goes into a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import aiohttp
+
+from .discovery import AuthServer
+from .fetch import Fetcher, FetchError, UnsafeURL
+
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
+RegistrationSource = Literal["static", "cimd", "dcr"]
+
+GRANT_TYPES = ("authorization_code", "refresh_token")
+# Parameters the protocol sets; configured extras may not replace them.
+PROTOCOL_PARAMS = frozenset(
+    {
+        "response_type", "client_id", "redirect_uri", "state", "code_challenge",
+        "code_challenge_method", "scope", "resource", "request", "request_uri",
+    }
+)  # fmt: skip
+_ERROR_CODE = re.compile(r"[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}")
+
+
+class OAuthClientError(Exception):
+    """Base of the errors of this module."""
+
+
+class OAuthError(OAuthClientError):
+    """The authorization server refused, or answered with something unusable."""
+
+    def __init__(self, error: str, description: str | None = None, status: int | None = None) -> None:
+        self.error = error
+        self.description = description
+        self.status = status
+        text = error if not description else f"{error}: {description}"
+        super().__init__(text if status is None else f"{text} (HTTP {status})")
+
+
+class AuthServerUnavailable(OAuthClientError):
+    """The authorization server could not be reached or failed (5xx, timeout)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+# -- PKCE and the authorization request ---------------------------------------
+
+
+def pkce_pair() -> tuple[str, str]:
+    """A PKCE code verifier (86 URL-safe characters) and its S256 challenge."""
+    verifier = secrets.token_urlsafe(64)
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def authorization_url(
+    auth_server: AuthServer,
+    client_id: str,
+    redirect_uri: str,
+    state: str,
+    code_challenge: str,
+    scopes: Sequence[str],
+    resource: str | None,
+    extra_params: Mapping[str, str] | None = None,
+) -> str:
+    """The URL to send the browser to. A query already in the authorization
+    endpoint is kept (RFC 6749 §3.1); `extra_params` (configured per server,
+    e.g. `prompt`) may not name a protocol parameter: ValueError."""
+    extra = dict(extra_params or {})
+    clash = sorted(k for k in extra if k.lower() in PROTOCOL_PARAMS)
+    if clash:
+        raise ValueError(f"authorization parameter(s) {', '.join(clash)} are set by the protocol")
+    params = [
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect_uri),
+        ("state", state),
+        ("code_challenge", code_challenge),
+        ("code_challenge_method", "S256"),
+    ]
+    if scopes:
+        params.append(("scope", " ".join(scopes)))
+    if resource:
+        params.append(("resource", resource))
+    params.extend(extra.items())
+    parts = urlsplit(auth_server.authorization_endpoint)
+    existing = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in dict(params)]
+    query = urlencode(existing + params, quote_via=quote)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, query, ""))
+
+
+def check_callback_issuer(auth_server: AuthServer, iss: str | None) -> None:
+    """RFC 9207: the `iss` of an authorization response must be the issuer;
+    it must be present when the server says it sends it. OAuthError if not."""
+    if iss is None:
+        if auth_server.authorization_response_iss_parameter_supported:
+            raise OAuthError(
+                "invalid_response",
+                f"the authorization response has no iss, which {auth_server.issuer} promises to send",
+            )
+        return
+    if iss != auth_server.issuer:
+        raise OAuthError(
+            "invalid_response",
+            f"the authorization response comes from issuer {iss[:200]!r}, not {auth_server.issuer!r}",
+        )
+
+
+# -- client registration ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientRegistration:
+    """The client the proxy is at one authorization server."""
+
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    auth_method: str
+    issuer: str
+    redirect_uri: str
+    source: RegistrationSource
+    raw: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+
+
+def choose_auth_method(auth_server: AuthServer, has_secret: bool) -> AuthMethod:
+    """How a client authenticates at the token endpoint. Without a secret:
+    `none`. With one: `client_secret_basic`, else `client_secret_post`, among
+    what the server lists (client_secret_basic when it lists nothing,
+    RFC 8414 §2). OAuthError `unsupported_auth_method` when neither is listed."""
+    if not has_secret:
+        return "none"
+    supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
+    for method in ("client_secret_basic", "client_secret_post"):
+        if method in supported:
+            return method
+    raise OAuthError(
+        "unsupported_auth_method",
+        f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
+        "the proxy supports client_secret_basic, client_secret_post and none",
+    )
+
+
+def static_registration(
+    auth_server: AuthServer, client_id: str, client_secret: str | None, redirect_uri: str
+) -> ClientRegistration:
+    """A client configured by the operator."""
+    return ClientRegistration(
+        client_id=client_id,
+        client_secret=client_secret or None,
+        auth_method=choose_auth_method(auth_server, bool(client_secret)),
+        issuer=auth_server.issuer,
+        redirect_uri=redirect_uri,
+        source="static",
+    )
+
+
+def _registration_method(auth_server: AuthServer) -> AuthMethod:
+    """What to ask for in dynamic registration: a confidential method the
+    server supports, else none."""
+    supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
+    for method in ("client_secret_basic", "client_secret_post", "none"):
+        if method in supported:
+            return method
+    raise OAuthError(
+        "unsupported_auth_method",
+        f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
+        "the proxy supports client_secret_basic, client_secret_post and none",
+    )
+
+
+async def register_client(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    redirect_uri: str,
+    client_name: str,
+    scopes: Sequence[str] = (),
+) -> ClientRegistration:
+    """RFC 7591 dynamic client registration."""
+    if not auth_server.registration_endpoint:
+        raise OAuthError(
+            "registration_not_supported",
+            f"{auth_server.issuer} offers no dynamic client registration; "
+            "configure a client_id (and secret) for this server",
+        )
+    method = _registration_method(auth_server)
+    body: dict[str, Any] = {
+        "redirect_uris": [redirect_uri],
+        "client_name": client_name,
+        "grant_types": list(GRANT_TYPES),
+        "response_types": ["code"],
+        "token_endpoint_auth_method": method,
+    }
+    if scopes:
+        body["scope"] = " ".join(scopes)
+    status, answer = await _call(
+        fetcher.post_json(auth_server.registration_endpoint, body), "client registration", ()
+    )
+    if status not in (200, 201):
+        raise _error(status, answer, "client registration", ())
+    if answer is None:
+        raise OAuthError("invalid_response", "the registration answer is not a JSON object", status)
+    client_id = answer.get("client_id")
+    if not isinstance(client_id, str) or not client_id:
+        raise OAuthError("invalid_response", "the registration answer has no client_id", status)
+    secret = answer.get("client_secret")
+    secret = secret if isinstance(secret, str) and secret else None
+    granted = answer.get("token_endpoint_auth_method")
+    granted = granted if isinstance(granted, str) else method
+    if secret is None:
+        granted = "none"
+    elif granted not in ("client_secret_basic", "client_secret_post"):
+        raise OAuthError(
+            "unsupported_auth_method",
+            f"{auth_server.issuer} registered the client for {granted[:64]!r} client authentication",
+            status,
+        )
+    return ClientRegistration(
+        client_id=client_id,
+        client_secret=secret,
+        auth_method=granted,
+        issuer=auth_server.issuer,
+        redirect_uri=redirect_uri,
+        source="dcr",
+        raw=answer,
+    )
+
+
+def _check_client_id_url(client_id_url: str) -> None:
+    parts = urlsplit(client_id_url)
+    if parts.scheme != "https" or not parts.hostname or parts.path in ("", "/"):
+        raise ValueError(
+            f"a Client ID Metadata Document URL must be https with a path (got {client_id_url!r}); "
+            "set public_url to the proxy's https address"
+        )
+    if parts.fragment or parts.username is not None or parts.password is not None:
+        raise ValueError(f"{client_id_url!r} may have no fragment and no credentials")
+
+
+def client_metadata_document(client_id_url: str, redirect_uri: str, client_name: str) -> dict[str, Any]:
+    """The Client ID Metadata Document the proxy serves at `client_id_url`."""
+    _check_client_id_url(client_id_url)
+    return {
+        "client_id": client_id_url,
+        "client_name": client_name,
+        "redirect_uris": [redirect_uri],
+        "grant_types": list(GRANT_TYPES),
+        "response_types": ["code"],
+        "token_endpoint_auth_method": "none",
+    }
+
+
+def cimd_registration(client_id_url: str, auth_server: AuthServer, redirect_uri: str) -> ClientRegistration:
+    """The client an authorization server knows by the proxy's metadata
+    document URL. ValueError unless the server supports such documents."""
+    if not auth_server.client_id_metadata_document_supported:
+        raise ValueError(f"{auth_server.issuer} does not support Client ID Metadata Documents")
+    _check_client_id_url(client_id_url)
+    return ClientRegistration(
+        client_id=client_id_url,
+        client_secret=None,
+        auth_method="none",
+        issuer=auth_server.issuer,
+        redirect_uri=redirect_uri,
+        source="cimd",
+    )
+
+
+# -- the token endpoint --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    access_token: str = field(repr=False)
+    token_type: str
+    expires_in: int | None
+    # None when the server did not send one (a refresh then keeps the old one).
+    refresh_token: str | None = field(repr=False)
+    # None when the server did not say (the requested scopes were granted).
+    scope: tuple[str, ...] | None
+    raw: Mapping[str, Any] = field(hash=False, compare=False, repr=False)
+
+
+async def exchange_code(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    code: str,
+    redirect_uri: str,
+    code_verifier: str,
+    resource: str | None,
+) -> TokenResponse:
+    """Redeem an authorization code (RFC 6749 §4.1.3, PKCE)."""
+    data = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": redirect_uri,
+        "code_verifier": code_verifier,
+    }
+    if resource:
+        data["resource"] = resource
+    return await _token_request(fetcher, auth_server, client, data, secrets_in=(code, code_verifier))
+
+
+async def refresh(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    refresh_token: str,
+    resource: str | None,
+    scopes: Sequence[str] | None = None,
+) -> TokenResponse:
+    """Use a refresh token (RFC 6749 §6). The answer's refresh_token is None
+    when the server kept the old one."""
+    data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+    if resource:
+        data["resource"] = resource
+    if scopes:
+        data["scope"] = " ".join(scopes)
+    return await _token_request(fetcher, auth_server, client, data, secrets_in=(refresh_token,))
+
+
+async def revoke(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    token: str,
+    token_type_hint: str | None = None,
+) -> bool:
+    """RFC 7009 revocation. False when the server has no revocation endpoint."""
+    if not auth_server.revocation_endpoint:
+        return False
+    data = {"token": token}
+    if token_type_hint:
+        data["token_type_hint"] = token_type_hint
+    form, headers = _authenticate(client, data)
+    status, answer = await _call(
+        fetcher.post_form(auth_server.revocation_endpoint, form, headers=headers),
+        "token revocation",
+        (token,),
+    )
+    if not 200 <= status < 300:
+        raise _error(status, answer, "token revocation", (token,), client)
+    return True
+
+
+async def _token_request(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    data: dict[str, str],
+    *,
+    secrets_in: Iterable[str],
+) -> TokenResponse:
+    what = f"token request ({data['grant_type']})"
+    hidden = tuple(secrets_in)
+    form, headers = _authenticate(client, data)
+    status, answer = await _call(
+        fetcher.post_form(auth_server.token_endpoint, form, headers=headers), what, hidden
+    )
+    if not 200 <= status < 300:
+        raise _error(status, answer, what, hidden, client)
+    if answer is None:
+        raise OAuthError("invalid_response", f"the answer to the {what} is not a JSON object", status)
+    return parse_token_response(answer, status)
+
+
+def parse_token_response(answer: Mapping[str, Any], status: int = 200) -> TokenResponse:
+    """Validate a successful token response (RFC 6749 §5.1)."""
+    access_token = answer.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise OAuthError("invalid_response", "the token response has no access_token", status)
+    token_type = answer.get("token_type")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        shown = token_type[:32] if isinstance(token_type, str) else token_type
+        raise OAuthError(
+            "invalid_response", f"the token response's token_type is {shown!r}, not Bearer", status
+        )
+    expires_in = answer.get("expires_in")
+    if isinstance(expires_in, str) and expires_in.strip().isdigit():
+        expires_in = int(expires_in)
+    elif isinstance(expires_in, float) and expires_in == expires_in and abs(expires_in) < 1e12:
+        expires_in = int(expires_in)
+    if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in < 0:
+        expires_in = None
+    refresh_token = answer.get("refresh_token")
+    scope = answer.get("scope")
+    return TokenResponse(
+        access_token=access_token,
+        token_type="Bearer",
+        expires_in=expires_in,
+        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+        scope=tuple(scope.split()) if isinstance(scope, str) else None,
+        raw=dict(answer),
+    )
+
+
+def _authenticate(
+    client: ClientRegistration, data: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The form and headers that authenticate the client by its auth method."""
+    form = dict(data)
+    method = client.auth_method
+    if method == "client_secret_basic" and client.client_secret:
+        # RFC 6749 §2.3.1: both are form-urlencoded before Basic encoding.
+        basic = aiohttp.encode_basic_auth(
+            quote(client.client_id, safe=""), quote(client.client_secret, safe="")
+        )
+        return form, {"Authorization": basic}
+    form["client_id"] = client.client_id
+    if method == "client_secret_post" and client.client_secret:
+        form["client_secret"] = client.client_secret
+    return form, {}
+
+
+async def _call(request: Any, what: str, hidden: Iterable[str]) -> tuple[int, dict[str, Any] | None]:
+    """Await a fetcher POST, mapping its failures onto this module's errors."""
+    try:
+        result: tuple[int, dict[str, Any] | None] = await request
+        return result
+    except UnsafeURL as exc:
+        raise OAuthError("unsafe_url", f"{what}: {_scrub(str(exc), hidden)}") from None
+    except FetchError as exc:
+        message = f"{what}: {_scrub(exc.message, hidden)}"
+        if exc.transient:
+            raise AuthServerUnavailable(message) from None
+        raise OAuthError("invalid_response", message, exc.status) from None
+
+
+def _error(
+    status: int,
+    answer: Mapping[str, Any] | None,
+    what: str,
+    hidden: Iterable[str],
+    client: ClientRegistration | None = None,
+) -> OAuthError:
+    """The OAuthError for a non-success answer (RFC 6749 §5.2)."""
+    hidden = (*hidden, *((client.client_secret,) if client and client.client_secret else ()))
+    error = answer.get("error") if answer else None
+    if isinstance(error, str) and _ERROR_CODE.fullmatch(error):
+        description = answer.get("error_description") if answer else None
+        text = _scrub(description, hidden)[:300] if isinstance(description, str) else None
+        return OAuthError(error, text, status)
+    return OAuthError("invalid_response", f"the {what} failed with HTTP {status} and no OAuth error", status)
+
+
+def _scrub(text: str, hidden: Iterable[str]) -> str:
+    """Mask secrets a server might echo back, and control characters."""
+    for value in hidden:
+        if value and len(value) >= 4:
+            text = text.replace(value, "[redacted]")
+    return "".join(c if c.isprintable() else " " for c in text)
