@@ -38,7 +38,8 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install system-deps
+bench: install
+	@tests/system-deps.sh bench
 	$(PY) tests/bench/run.py
 
 clean:

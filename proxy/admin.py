@@ -34,14 +34,16 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not admin_token:
-                return error(404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on")
+                return error(
+                    404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on"
+                )
             refused = check_token(request, admin_token)
             if refused is not None:
                 return refused
             try:
                 return await handler(request, management())
             except (ConfigError, RegistryError, RouteError, BadRequest) as exc:
-                return error(400, "invalid_request", str(getattr(exc, "message", None) and exc) or str(exc))
+                return error(400, "invalid_request", str(exc))
             except NotFound as exc:
                 return error(404, "not_found", str(exc))
             except Conflict as exc:
@@ -72,6 +74,9 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
         Route("/admin/servers/{server}/connections", guarded(list_connections), methods=["GET"]),
         Route("/admin/servers/{server}/connections/{user}", guarded(delete_connection), methods=["DELETE"]),
         Route("/admin/servers/{server}/reset", guarded(reset), methods=["POST"]),
+        Route("/admin/tokens", guarded(list_tokens), methods=["GET"]),
+        Route("/admin/tokens", guarded(create_token), methods=["POST"]),
+        Route("/admin/tokens/{token}", guarded(revoke_token), methods=["DELETE"]),
         Route("/admin/{rest:path}", guarded(unknown), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
 
@@ -83,7 +88,9 @@ def check_token(request: Request, expected: str) -> Response | None:
         return error(401, "unauthorized", "send the admin token as `Authorization: Bearer <token>`",
                      headers={"WWW-Authenticate": 'Bearer realm="keybearer-admin"'})  # fmt: skip
     if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
-        log.warning("admin request with a wrong token", client=request.client.host if request.client else None)
+        log.warning(
+            "admin request with a wrong token", client=request.client.host if request.client else None
+        )
         return error(403, "forbidden", "the admin token is wrong")
     return None
 
@@ -141,7 +148,10 @@ async def create_server(request: Request, m: Management) -> Response:
 
 async def update_server(request: Request, m: Management) -> Response:
     data = await body(request)
-    if isinstance(data, dict) and data.get("id", request.path_params["server"]) != request.path_params["server"]:
+    if (
+        isinstance(data, dict)
+        and data.get("id", request.path_params["server"]) != request.path_params["server"]
+    ):
         raise BadRequest("the id in the body differs from the one in the path; ids cannot be changed")
     if isinstance(data, dict):
         data.pop("id", None)
@@ -202,8 +212,35 @@ async def delete_connection(request: Request, m: Management) -> Response:
 
 
 async def reset(request: Request, m: Management) -> Response:
-    return JSONResponse({"server": request.path_params["server"], "deleted": await m.reset(path_param(request, "server"))})
+    return JSONResponse(
+        {"server": request.path_params["server"], "deleted": await m.reset(path_param(request, "server"))}
+    )
+
+
+async def list_tokens(request: Request, m: Management) -> Response:
+    return JSONResponse({"tokens": m.list_tokens()})
+
+
+async def create_token(request: Request, m: Management) -> Response:
+    data = await body(request)
+    if not isinstance(data, dict) or not set(data) <= {"users", "label"} or "users" not in data:
+        raise BadRequest('send {"users": ["<user id>", …], "label": "<what it is for>"}')
+    value, info = await m.create_token(data["users"], data.get("label", ""))
+    # The only time the token is ever shown.
+    return JSONResponse({"token": value, **info}, status_code=201, headers={"Cache-Control": "no-store"})
+
+
+async def revoke_token(request: Request, m: Management) -> Response:
+    token_id = str(request.path_params["token"])
+    if not token_id.isalnum() or len(token_id) > 32:
+        raise BadRequest("not a token id")
+    await m.revoke_token(token_id)
+    return Response(status_code=204)
 
 
 async def unknown(request: Request, m: Management) -> Response:
-    return error(404, "not_found", f"no admin endpoint {request.method} {request.url.path}; see README's admin API section")
+    return error(
+        404,
+        "not_found",
+        f"no admin endpoint {request.method} {request.url.path}; see README's admin API section",
+    )

@@ -7,8 +7,12 @@ straight to the forwarder, without a router in between.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import structlog
 from starlette.applications import Starlette
@@ -18,14 +22,14 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, routing
+from proxy import admin, logs, metrics, routing
 from proxy.crypto import Keyring
 from proxy.forwarding import Forwarder
 from proxy.management import Management
 from proxy.oauth import flow
 from proxy.oauth.connector import Connector
 from proxy.registry import Registry
-from proxy.settings import Settings
+from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import StoreUnavailable, open_store, open_token_store
 
 log = structlog.get_logger("keybearer")
@@ -46,6 +50,7 @@ class Keybearer:
                 Route("/", self.index),
                 Route("/ping", self.ping),
                 Route("/ready", self.ready),
+                *([] if settings.metrics_listen else [Route("/metrics", self.metrics)]),
                 *admin.routes(settings.admin_token, lambda: self.management),
                 *flow.routes(self.connector),
             ],
@@ -78,8 +83,31 @@ class Keybearer:
             stack.push_async_callback(self.connector.close)
             await self.forwarder.start()
             stack.push_async_callback(self.forwarder.stop)
+            stack.callback(self._drain_on_signals())
             log.info("started", listen=self.settings.listen, servers=sorted(self.registry.servers))
             yield
+
+    def _drain_on_signals(self) -> Callable[[], None]:
+        """End open event streams as soon as SIGTERM arrives. uvicorn stops
+        accepting and waits for open requests; an event stream never ends by
+        itself, so without this every shutdown would wait the full timeout."""
+        loop = asyncio.get_running_loop()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handler(sig: int, frame: Any) -> None:
+            loop.call_soon_threadsafe(self.forwarder.drain)
+            chained = previous[signal.Signals(sig)]
+            if callable(chained):
+                chained(sig, frame)
+
+        for sig in previous:
+            signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
 
     async def index(self, _: Request) -> Response:
         return PlainTextResponse("Keybearer: point MCP clients at /<user>/<server>.\n")
@@ -98,6 +126,10 @@ class Keybearer:
             return JSONResponse({"ready": False, **problems}, status_code=503)
         return JSONResponse({"ready": True})
 
+    async def metrics(self, _: Request) -> Response:
+        content, media_type = metrics.render()
+        return Response(content, media_type=media_type)
+
     async def http_error(self, _: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         message = "no such page on this proxy" if exc.status_code == 404 else exc.detail
@@ -106,6 +138,31 @@ class Keybearer:
 
 
 _OWN = routing.RESERVED | {""}
+
+
+def check_exposure(settings: Settings) -> None:
+    """Refuse to serve every user's credentials to the network without inbound auth."""
+    if settings.listens_on_loopback or settings.inbound_auth != "none":
+        return
+    if not settings.allow_unauthenticated_listen:
+        raise ConfigError(
+            "listen",
+            f"{settings.listen} is reachable beyond this machine and inbound_auth is none, so anyone who "
+            "can connect could act as any user. Set inbound_auth (tokens or jwt), listen on 127.0.0.1, "
+            "or, if a network policy or an authenticating proxy in front protects it, set "
+            "KEYBEARER_ALLOW_UNAUTHENTICATED_LISTEN=true",
+        )
+    log.warning(
+        "LISTENING WITHOUT INBOUND AUTHENTICATION beyond loopback: any caller that can reach "
+        f"{settings.listen} can act as any user; make sure something in front restricts it",
+        listen=settings.listen,
+    )
+
+
+def from_environment() -> Keybearer:
+    """The app factory each worker process calls (workers > 1)."""
+    logs.configure(os.environ.get("KEYBEARER_LOG_LEVEL", "info"))
+    return Keybearer(load_settings())
 
 
 def _first_segment(path: str) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -91,13 +93,19 @@ def _parser() -> argparse.ArgumentParser:
         help="another server key, e.g. api_key_header=X-API-Key",
     )
     p.set_defaults(run=_store_command(servers_add))
-    p = srv_sub.add_parser("remove", parents=[common], help="delete a stored server, its secrets and every user's tokens")
+    p = srv_sub.add_parser(
+        "remove", parents=[common], help="delete a stored server, its secrets and every user's tokens"
+    )
     p.add_argument("server")
     p.set_defaults(run=_store_command(servers_remove))
 
-    oauth = sub.add_parser("oauth-client", help="a server's static OAuth client (for providers without registration)")
+    oauth = sub.add_parser(
+        "oauth-client", help="a server's static OAuth client (for providers without registration)"
+    )
     oauth_sub = oauth.add_subparsers(required=True, metavar="ACTION")
-    p = oauth_sub.add_parser("set", parents=[common], help="store a client id; the secret is read from standard input")
+    p = oauth_sub.add_parser(
+        "set", parents=[common], help="store a client id; the secret is read from standard input"
+    )
     p.add_argument("server")
     p.add_argument("--client-id", required=True)
     p.add_argument("--auth-method", choices=["client_secret_basic", "client_secret_post", "none"])
@@ -119,13 +127,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("user")
     p.set_defaults(run=_store_command(connections_delete))
 
-    p = sub.add_parser("reset", parents=[common], help="wipe a server's OAuth state: tokens, registrations, caches")
+    p = sub.add_parser(
+        "reset", parents=[common], help="wipe a server's OAuth state: tokens, registrations, caches"
+    )
     p.add_argument("server")
     p.set_defaults(run=_store_command(reset_command))
 
+    toks = sub.add_parser("tokens", help="caller tokens for inbound_auth: tokens")
+    toks_sub = toks.add_subparsers(required=True, metavar="ACTION")
+    p = toks_sub.add_parser(
+        "create", parents=[common], help="a new token, printed once, for the given user ids"
+    )
+    p.add_argument(
+        "--user", action="append", required=True, dest="users", help="a user id it may act for (repeat)"
+    )
+    p.add_argument("--label", default="", help="what or who it is for")
+    p.set_defaults(run=_store_command(tokens_create))
+    p = toks_sub.add_parser("list", parents=[common], help="token ids, users and labels (never the tokens)")
+    p.set_defaults(run=_store_command(tokens_list))
+    p = toks_sub.add_parser("revoke", parents=[common], help="delete a token")
+    p.add_argument("token_id")
+    p.set_defaults(run=_store_command(tokens_revoke))
+
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
-    p = keys_sub.add_parser("rotate", parents=[common], help="re-encrypt every stored secret and token with the current salt")
+    p = keys_sub.add_parser(
+        "rotate", parents=[common], help="re-encrypt every stored secret and token with the current salt"
+    )
     p.set_defaults(run=_store_command(keys_rotate))
     return parser
 
@@ -138,14 +166,25 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
 def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from proxy.app import Keybearer
+    from proxy.app import Keybearer, check_exposure
 
     logs.configure(settings.log_level)
-    app = Keybearer(settings)
+    check_exposure(settings)
+    app = Keybearer(settings)  # fails here, before listening, on a bad salt or store URL
+    if settings.workers > 1:
+        # Each worker builds its own app from the same configuration.
+        os.environ.update(_flag_env(args))
+        if settings.config_file:
+            os.environ["KEYBEARER_CONFIG"] = settings.config_file
+        metrics_dir = tempfile.mkdtemp(prefix="keybearer-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    _serve_metrics(settings)
     uvicorn.run(
-        app,
+        "proxy.app:from_environment" if settings.workers > 1 else app,
+        factory=settings.workers > 1,
         host=settings.listen_host,
         port=settings.listen_port,
+        workers=settings.workers,
         loop="uvloop",
         http="httptools",
         lifespan="on",
@@ -153,9 +192,27 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         server_header=False,
         date_header=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout),
     )
     return 0
+
+
+def _flag_env(args: argparse.Namespace) -> dict[str, str]:
+    return {f"KEYBEARER_{k.upper()}": str(v) for k, v in _flags(args).items() if k != "config"}
+
+
+def _serve_metrics(settings: Settings) -> None:
+    if not settings.metrics_listen:
+        return
+    import prometheus_client
+    from prometheus_client import multiprocess
+
+    registry = prometheus_client.REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    host, _, port = settings.metrics_listen.rpartition(":")
+    prometheus_client.start_http_server(int(port), addr=host.strip("[]"), registry=registry)
 
 
 def check_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -273,7 +330,11 @@ async def oauth_client_set(args: argparse.Namespace, m: Management) -> int:
 
 async def oauth_client_show(args: argparse.Namespace, m: Management) -> int:
     info = await m.oauth_client(args.server)
-    text = f"{args.server}: client {info['client_id']} ({info['auth_method']})" if info["set"] else f"{args.server}: none"
+    text = (
+        f"{args.server}: client {info['client_id']} ({info['auth_method']})"
+        if info["set"]
+        else f"{args.server}: none"
+    )
     _print(args, info, text)
     return 0
 
@@ -287,7 +348,9 @@ async def oauth_client_clear(args: argparse.Namespace, m: Management) -> int:
 
 async def connections_list(args: argparse.Namespace, m: Management) -> int:
     rows = await m.connections(args.server)
-    text = "\n".join(f"{r['user']:<32} {r['state']:<15} {_when(r['expires_at'])} {r['last_error'] or ''}" for r in rows)
+    text = "\n".join(
+        f"{r['user']:<32} {r['state']:<15} {_when(r['expires_at'])} {r['last_error'] or ''}" for r in rows
+    )
     _print(args, rows, text or f"no connections to {args.server}")
     return 0
 
@@ -304,6 +367,26 @@ async def reset_command(args: argparse.Namespace, m: Management) -> int:
     _print(args, {"server": args.server, "deleted": deleted},
            f"{args.server}: deleted {deleted['connections']} connection(s), {deleted['registrations']} registration(s), "
            f"{deleted['cache_entries']} cache entrie(s)")  # fmt: skip
+    return 0
+
+
+async def tokens_create(args: argparse.Namespace, m: Management) -> int:
+    value, info = await m.create_token(args.users, args.label)
+    _print(args, {"token": value, **info}, f"{value}\n(shown once: store it now; id {info['id']})")
+    return 0
+
+
+async def tokens_list(args: argparse.Namespace, m: Management) -> int:
+    rows = m.list_tokens()
+    _print(
+        args, rows, "\n".join(f"{r['id']}  {','.join(r['users'])}  {r['label']}" for r in rows) or "no tokens"
+    )
+    return 0
+
+
+async def tokens_revoke(args: argparse.Namespace, m: Management) -> int:
+    await m.revoke_token(args.token_id)
+    _print(args, {"ok": True}, f"token {args.token_id} revoked")
     return 0
 
 

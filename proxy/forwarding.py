@@ -26,7 +26,8 @@ import structlog
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from proxy import credentials, legacy_sse, links, responses, routing
+from proxy import credentials, inbound, legacy_sse, links, metrics, responses, routing
+from proxy.inbound import InboundAuth
 from proxy.oauth.connector import Connector
 from proxy.oauth.discovery import parse_www_authenticate
 from proxy.oauth.lifecycle import NeedsConsent, TemporarilyUnavailable
@@ -85,7 +86,10 @@ class Forwarder:
         self.registry = registry
         self.keyring = registry.keyring
         self.oauth = oauth
+        self.inbound = InboundAuth(settings, registry)
         self.session: aiohttp.ClientSession | None = None
+        self.draining = False
+        self._streams: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
@@ -107,6 +111,8 @@ class Forwarder:
         try:
             await self._handle(ex, receive, send)
         finally:
+            label = ex.server if ex.server in self.registry.servers else "-"
+            metrics.REQUESTS.labels(label, str(ex.status)).inc()
             log.info(
                 "request",
                 request_id=ex.request_id,
@@ -133,6 +139,7 @@ class Forwarder:
         try:
             route = routing.parse(scope.get("raw_path") or scope["path"].encode())
             ex.user, ex.server = route.user, route.server_id
+            await self.inbound.check(scope["headers"], route.user)
             server = self.registry.get(route.server_id)
             if server is None:
                 raise routing.RouteError(
@@ -144,8 +151,10 @@ class Forwarder:
                 scope["query_string"],
                 self.registry.announced.get(server.id, frozenset()),
             )
-            credential = None if server.auth == "oauth" else credentials.resolve(server, route.user, self.registry)
-        except (routing.RouteError, credentials.CredentialUnavailable) as exc:
+            credential = (
+                None if server.auth == "oauth" else credentials.resolve(server, route.user, self.registry)
+            )
+        except (routing.RouteError, credentials.CredentialUnavailable, inbound.Refused) as exc:
             return await self._fail(ex, send, exc.status, exc.code, exc.message)
         if server.auth == "oauth":
             try:
@@ -175,16 +184,25 @@ class Forwarder:
         try:
             async with watch:
                 for attempt in (1, 2):
+                    started = time.perf_counter()
                     async with asyncio.timeout(self.settings.upstream_timeout):
                         upstream = await self.session.request(
                             ex.scope["method"], URL(url, encoded=True), headers=headers, data=body,
                             allow_redirects=False, compress=None, chunked=None,
                         )  # fmt: skip
+                    metrics.UPSTREAM_LATENCY.labels(server.id).observe(time.perf_counter() - started)
                     if server.auth == "oauth" and upstream.status in (401, 403):
                         upstream.close()  # its body is not relayed either way below
                         used = next((v for k, v in headers if k == "authorization"), "")
                         replay = await self._oauth_rejected(
-                            ex, send, server, route.user, upstream, attempt, body, used.removeprefix("Bearer ")
+                            ex,
+                            send,
+                            server,
+                            route.user,
+                            upstream,
+                            attempt,
+                            body,
+                            used.removeprefix("Bearer "),
                         )
                         if replay is None:
                             return
@@ -255,19 +273,47 @@ class Forwarder:
                 server, url, f"/{route.user}/{route.server_id}", _proxy_origin(ex.scope),
                 lambda path: self.registry.note_announced(server.id, path),
             )  # fmt: skip
-        content = upstream.content
+        if is_stream:
+            await self._relay_stream(ex, server, upstream, send, rewriter)
+        else:
+            await self._relay_body(ex, server, upstream, send)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _relay_body(
+        self, ex: Exchange, server: ServerConfig, upstream: aiohttp.ClientResponse, send: Send
+    ) -> None:
         try:
             while True:
-                if is_stream:
-                    chunk = await content.readany()
-                else:
-                    async with asyncio.timeout(self.settings.upstream_timeout):
-                        chunk = await content.readany()
+                async with asyncio.timeout(self.settings.upstream_timeout):
+                    chunk = await upstream.content.readany()
                 if not chunk:
-                    break
+                    return
+                ex.bytes_out += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: all that is left is to end the body.
+            ex.outcome = "upstream_broke_off"
+            log.warning("upstream broke off", server=server.id, reason=_describe(exc))
+
+    async def _relay_stream(
+        self,
+        ex: Exchange,
+        server: ServerConfig,
+        upstream: aiohttp.ClientResponse,
+        send: Send,
+        rewriter: legacy_sse.EndpointRewriter | None,
+    ) -> None:
+        """Chunk by chunk, no read timeout: an idle stream is a normal stream."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        gauge = metrics.OPEN_STREAMS.labels(server.id)
+        gauge.inc()
+        try:
+            while chunk := await upstream.content.readany():
                 if rewriter is not None:
                     chunk = rewriter.feed(chunk)
-                    if rewriter.done and not chunk:
+                    if not chunk:
                         continue
                 ex.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -275,10 +321,23 @@ class Forwarder:
             ex.outcome = "foreign_endpoint_refused"
             log.warning("legacy endpoint refused", server=server.id, reason=str(exc))
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone already: all that is left is to end the body.
             ex.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not self.draining or task.cancelling() > 1:
+                raise
+            # Shutting down: end the stream cleanly so the client reconnects elsewhere.
+            task.uncancel()
+            ex.outcome = "closed_for_shutdown"
+        finally:
+            gauge.dec()
+            self._streams.discard(task)
+
+    def drain(self) -> None:
+        """Called on SIGTERM: end every open event stream now."""
+        self.draining = True
+        for task in list(self._streams):
+            task.cancel()
 
     async def _fail(
         self,
@@ -291,7 +350,9 @@ class Forwarder:
         **data: Any,
     ) -> None:
         ex.status, ex.outcome = status, code
-        ex.bytes_out = await responses.send_error(send, status, code, message, body=ex.body, headers=headers, **data)
+        ex.bytes_out = await responses.send_error(
+            send, status, code, message, body=ex.body, headers=headers, **data
+        )
 
     # -- OAuth servers ----------------------------------------------------------------
 
@@ -359,6 +420,7 @@ class Forwarder:
         )
         message = f"{server.id} needs you to connect your account ({reason}). Open this link in your browser, then retry: {url}"
         ex.status, ex.outcome = 200, "consent_required"
+        metrics.CONSENT_REQUIRED.labels(server.id).inc()
         content = responses.elicitation_required(ex.body, server.id, url, message)
         if content is None:
             # Not a JSON-RPC request (a GET stream, a DELETE): no id to answer. 403, never
@@ -368,7 +430,9 @@ class Forwarder:
         await responses.send_json(send, ex.status, content)
         ex.bytes_out = len(content)
 
-    async def _unavailable(self, ex: Exchange, send: Send, server: ServerConfig, exc: TemporarilyUnavailable) -> None:
+    async def _unavailable(
+        self, ex: Exchange, send: Send, server: ServerConfig, exc: TemporarilyUnavailable
+    ) -> None:
         await self._fail(ex, send, 503, "temporarily_unavailable", exc.message,
                          headers=[(b"retry-after", str(exc.retry_after).encode())], server=server.id)  # fmt: skip
 

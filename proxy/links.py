@@ -29,7 +29,9 @@ def connections_path(user: str) -> str:
     return f"/connections/{quote(user, safe='@')}"
 
 
-def connect_url(public_url: str, keyring: Keyring, user: str, server: str, ttl: float, scopes: tuple[str, ...] = ()) -> str:
+def connect_url(
+    public_url: str, keyring: Keyring, user: str, server: str, ttl: float, scopes: tuple[str, ...] = ()
+) -> str:
     expires = int(time.time() + ttl)
     scope = " ".join(scopes)
     query = {"expires": str(expires), **({"scope": scope} if scope else {})}
@@ -51,5 +53,7 @@ def verify(keyring: Keyring, kind: str, user: str, server: str, params: dict[str
     if not keyring.verify("link", _message(kind, user, server, int(expires_raw), scope), sig):
         raise LinkError("This link is not valid: it was changed or was not made by this proxy.")
     if int(expires_raw) < time.time():
-        raise LinkError("This link has expired. Go back to your agent and retry; it will give you a fresh link.")
+        raise LinkError(
+            "This link has expired. Go back to your agent and retry; it will give you a fresh link."
+        )
     return tuple(scope.split())

@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from proxy import inbound
 from proxy.crypto import DecryptError
 from proxy.registry import Registry, RegistryError
 from proxy.settings import ConfigError, ServerConfig, parse_server
@@ -36,7 +37,11 @@ class Management:
     # -- servers -----------------------------------------------------------------
 
     def describe(self, server: ServerConfig) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": server.id, "source": server.source, "read_only": server.source == "config"}
+        out: dict[str, Any] = {
+            "id": server.id,
+            "source": server.source,
+            "read_only": server.source == "config",
+        }
         out.update(server.to_dict())
         if server.auth == "api_key":
             out["api_key"] = asdict(self.registry.key_info(server))
@@ -154,7 +159,10 @@ class Management:
 
     async def connections(self, server_id: str) -> list[dict[str, Any]]:
         self.server(server_id)
-        return [connection_info(c) for c in sorted(await self.tokens.list_connections(server_id), key=lambda c: c.user)]
+        return [
+            connection_info(c)
+            for c in sorted(await self.tokens.list_connections(server_id), key=lambda c: c.user)
+        ]
 
     async def delete_connection(self, server_id: str, user: str) -> bool:
         self.server(server_id)
@@ -168,6 +176,30 @@ class Management:
         cached = await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
         await self._changed()
         return {"connections": connections, "registrations": registrations, "cache_entries": cached}
+
+    # -- inbound caller tokens -----------------------------------------------------------
+
+    async def create_token(self, users: Any, label: Any = "") -> tuple[str, dict[str, Any]]:
+        """A new caller token, shown this once; only its hash is kept."""
+        if not isinstance(users, list):
+            raise ConfigError("users", "must be a list of user ids")
+        try:
+            value, record = inbound.new_token(users, label if label is not None else "")
+        except ValueError as exc:
+            raise ConfigError("users", str(exc)) from None
+        await self.registry.set_secret(inbound.KIND, record.id, inbound.record_json(record))
+        self.registry.proxy_tokens = {**self.registry.proxy_tokens, record.id: record}
+        await self._changed()
+        return value, record.public()
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [t.public() for t in sorted(self.registry.proxy_tokens.values(), key=lambda t: t.created)]
+
+    async def revoke_token(self, token_id: str) -> None:
+        if not await self.registry.delete_secret(inbound.KIND, token_id):
+            raise NotFound(f"no caller token {token_id!r}")
+        self.registry.proxy_tokens = {k: v for k, v in self.registry.proxy_tokens.items() if k != token_id}
+        await self._changed()
 
     async def _changed(self) -> None:
         await self.tokens.publish(SERVERS_CHANGED)

@@ -44,9 +44,13 @@ def page(title: str, body: str, status: int = 200) -> HTMLResponse:
     return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
 
-def connect(user: str, server: str, upstream_host: str, action: str, csrf: str, scopes: Sequence[str]) -> HTMLResponse:
+def connect(
+    user: str, server: str, upstream_host: str, action: str, csrf: str, scopes: Sequence[str]
+) -> HTMLResponse:
     scope_line = (
-        f"<p>Permissions asked for: {', '.join(f'<code>{escape(s)}</code>' for s in scopes)}</p>" if scopes else ""
+        f"<p>Permissions asked for: {', '.join(f'<code>{escape(s)}</code>' for s in scopes)}</p>"
+        if scopes
+        else ""
     )
     return page(
         f"Connect {server}",
@@ -100,7 +104,9 @@ def connections(user: str, rows: Sequence[ConnectionRow], csrf: str) -> HTMLResp
     body_rows = []
     for row in rows:
         expires = (
-            datetime.fromtimestamp(row.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC") if row.expires_at else "—"
+            datetime.fromtimestamp(row.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            if row.expires_at
+            else "—"
         )
         actions = [
             f'<a href="{escape(row.connect_url)}">{"Reconnect" if row.state != "not connected" else "Connect"}</a>'

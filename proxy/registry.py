@@ -14,6 +14,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -48,6 +49,8 @@ class Registry:
         self.keyring = keyring
         self.servers: dict[str, ServerConfig] = dict(config_servers)
         self._stored_keys: dict[str, str] = {}
+        # Inbound caller tokens by id (proxy.inbound.ProxyToken), hashes only.
+        self.proxy_tokens: dict[str, Any] = {}
         self._file_keys: dict[str, tuple[float, str]] = {}
         # Legacy SSE message endpoints each server has announced.
         self.announced: dict[str, frozenset[str]] = {}
@@ -63,17 +66,25 @@ class Registry:
                 log.warning("stored server shadowed by config file", server=server.id)
                 continue
             servers[server.id] = server
+        from proxy.inbound import KIND as PROXY_TOKEN
+        from proxy.inbound import record_from_json
+
         keys: dict[str, str] = {}
+        tokens: dict[str, Any] = {}
         for kind, name, ciphertext in await self.store.list_secrets():
-            if kind != API_KEY:
+            if kind not in (API_KEY, PROXY_TOKEN):
                 continue
             try:
-                keys[name] = self.keyring.decrypt(API_KEY, ciphertext, f"{API_KEY}:{name}").decode()
+                plain = self.keyring.decrypt(kind, ciphertext, f"{kind}:{name}").decode()
             except DecryptError as exc:
-                log.error("stored API key cannot be decrypted", server=name, reason=str(exc))
+                log.error("stored secret cannot be decrypted", kind=kind, name=name, reason=str(exc))
                 continue
-            logs.register_secret(keys[name])
-        self.servers, self._stored_keys = servers, keys
+            if kind == API_KEY:
+                keys[name] = plain
+                logs.register_secret(plain)
+            else:
+                tokens[name] = record_from_json(plain)
+        self.servers, self._stored_keys, self.proxy_tokens = servers, keys, tokens
 
     async def start(self, poll_interval: float = 1.0, events: AsyncIterator[str] | None = None) -> None:
         """Load, then follow changes: `events` (pub/sub from other replicas) for
@@ -105,7 +116,8 @@ class Registry:
 
     async def _follow(self, events: AsyncIterator[str]) -> None:
         async for event in events:
-            if event != "servers":
+            # "resync": the event channel was down and events may have been lost.
+            if event not in ("servers", "resync"):
                 continue
             try:
                 await self.load()
@@ -207,7 +219,9 @@ class Registry:
 
     async def set_secret(self, kind: str, name: str, plaintext: str) -> None:
         logs.register_secret(plaintext)
-        await self.store.set_secret(kind, name, self.keyring.encrypt(kind, plaintext.encode(), f"{kind}:{name}"))
+        await self.store.set_secret(
+            kind, name, self.keyring.encrypt(kind, plaintext.encode(), f"{kind}:{name}")
+        )
 
     async def get_secret(self, kind: str, name: str) -> str | None:
         sealed = await self.store.get_secret(kind, name)

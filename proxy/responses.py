@@ -57,11 +57,20 @@ def elicitation_required(body: bytes | None, server: str, url: str, message: str
     is_rpc, request_id = jsonrpc_id(body)
     if not is_rpc or request_id is None:
         return None
-    elicitation = {"mode": "url", "elicitationId": f"connect-{server}-{secrets.token_hex(6)}", "url": url, "message": message}
+    elicitation = {
+        "mode": "url",
+        "elicitationId": f"connect-{server}-{secrets.token_hex(6)}",
+        "url": url,
+        "message": message,
+    }
     payload = {
         "jsonrpc": "2.0",
         "id": request_id,
-        "error": {"code": URL_ELICITATION_REQUIRED, "message": message, "data": {"elicitations": [elicitation]}},
+        "error": {
+            "code": URL_ELICITATION_REQUIRED,
+            "message": message,
+            "data": {"elicitations": [elicitation]},
+        },
     }
     return json.dumps(payload).encode()
 

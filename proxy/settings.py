@@ -228,8 +228,34 @@ class Settings:
     oauth_allow_http_loopback: bool = False
     # Private (RFC 1918 and the like) addresses, for authorization servers inside the cluster.
     oauth_allow_private_addresses: bool = False
+    # Serving.
+    workers: int = 1
+    # Seconds in-flight requests get to finish on SIGTERM; open event streams
+    # are ended at once so that their clients reconnect to another replica.
+    shutdown_timeout: float = 10.0
+    metrics_listen: str | None = None  # HOST:PORT for /metrics on its own port
+    # Inbound caller authentication, for shared deployments.
+    inbound_auth: str = "none"  # none | tokens | jwt
+    jwt_jwks_url: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_user_claim: str = "sub"
+    # Listening beyond loopback without inbound_auth lets anyone act as any user.
+    allow_unauthenticated_listen: bool = False
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     config_file: str | None = None
+
+    @property
+    def listens_on_loopback(self) -> bool:
+        import ipaddress
+
+        host = self.listen_host
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def listen_host(self) -> str:
@@ -265,6 +291,15 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "metadata_cache_ttl": ("float", False),
     "oauth_allow_http_loopback": ("bool", False),
     "oauth_allow_private_addresses": ("bool", False),
+    "workers": ("int", False),
+    "shutdown_timeout": ("float", False),
+    "metrics_listen": ("listen", False),
+    "inbound_auth": ("inbound", False),
+    "jwt_jwks_url": ("url", False),
+    "jwt_issuer": ("str", False),
+    "jwt_audience": ("str", False),
+    "jwt_user_claim": ("str", False),
+    "allow_unauthenticated_listen": ("bool", False),
 }
 FILE_ONLY_KEYS = {"servers"}
 ENV_PREFIX = "KEYBEARER_"
@@ -309,6 +344,10 @@ def load_settings(
     settings = Settings(**values)
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
+    if not 1 <= settings.workers <= 64:
+        raise ConfigError("workers", "must be between 1 and 64")
+    if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
+        raise ConfigError("jwt_jwks_url", "inbound_auth: jwt needs jwt_jwks_url and jwt_issuer")
     return settings
 
 
@@ -394,6 +433,9 @@ def _convert(kind: str, value: Any, key: str) -> Any:
                 key,
                 f"must start with one of /{', /'.join(sorted(RESERVED_FOR_PATHS))} so it cannot be a user id",
             )
+    elif kind == "inbound":
+        if value not in ("none", "tokens", "jwt"):
+            raise ConfigError(key, f"must be one of none, tokens, jwt (got {value!r})")
     elif kind == "header":
         if not HEADER_NAME_PATTERN.fullmatch(value):
             raise ConfigError(key, f"must be an HTTP header name (got {value!r})")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from services import POSTGRES_URL, REDIS_URL, unreachable
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, wait_for_port
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -77,4 +79,157 @@ async def redis_prefix(run_id: str) -> AsyncIterator[str]:
         await client.aclose()
 
 
-__all__ = ["REDIS_URL", "free_port", "os"]
+class RedisServer:
+    """A private `redis-server` on a free loopback port, for tests that kill it or need a topology."""
+
+    def __init__(self, workdir: Path, args: Sequence[str] = (), port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.args = list(args)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        log = (self.workdir / "redis.log").open("ab")
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+        )  # fmt: skip
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        return subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
+    """Start private redis-servers (`factory(args=[...])`); all are killed after the test."""
+    started: list[RedisServer] = []
+
+    def factory(args: Sequence[str] = (), name: str | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / (name or f"redis-{len(started)}"), args)
+        started.append(server)
+        return server.start()
+
+    yield factory
+    for server in started:
+        server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private master and one Sentinel watching it; a redis+sentinel:// URL for them."""
+    root = tmp_path_factory.mktemp("sentinel")
+    master = RedisServer(root / "master").start()
+    port = free_port()
+    conf = root / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {root}\n"
+        f"sentinel monitor kbmaster 127.0.0.1 {master.port} 1\n"
+        "sentinel down-after-milliseconds kbmaster 2000\n"
+    )
+    log = (root / "sentinel.log").open("ab")
+    sentinel = subprocess.Popen(
+        ["redis-server", str(conf), "--sentinel"], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_for_port(port, sentinel)
+        yield f"redis+sentinel://127.0.0.1:{port}/kbmaster/0"
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+        master.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private three-master Redis Cluster; a redis+cluster:// URL for it."""
+    root = tmp_path_factory.mktemp("cluster")
+    nodes = []
+    try:
+        for i in range(3):
+            # The bus port is set explicitly: port + 10000 may not exist.
+            args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                    "--cluster-node-timeout", "2000", "--cluster-port", str(free_port())]  # fmt: skip
+            nodes.append(RedisServer(root / f"node{i}", args).start())
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, check=True, timeout=30,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while not all("cluster_state:ok" in n.cli("cluster", "info") for n in nodes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the private Redis Cluster did not reach cluster_state:ok")
+            time.sleep(0.1)
+        yield "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private Redis speaking only TLS, with a self-signed certificate for 127.0.0.1."""
+    root = tmp_path_factory.mktemp("redis-tls")
+    cert, key = _self_signed_certificate(root)
+    port = free_port()
+    args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
+            "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]  # fmt: skip
+    server = RedisServer(root / "server", args, port=port).start()
+    try:
+        yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
+    finally:
+        server.kill()
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keybearer test redis")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "redis.crt", folder / "redis.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+__all__ = ["REDIS_URL", "RedisServer", "free_port", "os"]

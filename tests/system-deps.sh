@@ -1,8 +1,38 @@
 #!/usr/bin/env bash
 # Install the Debian packages the tests and benchmarks use, only those missing,
 # so that a new machine needs nothing installed by hand. Idempotent.
+#
+#   tests/system-deps.sh              the test group (what `make test` needs)
+#   tests/system-deps.sh bench        the benchmark group only
+#   tests/system-deps.sh test bench   both
+#
+# test:  chromium (the real browser of the OAuth tests, driven by Playwright),
+#        nodejs + npm when `node` / `npm` are not on PATH (the OAuth authorization server
+#        peer, oidc-provider, whose npm packages tests/peers/oauth installs itself).
+# bench: wrk, nginx-light.
 set -euo pipefail
-packages=(wrk nginx-light)
+
+groups=("$@")
+[ ${#groups[@]} -eq 0 ] && groups=(test)
+
+packages=()
+for group in "${groups[@]}"; do
+  case "$group" in
+    test)
+      packages+=(chromium)
+      command -v node >/dev/null 2>&1 || packages+=(nodejs)
+      command -v npm >/dev/null 2>&1 || packages+=(npm)
+      ;;
+    bench)
+      packages+=(wrk nginx-light)
+      ;;
+    *)
+      echo "unknown group: $group (expected: test, bench)" >&2
+      exit 2
+      ;;
+  esac
+done
+
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

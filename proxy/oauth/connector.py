@@ -147,7 +147,9 @@ class Connector:
 
     # -- the flow ----------------------------------------------------------------------
 
-    async def begin(self, user: str, server: ServerConfig, browser_id: str, extra_scopes: tuple[str, ...]) -> str:
+    async def begin(
+        self, user: str, server: ServerConfig, browser_id: str, extra_scopes: tuple[str, ...]
+    ) -> str:
         """Prepare an authorization; return the URL to send the browser to."""
         try:
             found = await self.discovery(server)
@@ -191,7 +193,9 @@ class Connector:
     async def finish(self, pending: Pending, code: str, iss: str | None) -> Connection:
         server = self.registry.get(pending.server)
         if server is None or server.auth != "oauth":
-            raise FlowError("Server gone", f"The server {pending.server} is no longer configured.", "Ask the operator.")
+            raise FlowError(
+                "Server gone", f"The server {pending.server} is no longer configured.", "Ask the operator."
+            )
         registration: ClientRegistration | None = None
         try:
             found = await self.discovery(server)
@@ -224,7 +228,9 @@ class Connector:
             ) from None
         return await self.store_tokens(pending, found.auth_server.issuer, registration.client_id, answer)
 
-    async def store_tokens(self, pending: Pending, issuer: str, client_id: str, answer: TokenResponse) -> Connection:
+    async def store_tokens(
+        self, pending: Pending, issuer: str, client_id: str, answer: TokenResponse
+    ) -> Connection:
         """Replace whatever was stored, atomically (a reconnect overwrites a refresh in flight)."""
         for _ in range(5):
             current = await self.tokens.get_connection(pending.user, pending.server)
@@ -250,9 +256,20 @@ class Connector:
             tokens = unseal(self.keyring, conn)
             found = await self.discovery(server)
             registration = await self.client_for(server, found.auth_server)
-            token, hint = (tokens.refresh_token, "refresh_token") if tokens.refresh_token else (tokens.access_token, "access_token")
+            token, hint = (
+                (tokens.refresh_token, "refresh_token")
+                if tokens.refresh_token
+                else (tokens.access_token, "access_token")
+            )
             await oauth_client.revoke(self.fetcher, found.auth_server, registration, token, hint)
-        except (DecryptError, DiscoveryError, UnsafeURL, FetchError, OAuthError, AuthServerUnavailable) as exc:
+        except (
+            DecryptError,
+            DiscoveryError,
+            UnsafeURL,
+            FetchError,
+            OAuthError,
+            AuthServerUnavailable,
+        ) as exc:
             # Forgetting the tokens still protects the user; say that revocation failed.
             log.warning("revocation failed; tokens deleted anyway", server=server.id, reason=str(exc))
 
@@ -301,7 +318,11 @@ def _discovery_from_json(raw: str) -> Discovery | None:
     try:
         data = json.loads(raw)
         server = data.pop("auth_server")
-        for key in ("scopes_supported", "token_endpoint_auth_methods_supported", "code_challenge_methods_supported"):
+        for key in (
+            "scopes_supported",
+            "token_endpoint_auth_methods_supported",
+            "code_challenge_methods_supported",
+        ):
             if server.get(key) is not None:
                 server[key] = tuple(server[key])
         return Discovery(**{**data, "scopes": tuple(data["scopes"]), "auth_server": AuthServer(**server)})

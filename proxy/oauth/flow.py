@@ -62,7 +62,9 @@ class Flow:
         self.settings = connector.settings
         self.keyring = connector.keyring
 
-    def guard(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def guard(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             try:
                 return await handler(request)
@@ -88,7 +90,12 @@ class Flow:
         self._check_identity(request, user)
         browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
         response = pages.connect(
-            user, server.id, urlsplit(server.url).netloc, _self_url(request), self._csrf(browser_id, user), scopes
+            user,
+            server.id,
+            urlsplit(server.url).netloc,
+            _self_url(request),
+            self._csrf(browser_id, user),
+            scopes,
         )
         self._set_cookie(response, browser_id)
         return response
@@ -122,12 +129,17 @@ class Flow:
             log.info("authorization refused at the provider", server=pending.server, error=error)
             raise FlowError(
                 "Not connected",
-                f"The provider of {pending.server} answered: {error}" + (f" ({description})" if description else ""),
+                f"The provider of {pending.server} answered: {error}"
+                + (f" ({description})" if description else ""),
                 "Nothing was changed. Go back to your agent and retry if you want to connect.",
             )
         code = params.get("code", "")
         if not code or len(code) > 2048:
-            raise FlowError("Not connected", "The provider sent no authorization code.", "Go back to your agent and retry.")
+            raise FlowError(
+                "Not connected",
+                "The provider sent no authorization code.",
+                "Go back to your agent and retry.",
+            )
         await self.connector.finish(pending, code, params.get("iss"))
         return pages.connected(pending.user, pending.server)
 
@@ -153,9 +165,15 @@ class Flow:
                     expires_at=conn.expires_at if conn else None,
                     last_error=conn.last_error if conn else None,
                     connect_url=links.connect_url(
-                        self.settings.public_url, self.keyring, user, server.id, self.settings.connect_link_ttl
+                        self.settings.public_url,
+                        self.keyring,
+                        user,
+                        server.id,
+                        self.settings.connect_link_ttl,
                     ),
-                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect?{query}" if conn else None,
+                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect?{query}"
+                    if conn
+                    else None,
                 )
             )
         response = pages.connections(user, rows, self._csrf(browser_id, user))
@@ -183,7 +201,9 @@ class Flow:
     def _user(self, request: Request) -> str:
         user = str(request.path_params["user"])
         if not ID_PATTERN.fullmatch(user) or user.lower() in RESERVED:
-            raise FlowError("Not found", "This link names no valid user.", "Ask your agent for a fresh link.", 404)
+            raise FlowError(
+                "Not found", "This link names no valid user.", "Ask your agent for a fresh link.", 404
+            )
         return user
 
     def _server(self, request: Request) -> ServerConfig:
@@ -191,7 +211,10 @@ class Flow:
         server = self.connector.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
         if server is None or server.auth != "oauth":
             raise FlowError(
-                "Not found", f"No OAuth server {server_id!r} is configured here.", "Ask your agent for a fresh link.", 404
+                "Not found",
+                f"No OAuth server {server_id!r} is configured here.",
+                "Ask your agent for a fresh link.",
+                404,
             )
         return server
 

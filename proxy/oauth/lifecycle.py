@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from proxy import logs
+from proxy import logs, metrics
 from proxy.crypto import DecryptError, Keyring
 from proxy.oauth.client import AuthServerUnavailable, OAuthError, TokenResponse
 from proxy.settings import ServerConfig
@@ -68,7 +68,11 @@ def record(user: str, server: str) -> str:
 
 
 def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
-    payload = {"access_token": tokens.access_token, "refresh_token": tokens.refresh_token, "token_type": tokens.token_type}
+    payload = {
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "token_type": tokens.token_type,
+    }
     return keyring.encrypt(PURPOSE, json.dumps(payload).encode(), record(user, server))
 
 
@@ -127,7 +131,9 @@ class CircuitBreaker:
     def check(self, issuer: str) -> None:
         until = self._open_until.get(issuer, 0.0)
         if until > time.monotonic():
-            raise AuthServerUnavailable(f"{issuer} failed repeatedly; not retrying for {until - time.monotonic():.0f} s")
+            raise AuthServerUnavailable(
+                f"{issuer} failed repeatedly; not retrying for {until - time.monotonic():.0f} s"
+            )
 
     def failed(self, issuer: str) -> None:
         self._count[issuer] = self._count.get(issuer, 0) + 1
@@ -140,14 +146,15 @@ class CircuitBreaker:
 
 
 class Lifecycle:
-    def __init__(self, keyring: Keyring, store: TokenStore, refresh_skew: float, refresher: Refresher) -> None:
+    def __init__(
+        self, keyring: Keyring, store: TokenStore, refresh_skew: float, refresher: Refresher
+    ) -> None:
         self.keyring = keyring
         self.store = store
         self.skew = refresh_skew
         self.refresher = refresher
         self.breaker = CircuitBreaker()
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
-        self.on_refresh: Callable[[str, str], None] = lambda server, result: None
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
@@ -155,6 +162,8 @@ class Lifecycle:
         tokens = self._open(conn)
         if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
             conn, tokens = await self.refresh(server, conn)
+        if conn.expires_at is not None:
+            metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, conn.expires_at - time.time()))
         return tokens.access_token
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
@@ -204,7 +213,9 @@ class Lifecycle:
         finally:
             del self._inflight[key]
 
-    async def _refresh_across_replicas(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+    async def _refresh_across_replicas(
+        self, server: ServerConfig, seen: Connection
+    ) -> tuple[Connection, TokenSet]:
         lock_name = f"refresh:{seen.user}:{seen.server}"
         deadline = time.monotonic() + LOCK_TTL + 5
         while True:
@@ -221,16 +232,21 @@ class Lifecycle:
                 return current, self._open(current)
             if time.monotonic() > deadline:
                 raise TemporarilyUnavailable(
-                    f"another replica is refreshing the token for {server.id!r} and has not finished; retry shortly", 5
+                    f"another replica is refreshing the token for {server.id!r} and has not finished; retry shortly",
+                    5,
                 )
 
-    async def _refresh_holding_lock(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+    async def _refresh_holding_lock(
+        self, server: ServerConfig, seen: Connection
+    ) -> tuple[Connection, TokenSet]:
         current = await self._load(server, seen.user)
         if current.version != seen.version:
             return current, self._open(current)  # someone refreshed between our read and the lock
         tokens = self._open(current)
         if not tokens.refresh_token:
-            await self._mark_reconnect(current, "the provider gave no refresh token and the access token expired")
+            await self._mark_reconnect(
+                current, "the provider gave no refresh token and the access token expired"
+            )
             raise NeedsConsent("the access token expired and cannot be refreshed")
         issuer = current.issuer or ""
         try:
@@ -238,15 +254,19 @@ class Lifecycle:
             answer = await self.refresher(server, current, tokens.refresh_token)
         except OAuthError as exc:
             self.breaker.succeeded(issuer)
-            self.on_refresh(server.id, exc.error if exc.error in GRANT_LOST else "error")
+            metrics.refresh_result(server.id, exc.error if exc.error in GRANT_LOST else "error")
             if exc.error in GRANT_LOST:
                 await self._mark_reconnect(current, f"the provider refused the refresh: {exc.error}")
                 raise NeedsConsent(f"the provider refused to refresh the token ({exc.error})") from None
-            raise TemporarilyUnavailable(f"the provider refused the refresh ({exc.error}); retry shortly") from None
+            raise TemporarilyUnavailable(
+                f"the provider refused the refresh ({exc.error}); retry shortly"
+            ) from None
         except AuthServerUnavailable as exc:
             self.breaker.failed(issuer)
-            self.on_refresh(server.id, "unavailable")
-            log.warning("token endpoint unavailable; keeping stored tokens", server=server.id, reason=str(exc))
+            metrics.refresh_result(server.id, "unavailable")
+            log.warning(
+                "token endpoint unavailable; keeping stored tokens", server=server.id, reason=str(exc)
+            )
             if current.expires_at is not None and current.expires_at > time.time():
                 return current, tokens  # still valid: use it while the provider recovers
             raise TemporarilyUnavailable(
@@ -264,7 +284,7 @@ class Lifecycle:
             # Only a reconnect or a delete can have written under our lock: theirs wins.
             newer = await self._load(server, seen.user)
             return newer, self._open(newer)
-        self.on_refresh(server.id, "refreshed")
+        metrics.refresh_result(server.id, "refreshed")
         log.info("token refreshed", server=server.id, user=current.user)
         return fresh, self._open(fresh)
 

@@ -7,11 +7,12 @@ Stores hold ciphertext only: sealing and opening happen in the layer above
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 
-from proxy.settings import ServerConfig
+from proxy.settings import ServerConfig, Settings
 
 
 class StoreUnavailable(RuntimeError):
@@ -59,6 +60,14 @@ class Store(abc.ABC):
     async def delete_secret(self, kind: str, name: str) -> bool: ...
 
     @abc.abstractmethod
+    async def replace_secret(self, kind: str, name: str, expected: str, ciphertext: str) -> bool:
+        """Set `ciphertext` only if the stored value is still `expected` (compare-and-set).
+
+        Returns False, changing nothing, when it is not (or the secret is gone):
+        key rotation must never overwrite a value a replica wrote meanwhile.
+        """
+
+    @abc.abstractmethod
     async def list_secrets(self) -> list[tuple[str, str, str]]:
         """Every (kind, name, ciphertext): what key rotation walks."""
 
@@ -70,14 +79,51 @@ def migrations(backend: str) -> list[tuple[str, str]]:
     return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
 
 
-def open_store(database_url: str) -> Store:
-    if database_url.startswith("sqlite:"):
+def open_store(settings: Settings | str) -> Store:
+    """The Store that `database_url` names; not yet opened.
+
+    sqlite:///file.db -> SQLite; postgres:// or postgresql:// -> PostgreSQL.
+    A bare URL is accepted too (then the PostgreSQL pool has its defaults).
+    """
+    if isinstance(settings, str):
+        settings = Settings(database_url=settings)
+    url = settings.database_url
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
         from proxy.stores.sqlite import SQLiteStore
 
-        return SQLiteStore.from_url(database_url)
+        return SQLiteStore.from_url(url)
+    if scheme in ("postgres", "postgresql"):
+        from proxy.stores.postgres import PostgresStore
+
+        return PostgresStore.from_settings(settings)
     raise ValueError(
-        f"database_url must start with sqlite:/// (got scheme {database_url.split(':', 1)[0]!r})"
+        f"database_url must start with sqlite:///, postgres:// or postgresql:// (got scheme {scheme!r})"
     )
+
+
+def open_token_store(settings: Settings, store: Store | None = None) -> TokenStore:
+    """Redis when `redis_url` is set, else the embedded SQLite file; not yet opened.
+
+    Pass the `store` already opened from the same settings: when it is the
+    SQLite store of the same file, it is returned and serves both roles.
+    """
+    if settings.redis_url:
+        from proxy.stores.redis import RedisTokenStore
+
+        return RedisTokenStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+    scheme = settings.database_url.partition(":")[0].lower()
+    if scheme != "sqlite":
+        raise ValueError(
+            "database_url is PostgreSQL but redis_url is not set: a shared deployment keeps per-user "
+            "tokens, pending authorizations and locks in Redis; set KEYBEARER_REDIS_URL"
+        )
+    from proxy.stores.sqlite import SQLiteStore, sqlite_path
+
+    path = sqlite_path(settings.database_url)
+    if isinstance(store, SQLiteStore) and os.path.abspath(store.path) == os.path.abspath(path):
+        return store
+    return SQLiteStore(path)
 
 
 @dataclass(frozen=True)

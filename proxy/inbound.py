@@ -1,0 +1,157 @@
+"""Inbound caller authentication: who may act as `/<user>/…` on a shared proxy.
+
+    none    anyone who can reach the proxy acts as any user (sidecars on loopback)
+    tokens  proxy tokens `kbp_<id>.<secret>`, each bound to the user ids it may
+            act for; stored sealed with only a hash of the secret
+    jwt     bearer JWTs checked against a JWKS; a claim must equal the path's user
+
+The caller's `Authorization` carries this credential; like every agent
+credential it stops at the proxy and is never forwarded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from authlib.jose import JsonWebKey, JsonWebToken
+from authlib.jose.errors import JoseError
+
+from proxy.registry import Registry
+from proxy.settings import ID_PATTERN, Settings
+
+log = structlog.get_logger("keybearer.inbound")
+
+KIND = "proxy_token"
+PREFIX = "kbp_"
+JWKS_TTL = 600.0
+
+
+class Refused(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class ProxyToken:
+    id: str
+    digest: str
+    users: tuple[str, ...]
+    label: str
+    created: float
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "users": list(self.users), "label": self.label, "created": self.created}
+
+
+def new_token(users: list[str], label: str) -> tuple[str, ProxyToken]:
+    """A fresh token: (the value to hand out once, the record to store)."""
+    if not users or not all(isinstance(u, str) and ID_PATTERN.fullmatch(u) for u in users):
+        raise ValueError("users must be a non-empty list of valid user ids")
+    if not isinstance(label, str) or len(label) > 200:
+        raise ValueError("label must be a string of at most 200 characters")
+    token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    record = ProxyToken(token_id, _digest(secret), tuple(dict.fromkeys(users)), label, time.time())
+    return f"{PREFIX}{token_id}.{secret}", record
+
+
+def _digest(secret: str) -> str:
+    # The secret is 256 random bits: a plain hash cannot be brute-forced.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def record_json(token: ProxyToken) -> str:
+    return json.dumps({**token.public(), "digest": token.digest})
+
+
+def record_from_json(raw: str) -> ProxyToken:
+    data = json.loads(raw)
+    return ProxyToken(
+        data["id"], data["digest"], tuple(data["users"]), data.get("label", ""), data["created"]
+    )
+
+
+class InboundAuth:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.mode = settings.inbound_auth
+        self.registry = registry
+        self._jwks: tuple[float, Any] | None = None
+        self._jwt = JsonWebToken(["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"])
+
+    async def check(self, headers: list[tuple[bytes, bytes]], user: str) -> None:
+        if self.mode == "none":
+            return
+        presented = _bearer(headers)
+        if presented is None:
+            raise Refused(401, "caller_unauthenticated",
+                          "this proxy requires a caller credential: send `Authorization: Bearer <token>`")  # fmt: skip
+        if self.mode == "tokens":
+            self._check_token(presented, user)
+        else:
+            await self._check_jwt(presented, user)
+
+    def _check_token(self, presented: str, user: str) -> None:
+        token_id, _, secret = presented.removeprefix(PREFIX).partition(".")
+        record = self.registry.proxy_tokens.get(token_id) if presented.startswith(PREFIX) else None
+        if record is None or not hmac.compare_digest(record.digest, _digest(secret)):
+            raise Refused(
+                401, "caller_unauthenticated", "the caller token is not valid; ask the operator for one"
+            )
+        if user not in record.users:
+            log.warning("proxy token used for another user", token=token_id, user=user)
+            raise Refused(403, "caller_forbidden", f"this caller token may not act for user {user!r}")
+
+    async def _check_jwt(self, presented: str, user: str) -> None:
+        try:
+            keys = await self._keys()
+            claims = self._jwt.decode(
+                presented, keys,
+                claims_options={
+                    "iss": {"essential": True, "value": self.settings.jwt_issuer},
+                    "exp": {"essential": True},
+                    **({"aud": {"essential": True, "value": self.settings.jwt_audience}} if self.settings.jwt_audience else {}),
+                },
+            )  # fmt: skip
+            claims.validate(leeway=30)
+        except (JoseError, ValueError) as exc:
+            raise Refused(
+                401, "caller_unauthenticated", f"the caller JWT was refused: {type(exc).__name__}"
+            ) from None
+        if claims.get(self.settings.jwt_user_claim) != user:
+            raise Refused(403, "caller_forbidden", f"the caller JWT does not belong to user {user!r}")
+
+    async def _keys(self) -> Any:
+        if self._jwks and self._jwks[0] > time.monotonic():
+            return self._jwks[1]
+        assert self.settings.jwt_jwks_url
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+                async with session.get(self.settings.jwt_jwks_url) as response:
+                    response.raise_for_status()
+                    keys = JsonWebKey.import_key_set(await response.json(content_type=None))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            if self._jwks:  # keep verifying with the keys we have
+                return self._jwks[1]
+            raise Refused(
+                503, "jwks_unavailable", f"the JWKS could not be fetched ({type(exc).__name__})"
+            ) from None
+        self._jwks = (time.monotonic() + JWKS_TTL, keys)
+        return keys
+
+
+def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None

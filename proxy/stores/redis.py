@@ -1,0 +1,482 @@
+"""The shared token store: Redis (plain, TLS, Sentinel or Cluster).
+
+Keys, under a configurable prefix (default "mcp"):
+
+    {prefix}:{user}:{server}:tokens     hash: one user's connection to one server
+    {prefix}:server:{server}:users      set: users with a connection to the server
+    {prefix}:user:{user}:servers        set: servers the user is connected to
+    {prefix}:pending:{key}              string with TTL: a pending authorization
+    {prefix}:lock:{name}                string with TTL: a lock holder's token
+    {prefix}:cache:{key}                string with TTL
+    {prefix}:events                     pub/sub channel
+
+Every script touches one key, so everything works on Redis Cluster, where a
+script may not span slots. The two sets are an index for listing without
+KEYS/SCAN; they are not updated atomically with the token hash (different
+slots), and listings skip index entries whose hash is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import structlog
+from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from proxy.stores.base import Connection, StoreUnavailable, TokenStore
+
+log = structlog.get_logger("keybearer.stores.redis")
+
+RedisClient = Redis | RedisCluster
+
+# Yielded by events() after it re-subscribed following an outage: events
+# published meanwhile are lost, so a listener should reload what it caches.
+RESYNC = "resync"
+
+# Seconds. Short: an unreachable Redis must become a 503 quickly, not hang a request.
+SOCKET_TIMEOUT = 5.0
+# One quick retry absorbs a pooled connection that died with a Redis restart.
+RETRIES = 2
+EVENTS_BACKOFF = (0.1, 5.0)
+
+_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+# KEYS[1] token hash; ARGV[1] expected version or "" for none; ARGV[2..] field, value, …
+_PUT_CONNECTION = """
+if ARGV[1] ~= '' and (redis.call('HGET', KEYS[1], 'version') or '0') ~= ARGV[1] then
+  return 0
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisTokenStore(TokenStore):
+    def __init__(self, client: RedisClient, *, prefix: str = "mcp", where: str = "Redis") -> None:
+        self.client = client
+        self.prefix = prefix
+        self.where = where
+        self._closed = False
+        self._put_script = client.register_script(_PUT_CONNECTION)
+        self._release_script = client.register_script(_RELEASE_LOCK)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "mcp") -> RedisTokenStore:
+        return cls(redis_client_from_url(url), prefix=prefix, where=describe_redis_url(url))
+
+    async def open(self) -> None:
+        self._closed = False
+
+    async def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(*_ERRORS):
+            await self.client.aclose()
+
+    @contextlib.contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except _ERRORS as exc:
+            raise StoreUnavailable(
+                f"Redis ({self.where}) unavailable while {doing}: {_reason(exc)}"
+            ) from None
+
+    async def ping(self) -> None:
+        with self._guard("pinging"):
+            await self.client.ping()
+
+    # -- keys ------------------------------------------------------------------------
+
+    def _tokens(self, user: str, server: str) -> str:
+        # ':' separates the key's parts; ids never contain one.
+        if ":" in user or ":" in server:
+            raise ValueError("user and server ids must not contain ':'")
+        return f"{self.prefix}:{user}:{server}:tokens"
+
+    def _server_users(self, server: str) -> str:
+        return f"{self.prefix}:server:{server}:users"
+
+    def _user_servers(self, user: str) -> str:
+        return f"{self.prefix}:user:{user}:servers"
+
+    # -- per-user connections ------------------------------------------------------
+
+    async def get_connection(self, user: str, server: str) -> Connection | None:
+        key = self._tokens(user, server)
+        with self._guard("reading a connection"):
+            fields = _fields(await self.client.hgetall(key))
+        return _decode(user, server, fields) if fields else None
+
+    async def put_connection(self, connection: Connection, *, expected_version: int | None = None) -> bool:
+        key = self._tokens(connection.user, connection.server)
+        # A key that exists is always indexed: index before a write that may
+        # create the key; a write expecting a version finds the key indexed.
+        creates = expected_version in (None, 0)
+        with self._guard("writing a connection"):
+            if creates:
+                await self._index(connection.user, connection.server)
+            expected = "" if expected_version is None else str(expected_version)
+            written = await self._put_script(keys=[key], args=[expected, *_encode(connection)])
+            if written and not creates:
+                await self._index(connection.user, connection.server)
+        return bool(written)
+
+    async def _index(self, user: str, server: str) -> None:
+        await self.client.sadd(self._server_users(server), user)
+        await self.client.sadd(self._user_servers(user), server)
+
+    async def delete_connection(self, user: str, server: str) -> bool:
+        key = self._tokens(user, server)
+        with self._guard("deleting a connection"):
+            deleted = await self.client.delete(key)
+            await self.client.srem(self._server_users(server), user)
+            await self.client.srem(self._user_servers(user), server)
+        return bool(deleted)
+
+    async def list_connections(self, server: str) -> list[Connection]:
+        with self._guard("listing a server's connections"):
+            users = _members(await self.client.smembers(self._server_users(server)))
+            rows = await self._hgetall_many([self._tokens(u, server) for u in users])
+        return [_decode(u, server, f) for u, f in zip(users, rows, strict=True) if f]
+
+    async def list_user_connections(self, user: str) -> list[Connection]:
+        with self._guard("listing a user's connections"):
+            servers = _members(await self.client.smembers(self._user_servers(user)))
+            rows = await self._hgetall_many([self._tokens(user, s) for s in servers])
+        return [_decode(user, s, f) for s, f in zip(servers, rows, strict=True) if f]
+
+    async def _hgetall_many(self, keys: list[str]) -> list[dict[str, str]]:
+        if not keys:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        return [_fields(row) for row in await pipe.execute()]
+
+    async def delete_server_connections(self, server: str) -> int:
+        index = self._server_users(server)
+        deleted = 0
+        with self._guard("deleting a server's connections"):
+            for user in _members(await self.client.smembers(index)):
+                deleted += await self.client.delete(self._tokens(user, server))
+                await self.client.srem(self._user_servers(user), server)
+                # Only the users read: one a concurrent put just added stays indexed.
+                await self.client.srem(index, user)
+        return deleted
+
+    # -- pending authorizations, locks, cache --------------------------------------
+
+    async def put_pending(self, key: str, sealed: str, ttl: float) -> None:
+        with self._guard("storing a pending authorization"):
+            await self.client.set(f"{self.prefix}:pending:{key}", sealed, px=_ms(ttl))
+
+    async def take_pending(self, key: str) -> str | None:
+        with self._guard("taking a pending authorization"):
+            value = await self.client.getdel(f"{self.prefix}:pending:{key}")
+        return _text(value)
+
+    async def acquire_lock(self, name: str, ttl: float) -> str | None:
+        token = secrets.token_urlsafe(16)
+        with self._guard("taking a lock"):
+            taken = await self.client.set(f"{self.prefix}:lock:{name}", token, nx=True, px=_ms(ttl))
+        return token if taken else None
+
+    async def release_lock(self, name: str, token: str) -> None:
+        with self._guard("releasing a lock"):
+            await self._release_script(keys=[f"{self.prefix}:lock:{name}"], args=[token])
+
+    async def cache_get(self, key: str) -> str | None:
+        with self._guard("reading the cache"):
+            value = await self.client.get(f"{self.prefix}:cache:{key}")
+        return _text(value)
+
+    async def cache_set(self, key: str, value: str, ttl: float) -> None:
+        with self._guard("writing the cache"):
+            await self.client.set(f"{self.prefix}:cache:{key}", value, px=_ms(ttl))
+
+    async def cache_delete_prefix(self, prefix: str) -> int:
+        # SCAN walks the whole keyspace: fine for an admin action, never on the hot path.
+        pattern = f"{_glob_escape(f'{self.prefix}:cache:{prefix}')}*"
+        deleted = 0
+        with self._guard("clearing the cache"):
+            async for key in self.client.scan_iter(match=pattern, count=500):
+                deleted += await self.client.unlink(key)
+        return deleted
+
+    # -- events ----------------------------------------------------------------------
+
+    @property
+    def channel(self) -> str:
+        return f"{self.prefix}:events"
+
+    async def publish(self, event: str) -> None:
+        with self._guard("publishing an event"):
+            await self.client.publish(self.channel, event)
+
+    async def events(self) -> AsyncIterator[str]:
+        """Every event published on the channel; waits out outages, never raises.
+
+        After re-subscribing following an outage it yields RESYNC, since what
+        was published meanwhile is lost. Ends when the store is closed.
+        """
+        delay, outage = EVENTS_BACKOFF[0], False
+        while not self._closed:
+            pubsub = None
+            try:
+                if isinstance(self.client, RedisCluster):
+                    # A cluster client learns its slots on its first command; a
+                    # pub/sub subscription alone would find none.
+                    await self.client.initialize()
+                pubsub = self.client.pubsub()
+                await pubsub.subscribe(self.channel)
+                if outage:
+                    log.info("events: subscribed again", redis=self.where)
+                    outage, delay = False, EVENTS_BACKOFF[0]
+                    yield RESYNC
+                while not self._closed:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message and message.get("type") == "message":
+                        yield _text(message["data"]) or ""
+            except Exception as exc:
+                # Not only Redis errors: a listener that dies quietly would
+                # leave this replica deaf for good, so every failure is retried.
+                if self._closed:
+                    return
+                if not outage:
+                    log.warning(
+                        "events: Redis unavailable, retrying",
+                        redis=self.where,
+                        error=type(exc).__name__,
+                        reason=_reason(exc),
+                    )
+                outage = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, EVENTS_BACKOFF[1])
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
+
+
+# -- connection hashes ---------------------------------------------------------------
+
+
+def _encode(c: Connection) -> list[str]:
+    fields: dict[str, str | None] = {
+        "state": c.state,
+        "sealed": c.sealed,
+        "issuer": c.issuer,
+        "client_id": c.client_id,
+        "scopes": " ".join(c.scopes),
+        "expires_at": None if c.expires_at is None else repr(float(c.expires_at)),
+        "obtained_at": repr(float(c.obtained_at)),
+        "last_error": c.last_error,
+        "version": str(int(c.version)),
+    }
+    # An absent field is None: HSET cannot store a null.
+    return [part for name, value in fields.items() if value is not None for part in (name, value)]
+
+
+def _decode(user: str, server: str, fields: Mapping[str, str]) -> Connection:
+    expires_at = fields.get("expires_at")
+    return Connection(
+        user=user,
+        server=server,
+        state=fields.get("state", "connected"),
+        sealed=fields.get("sealed"),
+        issuer=fields.get("issuer"),
+        client_id=fields.get("client_id"),
+        scopes=tuple(fields.get("scopes", "").split()),
+        expires_at=float(expires_at) if expires_at is not None else None,
+        obtained_at=float(fields.get("obtained_at", 0.0)),
+        last_error=fields.get("last_error"),
+        version=int(fields.get("version", 0)),
+    )
+
+
+def _text(value: bytes | str | None) -> str | None:
+    # The clients decode responses; bytes only if one was built without it.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _members(values: Iterable[bytes | str]) -> list[str]:
+    return sorted(v.decode() if isinstance(v, bytes) else v for v in values)
+
+
+def _fields(values: Mapping[Any, Any]) -> dict[str, str]:
+    return {str(_text(k)): str(_text(v)) for k, v in values.items()}
+
+
+def _ms(ttl: float) -> int:
+    return max(1, round(ttl * 1000))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+# -- clients from URLs -------------------------------------------------------------------
+
+
+@dataclass
+class RedisTarget:
+    """A redis+sentinel:// or redis+cluster:// URL, taken apart."""
+
+    tls: bool
+    hosts: list[tuple[str, int]]
+    username: str | None = None
+    password: str | None = None
+    path: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+
+
+_MULTI_HOST_OPTIONS = {"sentinel_username", "sentinel_password", "ssl_ca_certs", "ssl_cert_reqs"}
+
+
+def redis_client_from_url(url: str) -> RedisClient:
+    """A client for redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs.
+
+    redis+sentinel://[:password@]host1:26379,host2:26379/<master name>[/db]
+    (the password is the master's; `?sentinel_password=` for the sentinels),
+    redis+cluster://[:password@]host:port[,host:port]; a `rediss+` scheme
+    turns TLS on for either.
+    """
+    scheme = url.partition("://")[0].lower()
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES),
+    }
+    if scheme in ("redis", "rediss", "unix"):
+        # Pings an idle connection before use, so one dropped by a restart is replaced.
+        return Redis.from_url(url, health_check_interval=10, **common)
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        return _sentinel_client(parse_multi_host_url(url, 26379), common)
+    if scheme in ("redis+cluster", "rediss+cluster"):
+        return _cluster_client(parse_multi_host_url(url, 6379), common)
+    raise ValueError(
+        f"redis_url must start with redis://, rediss://, redis+sentinel:// or redis+cluster:// "
+        f"(got scheme {scheme!r})"
+    )
+
+
+def _tls_options(target: RedisTarget) -> dict[str, Any]:
+    if not target.tls:
+        return {}
+    options: dict[str, Any] = {"ssl": True}
+    for name in ("ssl_ca_certs", "ssl_cert_reqs"):
+        if name in target.options:
+            options[name] = target.options[name]
+    return options
+
+
+def _sentinel_client(target: RedisTarget, common: dict[str, Any]) -> Redis:
+    if not target.path or not target.path[0]:
+        raise ValueError("redis+sentinel:// URL needs the master name: redis+sentinel://host:26379/mymaster")
+    db = target.path[1] if len(target.path) > 1 and target.path[1] else "0"
+    if not db.isdigit() or len(target.path) > 2:
+        raise ValueError("redis+sentinel:// URL path must be /<master name>[/<db number>]")
+    tls = _tls_options(target)
+    sentinel_auth = {
+        "username": target.options.get("sentinel_username"),
+        "password": target.options.get("sentinel_password"),
+    }
+    sentinel = Sentinel(
+        target.hosts,
+        sentinel_kwargs={
+            "socket_timeout": SOCKET_TIMEOUT,
+            "socket_connect_timeout": SOCKET_TIMEOUT,
+            **{k: v for k, v in sentinel_auth.items() if v},
+            **tls,
+        },
+        **common,
+    )
+    client: Redis = sentinel.master_for(
+        target.path[0], db=int(db), username=target.username, password=target.password, **tls
+    )
+    return client
+
+
+def _cluster_client(target: RedisTarget, common: dict[str, Any]) -> RedisCluster:
+    if any(target.path):
+        raise ValueError("redis+cluster:// URL takes no path: a cluster has only database 0")
+    return RedisCluster(
+        startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
+        username=target.username,
+        password=target.password,
+        **_tls_options(target),
+        **common,
+    )
+
+
+def parse_multi_host_url(url: str, default_port: int) -> RedisTarget:
+    scheme, _, rest = url.partition("://")
+    netloc, _, path_and_query = rest.partition("/")
+    path, _, query = path_and_query.partition("?")
+    if "?" in netloc:
+        netloc, _, query = netloc.partition("?")
+    userinfo, _, hostlist = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    options = dict(parse_qsl(query))
+    unknown = sorted(set(options) - _MULTI_HOST_OPTIONS)
+    if unknown:
+        raise ValueError(
+            f"redis_url: unknown option {unknown[0]!r} (known: {', '.join(sorted(_MULTI_HOST_OPTIONS))})"
+        )
+    return RedisTarget(
+        tls=scheme.lower().startswith("rediss"),
+        hosts=[_host_port(item, default_port) for item in hostlist.split(",")],
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+        path=[unquote(p) for p in path.split("/")] if path else [],
+        options=options,
+    )
+
+
+def _host_port(item: str, default_port: int) -> tuple[str, int]:
+    parts = urlsplit(f"//{item}")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"redis_url: bad port in host {item!r}") from None
+    if not parts.hostname:
+        raise ValueError(f"redis_url: empty host in {item!r}: write host:port[,host:port]")
+    return parts.hostname, port or default_port
+
+
+def describe_redis_url(url: str) -> str:
+    """Where a redis_url points, for messages: never the password."""
+    scheme = url.partition("://")[0].lower()
+    try:
+        if "+" in scheme:
+            target = parse_multi_host_url(url, 26379 if "sentinel" in scheme else 6379)
+            hosts = ",".join(f"{h}:{p}" for h, p in target.hosts)
+            if "sentinel" in scheme:
+                return f"sentinel master {target.path[0] if target.path else '?'} via {hosts}"
+            return f"cluster {hosts}"
+        parts = urlsplit(url)
+        return f"{parts.hostname or parts.path}:{parts.port or 6379}{parts.path if parts.hostname else ''}"
+    except ValueError:
+        return "(unparsable redis_url)"
