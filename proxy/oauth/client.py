@@ -249,9 +249,23 @@ async def register_client(
     )
 
 
-def _check_client_id_url(client_id_url: str) -> None:
+def cimd_usable(client_id_url: str, allow_http_loopback: bool = False) -> bool:
+    try:
+        _check_client_id_url(client_id_url, allow_http_loopback)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_client_id_url(client_id_url: str, allow_http_loopback: bool = False) -> None:
     parts = urlsplit(client_id_url)
-    if parts.scheme != "https" or not parts.hostname or parts.path in ("", "/"):
+    # Plain http only to a loopback proxy, and only when the operator allows
+    # http loopback for OAuth (tests): an authorization server must not fetch
+    # a client's identity over an open network without TLS.
+    scheme_ok = parts.scheme == "https" or (
+        allow_http_loopback and parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+    )
+    if not scheme_ok or not parts.hostname or parts.path in ("", "/"):
         raise ValueError(
             f"a Client ID Metadata Document URL must be https with a path (got {client_id_url!r}); "
             "set public_url to the proxy's https address"
@@ -261,8 +275,8 @@ def _check_client_id_url(client_id_url: str) -> None:
 
 
 def client_metadata_document(client_id_url: str, redirect_uri: str, client_name: str) -> dict[str, Any]:
-    """The Client ID Metadata Document the proxy serves at `client_id_url`."""
-    _check_client_id_url(client_id_url)
+    """The Client ID Metadata Document the proxy serves at `client_id_url`
+    (whether an authorization server will accept it is checked when used)."""
     return {
         "client_id": client_id_url,
         "client_name": client_name,
@@ -273,12 +287,14 @@ def client_metadata_document(client_id_url: str, redirect_uri: str, client_name:
     }
 
 
-def cimd_registration(client_id_url: str, auth_server: AuthServer, redirect_uri: str) -> ClientRegistration:
+def cimd_registration(
+    client_id_url: str, auth_server: AuthServer, redirect_uri: str, allow_http_loopback: bool = False
+) -> ClientRegistration:
     """The client an authorization server knows by the proxy's metadata
     document URL. ValueError unless the server supports such documents."""
     if not auth_server.client_id_metadata_document_supported:
         raise ValueError(f"{auth_server.issuer} does not support Client ID Metadata Documents")
-    _check_client_id_url(client_id_url)
+    _check_client_id_url(client_id_url, allow_http_loopback)
     return ClientRegistration(
         client_id=client_id_url,
         client_secret=None,

@@ -116,8 +116,13 @@ class Connector:
             client_id, secret, method = static
             registration = oauth_client.static_registration(auth_server, client_id, secret, self.redirect_uri)
             return registration if method is None else _with_method(registration, method)
-        if auth_server.client_id_metadata_document_supported and self.client_id_url.startswith("https://"):
-            return oauth_client.cimd_registration(self.client_id_url, auth_server, self.redirect_uri)
+        loopback_ok = self.settings.oauth_allow_http_loopback
+        if auth_server.client_id_metadata_document_supported and oauth_client.cimd_usable(
+            self.client_id_url, loopback_ok
+        ):
+            return oauth_client.cimd_registration(
+                self.client_id_url, auth_server, self.redirect_uri, loopback_ok
+            )
         name = self._registration_name(server, auth_server)
         stored = await self.registry.get_secret(REGISTRATION, name)
         if stored:
