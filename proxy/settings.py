@@ -223,6 +223,12 @@ class Settings:
     # path's user for a browser to complete a connection.
     browser_identity_header: str | None = None
     refresh_skew: float = 60.0
+    # How long one replica may hold a refresh lock before others take over
+    # (a replica that died holding it blocks refreshes at most this long).
+    refresh_lock_ttl: float = 30.0
+    # After repeated failures at one authorization server, how long to stop
+    # calling it (requests then get 503 at once instead of waiting on it).
+    token_endpoint_cooldown: float = 15.0
     metadata_cache_ttl: float = 3600.0
     # Discovery fetches: plain http only to loopback, and only when allowed (tests).
     oauth_allow_http_loopback: bool = False
@@ -288,6 +294,8 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "connect_link_ttl": ("float", False),
     "browser_identity_header": ("header", False),
     "refresh_skew": ("float", False),
+    "refresh_lock_ttl": ("float", False),
+    "token_endpoint_cooldown": ("float", False),
     "metadata_cache_ttl": ("float", False),
     "oauth_allow_http_loopback": ("bool", False),
     "oauth_allow_private_addresses": ("bool", False),

@@ -76,7 +76,10 @@ class Connector:
         self.fetcher = Fetcher(settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses)
         self.redirect_uri = settings.public_url + settings.callback_path
         self.client_id_url = settings.public_url + CLIENT_METADATA_PATH
-        self.lifecycle = Lifecycle(keyring, tokens, settings.refresh_skew, self._refresh)
+        self.lifecycle = Lifecycle(
+            keyring, tokens, settings.refresh_skew, self._refresh, settings.refresh_lock_ttl,
+            settings.token_endpoint_cooldown,
+        )  # fmt: skip
         self._discoveries: dict[str, tuple[float, Discovery]] = {}
 
     async def start(self) -> None:

@@ -31,7 +31,6 @@ log = structlog.get_logger("keybearer.oauth")
 PURPOSE = "oauth_token"
 CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
-LOCK_TTL = 30.0
 # Errors that mean the grant is gone: only the user can fix it, by reconnecting.
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
@@ -147,13 +146,20 @@ class CircuitBreaker:
 
 class Lifecycle:
     def __init__(
-        self, keyring: Keyring, store: TokenStore, refresh_skew: float, refresher: Refresher
+        self,
+        keyring: Keyring,
+        store: TokenStore,
+        refresh_skew: float,
+        refresher: Refresher,
+        lock_ttl: float = 30.0,
+        cooldown: float = 15.0,
     ) -> None:
         self.keyring = keyring
         self.store = store
         self.skew = refresh_skew
+        self.lock_ttl = lock_ttl
         self.refresher = refresher
-        self.breaker = CircuitBreaker()
+        self.breaker = CircuitBreaker(cooldown=cooldown)
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
@@ -217,9 +223,9 @@ class Lifecycle:
         self, server: ServerConfig, seen: Connection
     ) -> tuple[Connection, TokenSet]:
         lock_name = f"refresh:{seen.user}:{seen.server}"
-        deadline = time.monotonic() + LOCK_TTL + 5
+        deadline = time.monotonic() + self.lock_ttl + 5
         while True:
-            token = await self.store.acquire_lock(lock_name, LOCK_TTL)
+            token = await self.store.acquire_lock(lock_name, self.lock_ttl)
             if token is not None:
                 try:
                     return await self._refresh_holding_lock(server, seen)

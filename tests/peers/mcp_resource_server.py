@@ -131,6 +131,12 @@ class ResourceServer:
         req = urllib.request.Request(self.base_url + "/_stats/reset", method="POST", data=b"")
         urllib.request.urlopen(req, timeout=5).close()
 
+    def deny_seen_tokens(self) -> int:
+        """Refuse (401 invalid_token) every token accepted so far; later ones pass."""
+        req = urllib.request.Request(self.base_url + "/_deny", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return int(json.loads(resp.read())["denied"])
+
 
 @contextlib.contextmanager
 def run_resource_server(
@@ -258,6 +264,7 @@ class Stats:
 
 
 STATS = Stats()
+DENIED: set[str] = set()
 
 
 class JwtVerifier:
@@ -434,6 +441,13 @@ class ProtectedResource:
             STATS.reset()
             await _send_json(send, 200, STATS.snapshot())
             return
+        if path == "/_deny" and scope["method"] == "POST":
+            # Revoke, at this resource server, every token it has seen so far:
+            # what a provider-side revocation looks like to an API that checks
+            # tokens online. Tokens issued later are accepted again.
+            DENIED.update(STATS.tokens)
+            await _send_json(send, 200, {"denied": len(DENIED)})
+            return
         if path.startswith(PRM_WELL_KNOWN):
             STATS.prm_requests[path] += 1
             if path in self.prm_paths and scope["method"] in ("GET", "HEAD"):
@@ -454,6 +468,8 @@ class ProtectedResource:
             )
             return
         try:
+            if token in DENIED:
+                raise TokenError("revoked", "this token was revoked")
             claims = await self.verifier.verify(token)
         except TokenError as exc:
             await self._deny(send, 401, exc.reason, "invalid_token", exc.description, required)
