@@ -122,3 +122,12 @@ def test_bad_salt_stops_with_how_to_fix(tmp_path: Path, salt: str | None, says: 
         capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin", **env}, timeout=30,
     )  # fmt: skip
     assert serve.returncode == 2 and says in serve.stderr
+
+
+def test_catalog_entries_are_valid_servers() -> None:
+    from proxy.settings import parse_server
+
+    catalog = yaml.safe_load((ROOT / "config/catalog.yaml").read_text())
+    assert len(catalog["servers"]) >= 10
+    for server_id, body in catalog["servers"].items():
+        parse_server(server_id, body, key=f"catalog.{server_id}")
