@@ -21,7 +21,7 @@ from proxy.crypto import DecryptError
 from proxy.management import Conflict, Management, NotFound
 from proxy.registry import RegistryError
 from proxy.routing import RouteError
-from proxy.settings import ID_PATTERN, ConfigError
+from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ConfigError
 from proxy.stores import StoreUnavailable
 
 log = structlog.get_logger("keybearer.admin")
@@ -142,6 +142,8 @@ async def create_server(request: Request, m: Management) -> Response:
     if not isinstance(data, dict) or not isinstance(data.get("id"), str):
         raise BadRequest("send a JSON object with `id`, `url` and `auth`")
     server_id = data.pop("id")
+    if not SERVER_ID_PATTERN.fullmatch(server_id):
+        raise ConfigError("id", "must be 1-64 characters of a-z, 0-9, '-' and '_', starting alphanumeric")
     server = await m.create_server(server_id, data)
     return JSONResponse(m.describe(server), status_code=201)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -161,8 +160,9 @@ def check_exposure(settings: Settings) -> None:
 
 def from_environment() -> Keybearer:
     """The app factory each worker process calls (workers > 1)."""
-    logs.configure(os.environ.get("KEYBEARER_LOG_LEVEL", "info"))
-    return Keybearer(load_settings())
+    settings = load_settings()
+    logs.configure(settings.log_level)
+    return Keybearer(settings)
 
 
 def _first_segment(path: str) -> str:

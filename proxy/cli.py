@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import sys
 import tempfile
@@ -192,7 +193,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,
         server_header=False,
         date_header=False,
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),  # int(0.5) would be no grace at all
     )
     return 0
 
@@ -231,6 +232,9 @@ StoreCommand = Callable[[argparse.Namespace, Management], Awaitable[int | None]]
 
 def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings], int]:
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        # Log lines (redacted) go to stderr: stdout is the command's answer, JSON with --json.
+        logs.configure(settings.log_level, sys.stderr)
+
         async def go() -> int:
             keyring = Keyring(settings.salt or "", settings.salt_previous)
             store, tokens = open_store(settings), open_token_store(settings)
@@ -385,7 +389,10 @@ async def tokens_list(args: argparse.Namespace, m: Management) -> int:
 
 
 async def tokens_revoke(args: argparse.Namespace, m: Management) -> int:
-    await m.revoke_token(args.token_id)
+    try:
+        await m.revoke_token(args.token_id)
+    except NotFound as exc:
+        raise Failure(str(exc)) from None  # nothing to delete: exit 1, like `api-key clear`
     _print(args, {"ok": True}, f"token {args.token_id} revoked")
     return 0
 

@@ -11,6 +11,7 @@ credential it stops at the proxy and is never forwarded.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -32,6 +33,9 @@ log = structlog.get_logger("keybearer.inbound")
 KIND = "proxy_token"
 PREFIX = "kbp_"
 JWKS_TTL = 600.0
+# A token naming a key the cached set lacks (the issuer rotated its keys) makes
+# the set be fetched again, at most this often.
+JWKS_MIN_REFETCH = 5.0
 
 
 class Refused(Exception):
@@ -85,6 +89,8 @@ class InboundAuth:
         self.mode = settings.inbound_auth
         self.registry = registry
         self._jwks: tuple[float, Any] | None = None
+        self._jwks_tried = 0.0
+        self._jwks_lock = asyncio.Lock()
         self._jwt = JsonWebToken(["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"])
 
     async def check(self, headers: list[tuple[bytes, bytes]], user: str) -> None:
@@ -112,15 +118,10 @@ class InboundAuth:
 
     async def _check_jwt(self, presented: str, user: str) -> None:
         try:
-            keys = await self._keys()
-            claims = self._jwt.decode(
-                presented, keys,
-                claims_options={
-                    "iss": {"essential": True, "value": self.settings.jwt_issuer},
-                    "exp": {"essential": True},
-                    **({"aud": {"essential": True, "value": self.settings.jwt_audience}} if self.settings.jwt_audience else {}),
-                },
-            )  # fmt: skip
+            try:
+                claims = self._decode(presented, await self._keys())
+            except ValueError:  # no key with the token's kid: the issuer may have rotated its keys
+                claims = self._decode(presented, await self._keys(refetch=True))
             claims.validate(leeway=30)
         except (JoseError, ValueError) as exc:
             raise Refused(
@@ -129,9 +130,26 @@ class InboundAuth:
         if claims.get(self.settings.jwt_user_claim) != user:
             raise Refused(403, "caller_forbidden", f"the caller JWT does not belong to user {user!r}")
 
-    async def _keys(self) -> Any:
-        if self._jwks and self._jwks[0] > time.monotonic():
+    def _decode(self, presented: str, keys: Any) -> Any:
+        return self._jwt.decode(
+            presented, keys,
+            claims_options={
+                "iss": {"essential": True, "value": self.settings.jwt_issuer},
+                "exp": {"essential": True},
+                **({"aud": {"essential": True, "value": self.settings.jwt_audience}} if self.settings.jwt_audience else {}),
+            },
+        )  # fmt: skip
+
+    async def _keys(self, refetch: bool = False) -> Any:
+        if self._jwks and self._jwks[0] > time.monotonic() and not refetch:
             return self._jwks[1]
+        async with self._jwks_lock:
+            if self._jwks and time.monotonic() - self._jwks_tried < JWKS_MIN_REFETCH:
+                return self._jwks[1]  # fetched (or tried) a moment ago
+            self._jwks_tried = time.monotonic()
+            return await self._fetch_keys()
+
+    async def _fetch_keys(self) -> Any:
         assert self.settings.jwt_jwks_url
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:

@@ -10,11 +10,15 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+import structlog
+
 from proxy import inbound
 from proxy.crypto import DecryptError
 from proxy.registry import Registry, RegistryError
 from proxy.settings import ConfigError, ServerConfig, parse_server
-from proxy.stores import Connection, TokenStore
+from proxy.stores import Connection, StoreUnavailable, TokenStore
+
+log = structlog.get_logger("keybearer.management")
 
 STATIC_CLIENT = "client_secret"
 REGISTRATION = "client_registration"
@@ -58,7 +62,10 @@ class Management:
 
     async def create_server(self, server_id: str, definition: Any) -> ServerConfig:
         server = parse_server(server_id, definition, key="server", source="store")
-        if self.registry.get(server_id) is not None:
+        existing = self.registry.get(server_id)
+        if existing is not None and existing.source == "config":
+            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        if existing is not None:
             raise Conflict(f"server {server_id!r} exists; update it with PUT instead")
         await self.registry.put_server(server)
         await self._changed()
@@ -69,10 +76,12 @@ class Management:
         if current.source == "config":
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         server = parse_server(server_id, definition, key="server", source="store")
-        await self.registry.put_server(server)
         if server.url != current.url or server.auth != current.auth:
-            # Tokens were issued for the old resource: they must not reach the new one.
+            # Tokens were issued for the old resource: they must not reach the new
+            # one, so they go first; a failure then leaves the old definition.
+            await self.registry.store.ping()
             await self.tokens.delete_server_connections(server_id)
+        await self.registry.put_server(server)
         await self._changed()
         return server
 
@@ -80,9 +89,12 @@ class Management:
         server = self.server(server_id)
         if server.source == "config":
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
-        await self.registry.delete_server(server_id)
+        # Tokens first: if the server went first and the token store failed, its
+        # users' tokens would outlive it and serve a later server of the same id.
+        await self.registry.store.ping()
         await self.tokens.delete_server_connections(server_id)
         await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
+        await self.registry.delete_server(server_id)
         await self._changed()
 
     # -- API keys ------------------------------------------------------------------
@@ -171,9 +183,10 @@ class Management:
     async def reset(self, server_id: str) -> dict[str, int]:
         """Wipe a server's whole OAuth state: tokens, registrations, cached metadata."""
         self.server(server_id)
+        await self.registry.store.ping()
         connections = await self.tokens.delete_server_connections(server_id)
-        registrations = await self.registry.delete_secrets_of(REGISTRATION, server_id)
         cached = await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
+        registrations = await self.registry.delete_secrets_of(REGISTRATION, server_id)
         await self._changed()
         return {"connections": connections, "registrations": registrations, "cache_entries": cached}
 
@@ -189,6 +202,7 @@ class Management:
             raise ConfigError("users", str(exc)) from None
         await self.registry.set_secret(inbound.KIND, record.id, inbound.record_json(record))
         self.registry.proxy_tokens = {**self.registry.proxy_tokens, record.id: record}
+        self.registry.touched()
         await self._changed()
         return value, record.public()
 
@@ -199,10 +213,17 @@ class Management:
         if not await self.registry.delete_secret(inbound.KIND, token_id):
             raise NotFound(f"no caller token {token_id!r}")
         self.registry.proxy_tokens = {k: v for k, v in self.registry.proxy_tokens.items() if k != token_id}
+        self.registry.touched()
         await self._changed()
 
     async def _changed(self) -> None:
-        await self.tokens.publish(SERVERS_CHANGED)
+        try:
+            await self.tokens.publish(SERVERS_CHANGED)
+        except StoreUnavailable as exc:
+            # The change is stored: answering 503 would claim otherwise. The other
+            # replicas find it on their next poll of the store instead.
+            log.warning("change stored but not announced; other replicas see it at their next poll",
+                        reason=str(exc))  # fmt: skip
 
 
 def connection_info(c: Connection) -> dict[str, Any]:

@@ -56,10 +56,27 @@ class Registry:
         self.announced: dict[str, frozenset[str]] = {}
         self._seen_changes: int | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        # Loads are serialized, and a load that overlapped a write made here is
+        # redone: otherwise what it read before the write would replace it.
+        self._loading = asyncio.Lock()
+        self._local_writes = 0
 
     # -- loading -------------------------------------------------------------
 
     async def load(self) -> None:
+        async with self._loading:
+            while True:
+                writes = self._local_writes
+                servers, keys, tokens = await self._read()
+                if writes == self._local_writes:
+                    break
+            self.servers, self._stored_keys, self.proxy_tokens = servers, keys, tokens
+
+    def touched(self) -> None:
+        """A write made here was applied to memory: loads in flight read again."""
+        self._local_writes += 1
+
+    async def _read(self) -> tuple[dict[str, ServerConfig], dict[str, str], dict[str, Any]]:
         servers = dict(self.config_servers)
         for server in await self.store.list_servers():
             if server.id in self.config_servers:
@@ -84,7 +101,7 @@ class Registry:
                 logs.register_secret(plain)
             else:
                 tokens[name] = record_from_json(plain)
-        self.servers, self._stored_keys, self.proxy_tokens = servers, keys, tokens
+        return servers, keys, tokens
 
     async def start(self, poll_interval: float = 1.0, events: AsyncIterator[str] | None = None) -> None:
         """Load, then follow changes: `events` (pub/sub from other replicas) for
@@ -108,11 +125,15 @@ class Registry:
             try:
                 changes = await self.store.changes()
                 if changes != self._seen_changes:
-                    self._seen_changes = changes
                     await self.load()
+                    # Only now: a load that failed is retried at the next poll.
+                    self._seen_changes = changes
             except StoreUnavailable as exc:
                 # Serving goes on from what is cached.
                 log.warning("store unavailable; serving from cache", reason=str(exc))
+            except Exception as exc:
+                # A watcher that died would leave this replica deaf for good.
+                log.error("reload failed; serving from cache", error=type(exc).__name__, reason=str(exc))
 
     async def _follow(self, events: AsyncIterator[str]) -> None:
         async for event in events:
@@ -123,6 +144,8 @@ class Registry:
                 await self.load()
             except StoreUnavailable as exc:
                 log.warning("store unavailable; serving from cache", reason=str(exc))
+            except Exception as exc:
+                log.error("reload failed; serving from cache", error=type(exc).__name__, reason=str(exc))
 
     # -- reading (hot path) ----------------------------------------------------
 
@@ -188,6 +211,7 @@ class Registry:
             )
         await self.store.put_server(server)
         self.servers = {**self.servers, server.id: server}
+        self.touched()
 
     async def delete_server(self, server_id: str) -> bool:
         if server_id in self.config_servers:
@@ -196,7 +220,8 @@ class Registry:
             )
         deleted = await self.store.delete_server(server_id)
         self.servers = {k: v for k, v in self.servers.items() if k != server_id}
-        self._stored_keys.pop(server_id, None)
+        self._stored_keys = {k: v for k, v in self._stored_keys.items() if k != server_id}
+        self.touched()
         return deleted
 
     async def set_api_key(self, server_id: str, key: str) -> None:
@@ -214,6 +239,7 @@ class Registry:
         ciphertext = self.keyring.encrypt(API_KEY, key.encode(), f"{API_KEY}:{server_id}")
         await self.store.set_secret(API_KEY, server_id, ciphertext)
         self._stored_keys = {**self._stored_keys, server_id: key}
+        self.touched()
 
     # -- other sealed secrets (OAuth clients), read on the OAuth path only -----------
 
@@ -242,8 +268,11 @@ class Registry:
     async def clear_api_key(self, server_id: str) -> bool:
         if server_id not in self.servers:
             raise RegistryError(f"no server {server_id!r}")
+        # The store first: when it fails, the key in use stays in use.
+        deleted = await self.store.delete_secret(API_KEY, server_id)
         self._stored_keys = {k: v for k, v in self._stored_keys.items() if k != server_id}
-        return await self.store.delete_secret(API_KEY, server_id)
+        self.touched()
+        return deleted
 
 
 def owned_by(secret_name: str, server_id: str) -> bool:

@@ -1,0 +1,1194 @@
+#!/usr/bin/env python3
+"""Keybearer's benchmark (`make bench`): one run on loopback, one table, PASS/FAIL per target.
+
+Every process is separate and pinned: the proxy under test on CPU 0, the load generator
+(wrk, or a Python client) and the upstream on CPU 1. The machine is small and shared, so
+only figures from the same run are compared, as ratios.
+
+1. Forwarding: wrk POSTs a JSON-RPC body at 1, 16 and 64 connections to the upstream
+   directly, to nginx (1 worker, proxy_pass + a fixed Authorization header), to a bare
+   aiohttp pass-through (the floor Python allows), to the same pass-through as a raw ASGI
+   app on uvicorn (the floor of Keybearer's serving stack), and to Keybearer (auth none and
+   api_key on SQLite; oauth with a stored token on PostgreSQL + Redis).
+2. Event streams: delay of stamped events from upstream to client, direct and through
+   Keybearer; 5,000 idle GET streams through Keybearer: its RSS and CPU while idle.
+3. Refresh storm: 3 Keybearer replicas sharing PostgreSQL + Redis, one expired token,
+   500 concurrent requests: token requests seen by the authorization server, time to finish.
+4. Workers: one Keybearer worker against two (KEYBEARER_WORKERS=2), unpinned, with wrk's
+   and the upstream's CPU beside them.
+
+    .venv/bin/python tests/bench/run.py            # about 3.5 minutes
+    .venv/bin/python tests/bench/run.py --quick    # about 2 minutes
+    .venv/bin/python tests/bench/run.py --profile  # py-spy hot spots of the proxy under load
+    .venv/bin/python tests/bench/run.py --sections 1 -c 16 -r 3 --compare NAME=/tmp/copy
+        # a scratch copy of the proxy (/tmp/copy/proxy) measured beside the original
+
+Options: --help. docs/performance.md has the latest table and what limits each target.
+
+Needs wrk, taskset and nginx (tests/system-deps.sh bench), PostgreSQL and Redis for the
+OAuth rows and the storm (TEST_POSTGRES_URL, TEST_REDIS_URL; skipped with a note if down).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import resource
+import secrets
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from client_choice import REQUEST_BODY, RESPONSE_BODY, WRK_LUA  # noqa: E402
+
+HOST = "127.0.0.1"
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+PEERS = str(HERE / "bench_peers.py")
+VENV_BIN = Path(sys.executable).parent
+KEYBEARER = str(VENV_BIN / "keybearer")
+API_KEY = "bench-api-key-" + secrets.token_hex(8)
+
+# Targets (one worker, same run).
+TARGET_API_KEY_RATIO = 0.90
+TARGET_OAUTH_RATIO = 0.85
+TARGET_ADDED_P50_MS = 0.6
+TARGET_IDLE_RSS_MB = 400
+TARGET_SSE_P99_MS = 5.0
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _raise_nofile() -> None:
+    """preexec_fn: the child's `ulimit -n` at its hard limit (5,000 streams need 10,000+ fds)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def random_salt() -> str:
+    from proxy.crypto import SecretError, check_salt
+
+    while True:
+        salt = secrets.token_urlsafe(36)  # 48 characters
+        try:
+            return check_salt(salt)
+        except SecretError:
+            continue
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Processes:
+    """Every process the benchmark starts; all stopped in `stop_all`, by pid."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+
+    def start(
+        self,
+        name: str,
+        command: list[str],
+        cpu: str | None,
+        env: dict[str, str] | None = None,
+        **kw: Any,
+    ) -> Proc:
+        log = self.workdir / f"{name}.log"
+        pinned = ["taskset", "-c", cpu, *command] if cpu is not None else command
+        popen = subprocess.Popen(
+            pinned,
+            stdin=kw.pop("stdin", subprocess.DEVNULL),
+            stdout=kw.pop("stdout", log.open("wb")),
+            stderr=subprocess.STDOUT if "stderr" not in kw else kw.pop("stderr"),
+            env={**os.environ, **(env or {})},
+            preexec_fn=_raise_nofile,
+            start_new_session=True,
+            **kw,
+        )
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        if proc in self.procs:
+            self.procs.remove(proc)
+        if proc.popen.poll() is None:
+            proc.popen.send_signal(signal.SIGINT)
+            try:
+                proc.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.popen.kill()
+                proc.popen.wait(timeout=5)
+        # Workers of a multi-process server are in its session (process group): end them too.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop_all(self) -> None:
+        for proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+def wait_until(check: Any, proc: Proc, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}:\n{proc.tail()}")
+        try:
+            if check():
+                return
+        except OSError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} not ready after {timeout:g} s ({last}):\n{proc.tail()}")
+
+
+def post(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(
+        url,
+        data=REQUEST_BODY.encode(),
+        method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json, text/event-stream"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, bytes(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def get(url: str, timeout: float = 5.0) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return bytes(response.read())
+
+
+def forwards_ok(url: str) -> bool:
+    status, body = post(url)
+    if status == 200 and body == RESPONSE_BODY:
+        return True
+    raise RuntimeError(f"{url} answered {status} {body[:200]!r} instead of the upstream's body")
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def _all_stats() -> dict[int, list[str]]:
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                out[int(entry)] = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    stats = _all_stats()
+    children: dict[int, list[int]] = {}
+    for child, fields in stats.items():
+        children.setdefault(int(fields[1]), []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    proxy_cpu: float | None  # cores
+    load_cpu: float  # wrk's cores
+    other_cpu: float | None = None  # e.g. the upstream's cores
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    @property
+    def us_per_request(self) -> float | None:
+        return self.proxy_cpu * 1e6 / self.rps if self.proxy_cpu is not None and self.rps else None
+
+
+def run_wrk(
+    url: str,
+    connections: int,
+    seconds: int,
+    lua: Path,
+    proxy_pid: int | None,
+    workdir: Path,
+    other_pid: int | None = None,
+) -> Load:
+    command = [
+        "taskset",
+        "-c",
+        LOAD_CPU,
+        "wrk",
+        "-t",
+        "1",
+        "-c",
+        str(connections),
+        "-d",
+        f"{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(lua),
+        url,
+    ]
+    proxy_pids = tree(proxy_pid) if proxy_pid else []
+    out_path = workdir / "wrk.out"
+    with out_path.open("wb") as out:
+        cpu_before = cpu_seconds(proxy_pids)
+        other_before = cpu_seconds([other_pid]) if other_pid else 0.0
+        wall_before = time.monotonic()
+        popen = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(popen.pid, 0)
+        popen.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - wall_before
+    text = out_path.read_text()
+    match = re.search(r"^RESULT (.*)$", text, re.MULTILINE)
+    if popen.returncode != 0 or not match:
+        raise RuntimeError(f"wrk failed ({popen.returncode}):\n{text}")
+    values = {k: int(v) for k, v in (item.split("=") for item in match.group(1).split())}
+    return Load(
+        requests=values["requests"],
+        seconds=values["duration_us"] / 1e6,
+        p50_ms=values["p50_us"] / 1e3,
+        p99_ms=values["p99_us"] / 1e3,
+        errors=sum(v for k, v in values.items() if k.startswith("err_")),
+        proxy_cpu=(cpu_seconds(proxy_pids) - cpu_before) / wall if proxy_pids else None,
+        load_cpu=(usage.ru_utime + usage.ru_stime) / wall,
+        other_cpu=(cpu_seconds([other_pid]) - other_before) / wall if other_pid else None,
+    )
+
+
+def median_load(loads: list[Load]) -> Load:
+    import statistics
+
+    if len(loads) == 1:
+        return loads[0]
+    cpus = [x.proxy_cpu for x in loads if x.proxy_cpu is not None]
+    others = [x.other_cpu for x in loads if x.other_cpu is not None]
+    return Load(
+        requests=round(statistics.median(x.rps for x in loads) * 1000),
+        seconds=1000.0,
+        p50_ms=statistics.median(x.p50_ms for x in loads),
+        p99_ms=statistics.median(x.p99_ms for x in loads),
+        errors=sum(x.errors for x in loads),
+        proxy_cpu=statistics.median(cpus) if cpus else None,
+        load_cpu=statistics.median(x.load_cpu for x in loads),
+        other_cpu=statistics.median(others) if others else None,
+    )
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    section: str
+    figure: str
+    clients: str = ""
+    rps: str = ""
+    p50: str = ""
+    p99: str = ""
+    ratio: str = ""
+    proxy_cpu: str = ""
+    load_cpu: str = ""
+    us_req: str = ""
+    target: str = ""
+    result: str = ""
+    detail: str = ""
+
+
+COLUMNS = [
+    ("section", "sec", 3, "<"),
+    ("figure", "figure", 34, "<"),
+    ("clients", "clients", 7, ">"),
+    ("rps", "req/s", 8, ">"),
+    ("p50", "p50 ms", 7, ">"),
+    ("p99", "p99 ms", 7, ">"),
+    ("ratio", "vs floor", 8, ">"),
+    ("proxy_cpu", "proxy cpu", 9, ">"),
+    ("load_cpu", "load cpu", 8, ">"),
+    ("us_req", "us/req", 6, ">"),
+    ("target", "target", 20, "<"),
+    ("result", "result", 20, "<"),
+    ("detail", "detail", 0, "<"),
+]
+
+
+def render_table(rows: list[Row]) -> str:
+    def line(values: dict[str, str]) -> str:
+        cells = []
+        for key, _, width, align in COLUMNS:
+            text = values[key]
+            cells.append(f"{text:{align}{width}}" if width else text)
+        return " ".join(cells).rstrip()
+
+    header = line({key: title for key, title, _, _ in COLUMNS})
+    out = [header, "-" * len(header)]
+    previous = None
+    for row in rows:
+        if previous is not None and row.section != previous:
+            out.append("")
+        previous = row.section
+        out.append(line(row.__dict__))
+    return "\n".join(out)
+
+
+def pct(cores: float | None) -> str:
+    return "-" if cores is None else f"{cores:.0%}"
+
+
+def ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def verdict(ok: bool, note: str = "") -> str:
+    return ("PASS" if ok else "FAIL") + (f" ({note})" if note else "")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Setup:
+    args: argparse.Namespace
+    workdir: Path
+    procs: Processes
+    salt: str = field(default_factory=random_salt)
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    lua: Path = Path()
+    upstream: Proc | None = None
+    upstream_port: int = 0
+    shared: SharedStores | None = None
+
+    @property
+    def upstream_base(self) -> str:
+        return f"http://{HOST}:{self.upstream_port}"
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def env(self) -> dict[str, str]:
+        return {"KEYBEARER_SALT": self.salt, "BENCH_KEY": API_KEY}
+
+    def start_keybearer(
+        self,
+        name: str,
+        config: dict[str, Any],
+        cpu: str | None,
+        env: dict[str, str] | None = None,
+        source: str | None = None,
+    ) -> tuple[Proc, int]:
+        import yaml
+
+        port = free_port()
+        config = {"listen": f"{HOST}:{port}", "public_url": f"http://{HOST}:{port}", **config}
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        extra = {**self.env(), **(env or {})}
+        source = source or self.args.source
+        if source:  # a scratch copy of the proxy, to measure a change beside the original
+            extra["PYTHONPATH"] = source
+            command = [sys.executable, "-m", "proxy", "serve", "--config", str(path)]
+        else:
+            command = [KEYBEARER, "serve", "--config", str(path)]
+        proc = self.procs.start(name, command, cpu, env=extra, cwd=source or None)
+        wait_until(lambda: get(f"http://{HOST}:{port}/ping") == b"ok\n", proc, name)
+        return proc, port
+
+    def sidecar_config(self, name: str) -> dict[str, Any]:
+        up = self.upstream_base
+        return {
+            "database_url": f"sqlite:///{self.workdir}/{name}.db",
+            "servers": {
+                "plain": {"url": f"{up}/mcp", "auth": "none"},
+                "keyed": {"url": f"{up}/mcp", "auth": "api_key", "api_key_env": "BENCH_KEY"},
+                "ticks": {"url": f"{up}/ticks", "auth": "api_key", "api_key_env": "BENCH_KEY"},
+                "idle": {"url": f"{up}/idle", "auth": "api_key", "api_key_env": "BENCH_KEY"},
+            },
+        }
+
+
+# --------------------------------------------------------------------------- shared stores
+
+
+class SharedStores:
+    """A fresh PostgreSQL database and Redis prefix for this run; dropped and deleted after."""
+
+    def __init__(self, postgres_url: str, redis_url: str) -> None:
+        run = secrets.token_hex(4)
+        self.admin_url = postgres_url
+        self.name = f"keybearer_bench_{run}"
+        self.database_url = f"{postgres_url.rsplit('/', 1)[0]}/{self.name}"
+        self.redis_url = redis_url
+        self.prefix = f"kbbench-{run}"
+        self.created = False
+
+    def create(self) -> None:
+        async def go() -> None:
+            import asyncpg
+
+            admin = await asyncpg.connect(self.admin_url)
+            try:
+                await admin.execute(f'CREATE DATABASE "{self.name}"')
+            finally:
+                await admin.close()
+
+        asyncio.run(go())
+        self.created = True
+
+    def drop(self) -> None:
+        async def go() -> None:
+            import asyncpg
+            import redis.asyncio as redis
+
+            if self.created:
+                admin = await asyncpg.connect(self.admin_url)
+                try:
+                    await admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+                finally:
+                    await admin.close()
+            client = redis.from_url(self.redis_url)
+            try:
+                async for key in client.scan_iter(match=f"{self.prefix}:*", count=1000):
+                    await client.delete(key)
+            finally:
+                await client.aclose()
+
+        asyncio.run(go())
+
+    def config(self, servers: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "database_url": self.database_url,
+            "redis_url": self.redis_url,
+            "redis_prefix": self.prefix,
+            "oauth_allow_http_loopback": True,
+            "servers": servers,
+        }
+
+    def seed(self, config_path: Path, salt: str, connections: list[dict[str, Any]]) -> None:
+        """Migrate, then write each connection's sealed tokens straight into the token store."""
+
+        async def go() -> None:
+            from proxy.crypto import Keyring
+            from proxy.oauth.lifecycle import TokenSet, seal
+            from proxy.settings import load_settings
+            from proxy.stores import Connection, open_store, open_token_store
+
+            settings = load_settings(str(config_path), env={"KEYBEARER_SALT": salt})
+            store = open_store(settings)
+            await store.open()
+            try:
+                await store.migrate()
+            finally:
+                await store.close()
+            keyring = Keyring(salt)
+            tokens = open_token_store(settings)
+            await tokens.open()
+            try:
+                for c in connections:
+                    sealed = seal(keyring, c["user"], c["server"], TokenSet(c["access"], c["refresh"]))
+                    conn = Connection(
+                        user=c["user"],
+                        server=c["server"],
+                        sealed=sealed,
+                        issuer=c["issuer"],
+                        client_id="bench",
+                        scopes=("mcp",),
+                        expires_at=c["expires_at"],
+                        obtained_at=time.time(),
+                        version=1,
+                    )
+                    await tokens.put_connection(conn)
+            finally:
+                await tokens.close()
+
+        asyncio.run(go())
+
+
+# --------------------------------------------------------------------------- 1. forwarding
+
+
+def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
+    args = s.args
+    up = s.upstream_base
+    targets: dict[str, tuple[str, int | None]] = {"direct (no proxy)": (f"{up}/mcp", None)}
+
+    ng_port = free_port()
+    ng = start_nginx(s, ng_port)
+    targets["nginx, 1 worker"] = (f"http://{HOST}:{ng_port}/alice/keyed", ng.pid)
+
+    fl_port = free_port()
+    fl = s.procs.start(
+        "floor",
+        [sys.executable, PEERS, "floor", "--port", str(fl_port), "--upstream", f"{up}/mcp"],
+        PROXY_CPU,
+    )
+    url = f"http://{HOST}:{fl_port}/alice/keyed"
+    wait_until(lambda: forwards_ok(url), fl, "aiohttp floor")
+    targets["aiohttp floor"] = (url, fl.pid)
+
+    if not args.no_asgi_floor:
+        af_port = free_port()
+        af = s.procs.start(
+            "asgi-floor",
+            [sys.executable, PEERS, "asgi-floor", "--port", str(af_port), "--upstream", f"{up}/mcp"],
+            PROXY_CPU,
+        )
+        url = f"http://{HOST}:{af_port}/alice/keyed"
+        wait_until(lambda: forwards_ok(url), af, "ASGI floor")
+        targets["ASGI floor (uvicorn)"] = (url, af.pid)
+
+    trees: list[tuple[str, str | None]] = [("", None), *((name, path) for name, path in args.compare)]
+    for spec, source in trees:
+        tag, _, only = spec.partition(":")
+        suffix = f" [{tag}]" if tag else ""
+        name = f"kb-sidecar-{tag}" if tag else "kb-sidecar"
+        if only in ("", "api_key"):
+            kb, port = s.start_keybearer(name, s.sidecar_config(name), PROXY_CPU, source=source)
+            for server, label in (("plain", "none"), ("keyed", "api_key")):
+                if tag and server == "plain":
+                    continue
+                url = f"http://{HOST}:{port}/alice/{server}"
+                wait_until(lambda url=url, kb=kb: forwards_ok(url), kb, name)
+                targets[f"keybearer {label}{suffix}"] = (url, kb.pid)
+        if s.shared is not None and only in ("", "oauth"):
+            shared_name = f"kb-shared-{tag}" if tag else "kb-shared"
+            kb, port = s.start_keybearer(
+                shared_name, s.shared.config(shared_servers(s)), PROXY_CPU, source=source
+            )
+            url = f"http://{HOST}:{port}/alice/oauth"
+            wait_until(lambda url=url: forwards_ok(url), kb, shared_name)
+            targets[f"keybearer oauth{suffix}"] = (url, kb.pid)
+
+    loads: dict[tuple[str, int], list[Load]] = {}
+    for round_no in range(1, args.rounds + 1):
+        for level in args.connections:
+            for name, (url, pid) in targets.items():
+                run_wrk(url, level, args.warmup, s.lua, pid, s.workdir)
+                load = run_wrk(url, level, args.duration, s.lua, pid, s.workdir)
+                loads.setdefault((name, level), []).append(load)
+                s.say(
+                    f"  [1] round {round_no} {name:<28} c={level:<3} {load.rps:>8,.0f} req/s  "
+                    f"p50 {load.p50_ms:.2f}  p99 {load.p99_ms:.2f} ms  proxy {pct(load.proxy_cpu)}  "
+                    f"errors {load.errors}"
+                )
+    result = {key: median_load(value) for key, value in loads.items()}
+    for url, _ in targets.values():
+        forwards_ok(url)  # still forwarding correctly after the load
+
+    for level in args.connections:
+        floor = result.get(("aiohttp floor", level))
+        direct = result.get(("direct (no proxy)", level))
+        for name in targets:
+            load = result[(name, level)]
+            row = Row(
+                "1",
+                name,
+                str(level),
+                f"{load.rps:,.0f}",
+                ms(load.p50_ms),
+                ms(load.p99_ms),
+                f"{load.rps / floor.rps:.2f}" if floor and floor.rps else "-",
+                pct(load.proxy_cpu),
+                pct(load.load_cpu),
+                f"{load.us_per_request:.0f}" if load.us_per_request else "-",
+            )
+            if load.errors:
+                row.detail = f"{load.errors} errors"
+            base = name.split(" [")[0]
+            if base in ("keybearer api_key", "keybearer oauth") and level == 16 and floor:
+                want = TARGET_API_KEY_RATIO if base.endswith("api_key") else TARGET_OAUTH_RATIO
+                row.target = f">= {want:.2f}x floor"
+                row.result = verdict(load.rps >= want * floor.rps and not load.errors)
+            if base in ("keybearer api_key", "keybearer oauth") and level == 1 and direct:
+                added = load.p50_ms - direct.p50_ms
+                row.target = f"p50 +<= {TARGET_ADDED_P50_MS} ms"
+                row.result = verdict(added <= TARGET_ADDED_P50_MS and not load.errors, f"+{added:.2f}")
+            s.rows.append(row)
+    return result
+
+
+def shared_servers(s: Setup, peer_port: int | None = None) -> dict[str, Any]:
+    servers: dict[str, Any] = {
+        "oauth": {"url": f"{s.upstream_base}/mcp", "auth": "oauth", "client_id": "bench"},
+    }
+    if peer_port:
+        servers["guarded"] = {"url": f"http://{HOST}:{peer_port}/mcp", "auth": "oauth", "client_id": "bench"}
+    return servers
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 10000; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/nginx-body;
+    proxy_temp_path {dir}/nginx-proxy;
+    upstream bench_upstream {{
+        server {host}:{upstream_port};
+        keepalive 128;
+    }}
+    server {{
+        listen {host}:{port};
+        location / {{
+            rewrite ^ /mcp break;
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer bench-nginx-token";
+        }}
+    }}
+}}
+"""
+
+
+def start_nginx(s: Setup, port: int) -> Proc:
+    conf = s.workdir / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=s.workdir, host=HOST, upstream_port=s.upstream_port, port=port))
+    proc = s.procs.start(
+        "nginx",
+        ["nginx", "-e", str(s.workdir / "nginx-error.log"), "-p", str(s.workdir), "-c", str(conf)],
+        PROXY_CPU,
+    )
+    url = f"http://{HOST}:{port}/alice/keyed"
+    wait_until(lambda: forwards_ok(url), proc, "nginx")
+    return proc
+
+
+# --------------------------------------------------------------------------- 2. event streams
+
+
+def run_client(s: Setup, role: str, *args: str, timeout: float = 120) -> dict[str, Any]:
+    command = ["taskset", "-c", LOAD_CPU, sys.executable, PEERS, role, *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, preexec_fn=_raise_nofile)
+    if done.returncode != 0:
+        raise RuntimeError(f"{role} client failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def section_streams(s: Setup, kb: Proc, kb_port: int) -> None:
+    args = s.args
+    probes = {
+        "SSE event delay, direct": f"{s.upstream_base}/ticks?ms={args.sse_interval_ms}",
+        "SSE event delay, keybearer": f"http://{HOST}:{kb_port}/alice/ticks?ms={args.sse_interval_ms}",
+    }
+    for name, url in probes.items():
+        result = run_client(
+            s, "sse", "--url", url, "--streams", str(args.sse_streams), "--seconds", str(args.sse_seconds)
+        )
+        s.say(f"  [2] {name}: {result}")
+        row = Row(
+            "2",
+            name,
+            f"{args.sse_streams}",
+            "",
+            ms(result["p50_ms"]),
+            ms(result["p99_ms"]),
+            detail=f"{result['events']:,} events, 1 per {args.sse_interval_ms:g} ms per stream, "
+            f"max {ms(result['max_ms'])} ms"
+            + (f", {result['error_count']} errors" if result["error_count"] else ""),
+        )
+        if name.endswith("keybearer"):
+            ok = (
+                result["p99_ms"] is not None
+                and result["p99_ms"] <= TARGET_SSE_P99_MS
+                and not result["error_count"]
+            )
+            row.target, row.result = f"p99 <= {TARGET_SSE_P99_MS:g} ms", verdict(ok)
+        s.rows.append(row)
+
+    # Idle streams.
+    n = args.streams
+    pids = tree(kb.pid)
+    rss_before = rss_mb(pids)
+    up_pids = tree(s.upstream.pid) if s.upstream else []
+    url = f"http://{HOST}:{kb_port}/alice/idle"
+    client = subprocess.Popen(
+        ["taskset", "-c", LOAD_CPU, sys.executable, PEERS, "idle", "--url", url, "--streams", str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_raise_nofile,
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        ready, _, _ = select.select([client.stdout], [], [], 180)
+        if not ready:
+            raise RuntimeError("idle-stream client did not report within 180 s")
+        opened = json.loads(client.stdout.readline() or b"{}")
+        if not opened:
+            raise RuntimeError(
+                f"idle-stream client failed: {client.stderr.read().decode()[-2000:] if client.stderr else ''}"
+            )
+        time.sleep(1.0)  # let the last opens settle
+        cpu_before, wall_before = cpu_seconds(pids), time.monotonic()
+        time.sleep(args.idle_seconds)
+        idle_cpu = (cpu_seconds(pids) - cpu_before) / (time.monotonic() - wall_before)
+        rss_open = rss_mb(pids)
+        up_rss = rss_mb(up_pids)
+        client.stdin.close()
+        client.wait(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    time.sleep(2.0)
+    rss_after = rss_mb(pids)
+    s.say(
+        f"  [2] idle streams: {opened}; RSS {rss_before:.0f} -> {rss_open:.0f} -> {rss_after:.0f} MB; "
+        f"idle cpu {idle_cpu:.1%}"
+    )
+    per_stream = (rss_open - rss_before) * 1024 / max(1, opened["opened"])
+    ok = rss_open < TARGET_IDLE_RSS_MB and opened["opened"] == n
+    s.rows.append(
+        Row(
+            "2",
+            f"{n:,} idle streams, keybearer",
+            f"{n}",
+            proxy_cpu=f"{idle_cpu:.1%}",
+            target=f"RSS < {TARGET_IDLE_RSS_MB} MB",
+            result=verdict(ok, f"{rss_open:.0f} MB"),
+            detail=f"{opened['opened']:,} open ({opened['failed']} failed) in {opened['seconds']:.1f} s; RSS "
+            f"{rss_before:.0f} MB before, +{per_stream:.0f} KB/stream, {rss_after:.0f} MB after close; "
+            f"upstream RSS {up_rss:.0f} MB",
+        )
+    )
+
+
+# --------------------------------------------------------------------------- 3. refresh storm
+
+
+def section_storm(s: Setup) -> None:
+    assert s.shared is not None
+    args = s.args
+    peer_port = free_port()
+    peer = s.procs.start(
+        "oauth-peer",
+        [
+            sys.executable,
+            PEERS,
+            "oauth",
+            "--port",
+            str(peer_port),
+            "--token-delay-ms",
+            str(args.token_delay_ms),
+        ],
+        LOAD_CPU,
+    )
+    peer_base = f"http://{HOST}:{peer_port}"
+    wait_until(lambda: get(f"{peer_base}/stats") is not None, peer, "oauth peer")
+    config = s.shared.config(shared_servers(s, peer_port))
+    config_path = s.workdir / "storm-seed.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump({"listen": f"{HOST}:1", **config}))
+    s.shared.seed(
+        config_path,
+        s.salt,
+        [
+            {
+                "user": "storm",
+                "server": "guarded",
+                "access": "at-0-expired",
+                "refresh": "rt-0",
+                "issuer": peer_base,
+                "expires_at": time.time() - 60,
+            },
+        ],
+    )
+    replicas = []
+    for i in range(args.replicas):
+        proc, port = s.start_keybearer(f"kb-replica-{i}", config, PROXY_CPU)
+        replicas.append((proc, port))
+    bases = [f"http://{HOST}:{port}" for _, port in replicas]
+    result = run_client(
+        s, "burst", "--bases", *bases, "--path", "/storm/guarded", "-n", str(args.storm), "--repeat", "2"
+    )
+    stats = json.loads(get(f"{peer_base}/stats"))
+    s.say(f"  [3] storm: {result}; authorization server: {stats}")
+    storm, fresh = result["bursts"]
+    refreshes = stats.get("token_requests", 0)
+    all_ok = storm["body_ok"] == args.storm
+    ok = refreshes == 1 and stats.get("refresh_reused", 0) == 0 and all_ok
+    failed = args.storm - storm["body_ok"]
+    detail = (
+        f"all done in {storm['all_done_ms']:.0f} ms; {storm['body_ok']}/{args.storm} forwarded "
+        f"with the new token; statuses {storm['statuses']}; AS: {refreshes} token request(s), "
+        f"{stats.get('refresh_reused', 0)} reused, token endpoint delay {args.token_delay_ms:g} ms"
+    )
+    s.rows.append(
+        Row(
+            "3",
+            f"refresh storm, {args.replicas} replicas",
+            str(args.storm),
+            "",
+            ms(storm["p50_ms"]),
+            ms(storm["p99_ms"]),
+            target="1 token request",
+            result=verdict(ok, f"{refreshes}" + (f", {failed} failed" if failed else "")),
+            detail=detail,
+        )
+    )
+    s.rows.append(
+        Row(
+            "3",
+            "same burst, token now fresh",
+            str(args.storm),
+            "",
+            ms(fresh["p50_ms"]),
+            ms(fresh["p99_ms"]),
+            detail=f"all done in {fresh['all_done_ms']:.0f} ms; statuses {fresh['statuses']}",
+        )
+    )
+    for proc, _ in replicas:
+        s.procs.stop(proc)
+    s.procs.stop(peer)
+
+
+# --------------------------------------------------------------------------- 4. workers
+
+
+def worker_processes(pid: int) -> int:
+    return sum(1 for child in tree(pid)[1:] if "spawn_main" in cmdline(child))
+
+
+def section_workers(s: Setup) -> None:
+    args = s.args
+    started = {}
+    for workers in (1, 2):
+        name = f"kb-workers-{workers}"
+        proc, port = s.start_keybearer(
+            name, s.sidecar_config(name), None, env={"KEYBEARER_WORKERS": str(workers)}
+        )
+        url = f"http://{HOST}:{port}/alice/keyed"
+        wait_until(lambda url=url: forwards_ok(url), proc, name)
+        time.sleep(0.5)
+        started[workers] = (proc, url, worker_processes(proc.pid))
+    honoured = started[2][2] >= 2
+    loads: dict[tuple[int, int], Load] = {}
+    for level in args.worker_connections:
+        for workers, (proc, url, _) in started.items():
+            run_wrk(url, level, args.warmup, s.lua, proc.pid, s.workdir)
+            loads[(workers, level)] = run_wrk(
+                url,
+                level,
+                args.duration,
+                s.lua,
+                proc.pid,
+                s.workdir,
+                other_pid=s.upstream.pid if s.upstream else None,
+            )
+            load = loads[(workers, level)]
+            s.say(
+                f"  [4] workers={workers} c={level}: {load.rps:,.0f} req/s, proxy {pct(load.proxy_cpu)}, "
+                f"wrk {pct(load.load_cpu)}, upstream {pct(load.other_cpu)}"
+            )
+        one, two = loads[(1, level)], loads[(2, level)]
+        for workers, load in ((1, one), (2, two)):
+            row = Row(
+                "4",
+                f"api_key, {workers} worker{'s' if workers > 1 else ''}, unpinned",
+                str(level),
+                f"{load.rps:,.0f}",
+                ms(load.p50_ms),
+                ms(load.p99_ms),
+                "",
+                pct(load.proxy_cpu),
+                pct(load.load_cpu),
+                f"{load.us_per_request:.0f}" if load.us_per_request else "-",
+                detail=f"upstream cpu {pct(load.other_cpu)}",
+            )
+            if workers == 2:
+                row.detail += f"; {two.rps / one.rps:.2f}x one worker" if one.rps else ""
+                if not honoured:
+                    row.result = "pending"
+                    row.detail += f"; KEYBEARER_WORKERS=2 ignored ({started[2][2]} worker processes)"
+            s.rows.append(row)
+    for proc, _, _ in started.values():
+        s.procs.stop(proc)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def machine_line() -> str:
+    import platform
+
+    model = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    versions = []
+    for module in ("uvicorn", "uvloop", "httptools", "aiohttp", "starlette", "structlog", "redis", "asyncpg"):
+        try:
+            from importlib.metadata import version
+
+            versions.append(f"{module} {version(module)}")
+        except Exception:
+            continue
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0].split(" [")[0]
+    nginx = (
+        subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip().split(":")[-1].strip()
+    )
+    return (
+        f"{os.cpu_count()} CPUs ({model}), Linux {platform.release()}, Python {platform.python_version()}; "
+        + ", ".join(versions)
+        + f"; {wrk}; {nginx}"
+    )
+
+
+def check_tools() -> None:
+    missing = [t for t in ("wrk", "taskset", "nginx") if shutil.which(t) is None]
+    if missing:
+        sys.exit(f"missing: {', '.join(missing)}; run tests/system-deps.sh bench (Debian: wrk, nginx-light)")
+    if len(os.sched_getaffinity(0)) < 2:
+        sys.exit("needs 2 CPUs: the proxy on CPU 0, the load and the upstream on CPU 1")
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    check_tools()
+    from services import POSTGRES_URL, REDIS_URL, unreachable
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="keybearer-bench-") as tmp:
+        workdir = Path(tempfile.mkdtemp(prefix="keybearer-bench-")) if args.keep else Path(tmp)
+        if args.keep:
+            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+        s = Setup(args, workdir, Processes(workdir))
+        s.lua = workdir / "post.lua"
+        s.lua.write_text(WRK_LUA)
+        problems = unreachable() if not args.no_shared else ["--no-shared"]
+        if problems:
+            s.notes.append("OAuth rows and the refresh storm skipped: " + "; ".join(problems))
+        else:
+            s.shared = SharedStores(POSTGRES_URL, REDIS_URL)
+        try:
+            s.upstream_port = free_port()
+            s.upstream = s.procs.start(
+                "upstream", [sys.executable, PEERS, "upstream", "--port", str(s.upstream_port)], LOAD_CPU
+            )
+            wait_until(lambda: forwards_ok(f"{s.upstream_base}/mcp"), s.upstream, "upstream")
+            if s.shared is not None:
+                s.shared.create()
+                seed_path = workdir / "seed.yaml"
+                import yaml
+
+                seed_path.write_text(
+                    yaml.safe_dump({"listen": f"{HOST}:1", **s.shared.config(shared_servers(s))})
+                )
+                s.shared.seed(
+                    seed_path,
+                    s.salt,
+                    [
+                        {
+                            "user": "alice",
+                            "server": "oauth",
+                            "access": "at-alice-" + secrets.token_urlsafe(16),
+                            "refresh": "rt-alice",
+                            "issuer": "http://127.0.0.1:9",
+                            "expires_at": time.time() + 10 * 365 * 86400,
+                        },
+                    ],
+                )
+            if "1" in args.sections:
+                s.say("[1] forwarding")
+                section_forwarding(s)
+            if "2" in args.sections:
+                s.say("[2] event streams")
+                kb, port = s.start_keybearer("kb-streams", s.sidecar_config("kb-streams"), PROXY_CPU)
+                section_streams(s, kb, port)
+                s.procs.stop(kb)
+            if "3" in args.sections and s.shared is not None:
+                s.say("[3] refresh storm")
+                section_storm(s)
+            if "4" in args.sections:
+                s.say("[4] workers")
+                section_workers(s)
+        finally:
+            s.procs.stop_all()
+            if s.shared is not None:
+                s.shared.drop()
+    print()
+    print(f"Keybearer benchmark, {time.strftime('%Y-%m-%d %H:%M')}, {time.monotonic() - started:.0f} s")
+    print(f"machine: {machine_line()}")
+    print(
+        f"POST {len(REQUEST_BODY)} B -> {len(RESPONSE_BODY)} B JSON; wrk {args.warmup} s warm-up + "
+        f"{args.duration} s per cell, {args.rounds} round(s); proxy on CPU {PROXY_CPU}, wrk + upstream on "
+        f"CPU {LOAD_CPU}; 'vs floor' = req/s / the aiohttp floor's at the same clients; 'load cpu' = wrk's"
+    )
+    print()
+    print(render_table(s.rows))
+    for note in s.notes:
+        print(f"note: {note}")
+    failed = [r for r in s.rows if r.result.startswith("FAIL")]
+    print()
+    print(f"targets: {sum(1 for r in s.rows if r.result.startswith('PASS'))} PASS, {len(failed)} FAIL")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.__dict__ for r in s.rows], indent=2))
+    return 0
+
+
+def parse_compare(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not Path(path, "proxy").is_dir() or name.partition(":")[2] not in ("", "api_key", "oauth"):
+        raise argparse.ArgumentTypeError("NAME[:api_key|:oauth]=PATH, where PATH holds a proxy/ package")
+    return name, str(Path(path).resolve())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 2 minutes in all)")
+    parser.add_argument("-c", "--connections", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("-d", "--duration", type=int, help="seconds per wrk cell (default 5, quick 2)")
+    parser.add_argument("-w", "--warmup", type=int, help="warm-up seconds per cell (default 1)")
+    parser.add_argument("-r", "--rounds", type=int, default=1, help="rounds of section 1 (median)")
+    parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI (uvicorn) floor")
+    parser.add_argument("--no-shared", action="store_true", help="skip PostgreSQL/Redis (OAuth, storm)")
+    parser.add_argument("--sse-streams", type=int, default=10)
+    parser.add_argument("--sse-interval-ms", type=float, default=20)
+    parser.add_argument("--sse-seconds", type=float, help="seconds per SSE probe (default 5, quick 3)")
+    parser.add_argument("--streams", type=int, default=5000, help="idle event streams held open")
+    parser.add_argument("--idle-seconds", type=float, help="seconds the idle CPU is measured (default 5)")
+    parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--storm", type=int, default=500, help="concurrent requests in the refresh storm")
+    parser.add_argument("--token-delay-ms", type=float, default=50, help="the token endpoint's own delay")
+    parser.add_argument("--worker-connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument(
+        "--compare",
+        type=parse_compare,
+        action="append",
+        default=[],
+        metavar="NAME[:api_key|:oauth]=PATH",
+        help="section 1 also runs a scratch copy of the proxy (PATH/proxy): its api_key and oauth "
+        "rows, or only the one named after NAME:",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, configs)")
+    parser.add_argument(
+        "--source",
+        type=lambda p: parse_compare(f"x={p}")[1],
+        metavar="PATH",
+        help="run every Keybearer from a scratch copy (PATH/proxy) instead",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    parser.add_argument("--profile", action="store_true", help="profile the proxy with py-spy instead")
+    parser.add_argument("--profile-seconds", type=int, default=15)
+    parser.add_argument("--profile-connections", type=int, default=16)
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or "py-spy")
+    args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 2 if args.quick else 5
+    if args.warmup is None:
+        args.warmup = 1
+    if args.sse_seconds is None:
+        args.sse_seconds = 3 if args.quick else 5
+    if args.idle_seconds is None:
+        args.idle_seconds = 3 if args.quick else 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.profile:
+        from hotspots import profile
+
+        return profile(args)
+    return benchmark(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
