@@ -191,6 +191,8 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         lifespan="on",
         log_config=None,
         access_log=False,
+        # The agent is not a trusted proxy: never take its X-Forwarded-* as the client.
+        proxy_headers=False,
         server_header=False,
         date_header=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),  # int(0.5) would be no grace at all

@@ -38,14 +38,13 @@ VENV_BIN = Path(sys.executable).parent
 # The oldest Kubernetes the manifests are for (native sidecars: 1.29) and the newest schemas bundled.
 K8S_VERSIONS = ("1.29.0", "latest")
 IMAGE_USER = 10001
-# The announced override for a non-loopback listen without inbound auth; not a setting yet.
-UPCOMING_ENV = {"KEYBEARER_ALLOW_UNAUTHENTICATED_LISTEN"}
+# The override for a non-loopback listen without inbound auth: never baked into the image.
+OVERRIDE_ENV = {"KEYBEARER_ALLOW_UNAUTHENTICATED_LISTEN"}
 SECRET_SETTINGS = {name for name, (_, secret) in SETTINGS.items() if secret}
 KNOWN_ENV = (
     {env_name(n) for n in SETTINGS}
     | {env_name(n) + "_FILE" for n in SECRET_SETTINGS}
     | {"KEYBEARER_CONFIG"}
-    | UPCOMING_ENV
 )
 
 
@@ -342,7 +341,7 @@ def test_dockerfile_shape() -> None:
     env = image_env()
     # Loopback unless the operator says otherwise; never the override baked in.
     assert env["KEYBEARER_LISTEN"].startswith("127.0.0.1:")
-    assert not UPCOMING_ENV & env.keys()
+    assert not OVERRIDE_ENV & env.keys()
     assert "HEALTHCHECK" in {k for k, _ in stages[-1]}
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line[:1] not in ("#", "")]
     assert ignore[0] == "*", ".dockerignore starts by excluding everything"

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from proxy import logs, metrics
+from proxy import metrics
 from proxy.crypto import DecryptError, Keyring
 from proxy.oauth.client import AuthServerUnavailable, OAuthError, TokenResponse
 from proxy.settings import ServerConfig
@@ -75,12 +75,14 @@ def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
     return keyring.encrypt(PURPOSE, json.dumps(payload).encode(), record(user, server))
 
 
+# Per-user tokens are not registered with logs.register_secret: there are too
+# many of them, and the key and `Bearer` rules of the redaction already mask them.
+
+
 def unseal(keyring: Keyring, conn: Connection) -> TokenSet:
     if conn.sealed is None:
         raise DecryptError("no tokens stored")
     data = json.loads(keyring.decrypt(PURPOSE, conn.sealed, record(conn.user, conn.server)))
-    logs.register_secret(data["access_token"])
-    logs.register_secret(data.get("refresh_token"))
     return TokenSet(data["access_token"], data.get("refresh_token"), data.get("token_type") or "Bearer")
 
 
@@ -101,8 +103,6 @@ def new_connection(
     # RFC 6749 §6: a refresh response may omit the refresh token; the old one stays valid.
     refresh_token = answer.refresh_token or keep_refresh_token
     tokens = TokenSet(answer.access_token, refresh_token, answer.token_type or "Bearer")
-    logs.register_secret(answer.access_token)
-    logs.register_secret(refresh_token)
     return Connection(
         user=user,
         server=server,

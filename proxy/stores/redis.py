@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import structlog
-from redis.asyncio import Redis, RedisCluster, Sentinel
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster, Sentinel
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -354,6 +354,9 @@ class RedisTarget:
 _MULTI_HOST_OPTIONS = {"sentinel_username", "sentinel_password", "ssl_ca_certs", "ssl_cert_reqs"}
 
 
+MAX_CONNECTIONS = 256
+
+
 def redis_client_from_url(url: str) -> RedisClient:
     """A client for redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs.
 
@@ -371,7 +374,13 @@ def redis_client_from_url(url: str) -> RedisClient:
     }
     if scheme in ("redis", "rediss", "unix"):
         # Pings an idle connection before use, so one dropped by a restart is replaced.
-        return Redis.from_url(url, health_check_interval=10, **common)
+        # A blocking pool: past its size a request waits for a connection instead
+        # of failing (redis-py's default pool raises at 100 in flight, which a
+        # refresh storm on one replica exceeds).
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, health_check_interval=10, **common
+        )
+        return Redis.from_pool(pool)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
         return _sentinel_client(parse_multi_host_url(url, 26379), common)
     if scheme in ("redis+cluster", "rediss+cluster"):
