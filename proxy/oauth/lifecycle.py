@@ -32,6 +32,7 @@ PURPOSE = "oauth_token"
 CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
 # Errors that mean the grant is gone: only the user can fix it, by reconnecting.
+RECENT_TTL = 1.0
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
@@ -160,21 +161,48 @@ class Lifecycle:
         self.lock_ttl = lock_ttl
         self.refresher = refresher
         self.breaker = CircuitBreaker(cooldown=cooldown)
+        self._recent: dict[tuple[str, str], tuple[float, str]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
+        key = (user, server.id)
+        cached = self._recent.get(key)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        token = await self._access_token(server, user)
+        self._remember(key, token)
+        return token
+
+    def _remember(self, key: tuple[str, str], token: str) -> None:
+        # A second of in-process memory saves a Redis read and a decryption on
+        # every request of a busy agent; a change made on another replica (a
+        # reconnect, a delete) is seen at most this much later. Never past the
+        # point where a refresh is due.
+        self._recent[key] = (time.monotonic() + RECENT_TTL, token)
+        if len(self._recent) > 10_000:
+            self._recent.clear()
+
+    def forget(self, user: str, server_id: str) -> None:
+        self._recent.pop((user, server_id), None)
+
+    async def _access_token(self, server: ServerConfig, user: str) -> str:
         conn = await self._load(server, user)
         tokens = self._open(conn)
         if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
             conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is not None:
-            metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, conn.expires_at - time.time()))
+            remaining = conn.expires_at - time.time()
+            metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
+            if remaining - self.skew < RECENT_TTL:
+                self.forget(user, server.id)
+                return tokens.access_token  # refresh is due soon: do not remember it
         return tokens.access_token
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The upstream refused the access token before its expiry (revoked,
         rotated elsewhere): refresh once, unless another request already did."""
+        self.forget(user, server.id)
         conn = await self._load(server, user)
         tokens = self._open(conn)
         if tokens.access_token != rejected:
@@ -184,6 +212,7 @@ class Lifecycle:
 
     async def mark_rejected(self, server: ServerConfig, user: str) -> None:
         """Even a fresh token was refused: only a reconnect can help."""
+        self.forget(user, server.id)
         conn = await self.store.get_connection(user, server.id)
         if conn is not None and conn.state != MUST_RECONNECT:
             await self._mark_reconnect(conn, "the server refused a freshly refreshed token")
@@ -313,5 +342,6 @@ class Lifecycle:
             raise NeedsConsent("the stored tokens cannot be read; connect again") from None
 
     async def _mark_reconnect(self, conn: Connection, reason: str) -> None:
+        self.forget(conn.user, conn.server)
         marked = replace(conn, state=MUST_RECONNECT, last_error=reason, version=conn.version + 1)
         await self.store.put_connection(marked, expected_version=conn.version)
