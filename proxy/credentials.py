@@ -1,7 +1,8 @@
 """Credential resolution: what a request for (user, server) carries upstream.
 
-This is the one place that decides. `none` adds nothing; `api_key` adds the
-server's key in the configured header; `oauth` uses the user's stored tokens.
+`none` adds nothing; `api_key` adds the server's key in the configured
+header; `oauth` uses the user's stored tokens, through oauth/lifecycle.py,
+which refreshes them when due.
 A missing credential is an error that tells the agent which server and what
 has to happen next.
 """
@@ -33,12 +34,8 @@ def resolve(server: ServerConfig, user: str, registry: Registry) -> Credential |
         return None
     if server.auth == "api_key":
         return api_key_credential(server, registry)
-    raise CredentialUnavailable(
-        501,
-        "oauth_not_supported",
-        f"server {server.id!r} uses OAuth, which this Keybearer version does not support yet; "
-        "the operator can switch it to auth: api_key if the server accepts a key",
-    )
+    # OAuth servers are resolved per request by oauth.lifecycle (forwarding calls it).
+    raise ValueError(f"server {server.id!r} uses OAuth: its credential comes from oauth.lifecycle")
 
 
 def bearer(token: str) -> Credential:
