@@ -8,6 +8,7 @@ masked wherever they appear; and every secret value the proxy has loaded
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -36,17 +37,25 @@ def register_secret(value: str | None) -> None:
 
 
 def redact_text(text: str) -> str:
-    text = _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    # "Bearer <x>" needs whitespace: most logged strings (ids, methods) have none,
+    # and this runs for every field of every request line.
+    if " " in text or "\t" in text or "\n" in text:
+        text = _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
     if _known_pattern is not None:
         text = _known_pattern.sub(REDACTED, text)
     return text
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_key(key: str) -> bool:
+    return bool(_SECRET_KEYS.search(key))
 
 
 def _redact(value: Any) -> Any:
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {k: REDACTED if _SECRET_KEYS.search(str(k)) else _redact(v) for k, v in value.items()}
+        return {k: REDACTED if _secret_key(str(k)) else _redact(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_redact(v) for v in value]
     return value
@@ -55,7 +64,7 @@ def _redact(value: Any) -> Any:
 def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: the last stop before rendering."""
     for key, value in list(event_dict.items()):
-        if _SECRET_KEYS.search(key) and key != "event":
+        if key != "event" and _secret_key(key):
             event_dict[key] = REDACTED
         elif isinstance(value, str | dict | list | tuple):
             event_dict[key] = _redact(value)

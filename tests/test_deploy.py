@@ -42,9 +42,7 @@ IMAGE_USER = 10001
 OVERRIDE_ENV = {"KEYBEARER_ALLOW_UNAUTHENTICATED_LISTEN"}
 SECRET_SETTINGS = {name for name, (_, secret) in SETTINGS.items() if secret}
 KNOWN_ENV = (
-    {env_name(n) for n in SETTINGS}
-    | {env_name(n) + "_FILE" for n in SECRET_SETTINGS}
-    | {"KEYBEARER_CONFIG"}
+    {env_name(n) for n in SETTINGS} | {env_name(n) + "_FILE" for n in SECRET_SETTINGS} | {"KEYBEARER_CONFIG"}
 )
 
 
