@@ -21,12 +21,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import structlog
 from starlette.types import Message, Receive, Scope, Send
-from yarl import URL
 
-from proxy import credentials, inbound, legacy_sse, links, metrics, responses, routing
+from proxy import credentials, inbound, legacy_sse, links, metrics, responses, routing, upstream
 from proxy.inbound import InboundAuth
 from proxy.oauth.connector import Connector
 from proxy.oauth.discovery import parse_www_authenticate
@@ -43,7 +41,7 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 # Never sent upstream: the agent's own credentials, what we set ourselves,
-# and what aiohttp computes from the body.
+# and the body's framing, which the upstream client writes.
 DROP_REQUEST = HOP_BY_HOP | {
     b"host", b"authorization", b"cookie", b"content-length", b"accept-encoding",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect",
@@ -87,24 +85,15 @@ class Forwarder:
         self.keyring = registry.keyring
         self.oauth = oauth
         self.inbound = InboundAuth(settings, registry)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool = upstream.Pool(settings.upstream_connect_timeout)
         self.draining = False
         self._streams: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=60, keepalive_timeout=30)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # Bytes pass through as the upstream encoded them.
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None, connect=self.settings.upstream_connect_timeout),
-            skip_auto_headers=("User-Agent", "Content-Type", "Accept"),
-            cookie_jar=aiohttp.DummyCookieJar(),
-        )
+        pass
 
     async def stop(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.pool.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(scope, _request_id(scope))
@@ -172,46 +161,44 @@ class Forwarder:
         server: ServerConfig,
         route: routing.Route,
         url: str,
-        headers: list[tuple[str, str]],
+        headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterator[bytes],
         receive: Receive,
         send: Send,
     ) -> None:
-        assert self.session is not None
-        # A streamed body is still being received by aiohttp: only one reader
-        # may call receive() at a time, so such requests go unwatched.
+        origin, target = upstream.split_url(url)
+        # A streamed body is still being received while the request is sent: only
+        # one reader may call receive() at a time, so such requests go unwatched.
         watch = DisconnectWatch(receive) if isinstance(body, bytes) else contextlib.nullcontext()
         try:
             async with watch:
                 for attempt in (1, 2):
                     started = time.perf_counter()
-                    async with asyncio.timeout(self.settings.upstream_timeout):
-                        upstream = await self.session.request(
-                            ex.scope["method"], URL(url, encoded=True), headers=headers, data=body,
-                            allow_redirects=False, compress=None, chunked=None,
-                        )  # fmt: skip
+                    answer = await self.pool.request(
+                        ex.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+                    )
                     metrics.UPSTREAM_LATENCY.labels(server.id).observe(time.perf_counter() - started)
-                    if server.auth == "oauth" and upstream.status in (401, 403):
-                        upstream.close()  # its body is not relayed either way below
-                        used = next((v for k, v in headers if k == "authorization"), "")
+                    if server.auth == "oauth" and answer.status in (401, 403):
+                        answer.close()  # its body is not relayed either way below
+                        used = next((v for k, v in headers if k == b"authorization"), b"")
                         replay = await self._oauth_rejected(
                             ex,
                             send,
                             server,
                             route.user,
-                            upstream,
+                            answer,
                             attempt,
                             body,
-                            used.removeprefix("Bearer "),
+                            used.decode("latin-1").removeprefix("Bearer "),
                         )
                         if replay is None:
                             return
                         headers = request_headers(ex.scope, replay, server)
                         continue
                     try:
-                        await self._relay(ex, server, route, url, upstream, send)
+                        await self._relay(ex, server, route, url, answer, send)
                     finally:
-                        upstream.close()
+                        answer.close()
                     return
         except BodyTooLarge:
             await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
@@ -224,11 +211,14 @@ class Forwarder:
                 "try again later, or ask the operator to raise upstream_timeout",
                 server=server.id,
             )  # fmt: skip
-        except aiohttp.ClientError as exc:
-            if ex.outcome == "body_too_large":
-                return await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
-            if ex.outcome == "client_disconnected":
-                return
+        except upstream.InvalidHeader:
+            await self._fail(
+                ex, send, 502, "invalid_upstream_header",
+                f"the request to server {server.id!r} would carry a header with a line break; "
+                "the operator must check the server's API key for stray newlines",
+                server=server.id,
+            )  # fmt: skip
+        except upstream.UpstreamError as exc:
             await self._fail(
                 ex, send, 502, "upstream_unreachable",
                 f"server {server.id!r} could not be reached ({_describe(exc)}); "
@@ -242,10 +232,10 @@ class Forwarder:
         server: ServerConfig,
         route: routing.Route,
         url: str,
-        upstream: aiohttp.ClientResponse,
+        answer: upstream.Response,
         send: Send,
     ) -> None:
-        if upstream.status == 401 and server.auth in ("none", "api_key"):
+        if answer.status == 401 and server.auth in ("none", "api_key"):
             ex.outcome = "upstream_rejected_credential"
             detail = (
                 "check the key with `keybearer api-key set " + server.id + "`"
@@ -258,13 +248,13 @@ class Forwarder:
                 f"the operator must {detail}",
                 server=server.id,
             )  # fmt: skip
-        is_stream = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
-        ex.status = upstream.status
+        is_stream = (answer.header(b"content-type") or "").startswith("text/event-stream")
+        ex.status = answer.status
         await send(
             {
                 "type": "http.response.start",
-                "status": upstream.status,
-                "headers": response_headers(upstream.raw_headers, is_stream),
+                "status": answer.status,
+                "headers": response_headers(answer.headers, is_stream),
             }
         )
         rewriter = None
@@ -274,23 +264,19 @@ class Forwarder:
                 lambda path: self.registry.note_announced(server.id, path),
             )  # fmt: skip
         if is_stream:
-            await self._relay_stream(ex, server, upstream, send, rewriter)
+            await self._relay_stream(ex, server, answer, send, rewriter)
         else:
-            await self._relay_body(ex, server, upstream, send)
+            await self._relay_body(ex, server, answer, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_body(
-        self, ex: Exchange, server: ServerConfig, upstream: aiohttp.ClientResponse, send: Send
+        self, ex: Exchange, server: ServerConfig, answer: upstream.Response, send: Send
     ) -> None:
         try:
-            while True:
-                async with asyncio.timeout(self.settings.upstream_timeout):
-                    chunk = await upstream.content.readany()
-                if not chunk:
-                    return
+            while chunk := await answer.read(self.settings.upstream_timeout):
                 ex.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (upstream.UpstreamError, TimeoutError) as exc:
             # Headers are gone already: all that is left is to end the body.
             ex.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
@@ -299,7 +285,7 @@ class Forwarder:
         self,
         ex: Exchange,
         server: ServerConfig,
-        upstream: aiohttp.ClientResponse,
+        answer: upstream.Response,
         send: Send,
         rewriter: legacy_sse.EndpointRewriter | None,
     ) -> None:
@@ -310,7 +296,7 @@ class Forwarder:
         gauge = metrics.OPEN_STREAMS.labels(server.id)
         gauge.inc()
         try:
-            while chunk := await upstream.content.readany():
+            while chunk := await answer.read():
                 if rewriter is not None:
                     chunk = rewriter.feed(chunk)
                     if not chunk:
@@ -320,7 +306,7 @@ class Forwarder:
         except legacy_sse.ForeignEndpoint as exc:
             ex.outcome = "foreign_endpoint_refused"
             log.warning("legacy endpoint refused", server=server.id, reason=str(exc))
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (upstream.UpstreamError, TimeoutError) as exc:
             ex.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
         except asyncio.CancelledError:
@@ -367,15 +353,15 @@ class Forwarder:
         send: Send,
         server: ServerConfig,
         user: str,
-        upstream: aiohttp.ClientResponse,
+        answer: upstream.Response,
         attempt: int,
         body: bytes | AsyncIterator[bytes],
         rejected: str,
     ) -> credentials.Credential | None:
         """An OAuth server refused the token: a credential to replay with, or None once answered."""
         assert self.oauth is not None
-        challenge = parse_www_authenticate(upstream.headers.getall("WWW-Authenticate", []))
-        if upstream.status == 403:
+        challenge = parse_www_authenticate(answer.header_values(b"www-authenticate"))
+        if answer.status == 403:
             if challenge is None or challenge.error != "insufficient_scope":
                 await self._fail(ex, send, 403, "forbidden", f"server {server.id!r} refused this request (HTTP 403)",
                                  server=server.id)  # fmt: skip
@@ -487,11 +473,11 @@ class DisconnectWatch:
 
 def request_headers(
     scope: Scope, credential: credentials.Credential | None, server: ServerConfig
-) -> list[tuple[str, str]]:
+) -> list[tuple[bytes, bytes]]:
     drop = DROP_REQUEST
     connection_tokens: set[bytes] = set()
     host = b""
-    out: list[tuple[str, str]] = []
+    out: list[tuple[bytes, bytes]] = []
     for name, value in scope["headers"]:
         if name == b"connection":
             connection_tokens = {t.strip().lower() for t in value.split(b",")}
@@ -500,33 +486,33 @@ def request_headers(
     for name, value in scope["headers"]:
         if name in drop or name in connection_tokens or (credential and name == credential.header):
             continue
-        out.append((name.decode("latin-1"), value.decode("latin-1")))
+        out.append((name, value))
     client = scope.get("client")
-    out.append(("X-Forwarded-For", client[0] if client else "unknown"))
-    out.append(("X-Forwarded-Proto", scope.get("scheme", "http")))
+    out.append((b"x-forwarded-for", client[0].encode() if client else b"unknown"))
+    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
     if host:
-        out.append(("X-Forwarded-Host", host.decode("latin-1")))
+        out.append((b"x-forwarded-host", host))
     # identity: an event stream must reach the agent uncompressed, and the
     # legacy endpoint event must be readable to be rewritten.
-    out.append(("Accept-Encoding", "identity"))
+    out.append((b"accept-encoding", b"identity"))
     if credential is not None:
-        out.append((credential.header.decode(), credential.value.decode("latin-1")))
+        out.append((credential.header, credential.value))
     return out
 
 
-def response_headers(raw: Any, is_stream: bool) -> list[tuple[bytes, bytes]]:
+def response_headers(raw: list[tuple[bytes, bytes]], is_stream: bool) -> list[tuple[bytes, bytes]]:
+    """The headers relayed to the agent; `raw` has lower-case names."""
     connection_tokens: set[bytes] = set()
     for name, value in raw:
-        if name.lower() == b"connection":
+        if name == b"connection":
             connection_tokens = {t.strip().lower() for t in value.split(b",")}
     out = []
     for name, value in raw:
-        lower = name.lower()
-        if lower in DROP_RESPONSE or lower in connection_tokens:
+        if name in DROP_RESPONSE or name in connection_tokens:
             continue
-        if is_stream and lower == b"content-length":
+        if is_stream and name == b"content-length":
             continue
-        out.append((lower, value))
+        out.append((name, value))
     if is_stream:
         # Tell any buffering proxy in front (nginx) to pass events on at once.
         out = [(n, v) for n, v in out if n != b"x-accel-buffering"]
@@ -572,7 +558,6 @@ async def _stream_body(receive: Receive, limit: int, ex: Exchange) -> AsyncItera
         chunk = message.get("body", b"")
         ex.bytes_in += len(chunk)
         if ex.bytes_in > limit:
-            # aiohttp may wrap what the body iterator raises: the outcome says what it was.
             ex.outcome = "body_too_large"
             raise BodyTooLarge
         if chunk:
@@ -615,10 +600,8 @@ def _proxy_origin(scope: Scope) -> str:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return f"connection failed: {exc.os_error.strerror or exc.os_error}"
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
+    if isinstance(exc, upstream.UpstreamError):
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return "timed out"
     return type(exc).__name__

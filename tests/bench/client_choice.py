@@ -85,6 +85,7 @@ CANDIDATES: dict[str, str] = {
     "httpx+aiohttp": "httpx over httpx-aiohttp transport",
     "httpx": "httpx 0.28 own pool",
     "httpx2": "httpx2 own pool (extra)",
+    "upstream": "Keybearer's own proxy/upstream.py (httptools)",
     "direct": "direct to upstream (no proxy)",
 }
 BASELINE = "aiohttp"
@@ -247,11 +248,42 @@ def build_proxy_app(client: str, upstream_url: str) -> Any:
         limits = httpx2.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
         return httpx2.AsyncClient(limits=limits)
 
+    @contextlib.asynccontextmanager
+    async def upstream_lifespan(_app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        from proxy.upstream import Pool
+
+        pool = Pool(connect_timeout=5)
+        try:
+            yield {"pool": pool}
+        finally:
+            pool.close()
+
+    async def upstream_forward(request: Request) -> Response:
+        from proxy.upstream import split_url
+
+        origin, target = split_url(upstream_url)
+        body = await request.body()
+        headers = [
+            (k.encode(), v.encode()) for k, v in _pick(request.headers, FORWARD_REQUEST_HEADERS).items()
+        ]
+        answer = await request.state.pool.request("POST", origin, target, headers, body, 30)
+
+        async def relay() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await answer.read(30):
+                    yield chunk
+            finally:
+                answer.close()
+
+        kept = {k.decode(): v.decode() for k, v in answer.headers if k.decode() in FORWARD_RESPONSE_HEADERS}
+        return StreamingResponse(relay(), status_code=answer.status, headers=kept)
+
     choices: dict[str, tuple[Any, Handler]] = {
         "aiohttp": (aiohttp_lifespan, aiohttp_forward),
         "httpx+aiohttp": (httpx_like_lifespan(make_httpx_aiohttp), httpx_forward),
         "httpx": (httpx_like_lifespan(make_httpx), httpx_forward),
         "httpx2": (httpx_like_lifespan(make_httpx2), httpx_forward),
+        "upstream": (upstream_lifespan, upstream_forward),
     }
     lifespan, handler = choices[client]
     return Starlette(routes=[Route("/mcp", handler, methods=["POST"])], lifespan=lifespan)
@@ -264,6 +296,7 @@ def candidate_available(candidate: str) -> str | None:
         "httpx+aiohttp": ["httpx", "httpx_aiohttp"],
         "httpx": ["httpx"],
         "httpx2": ["httpx2"],
+        "upstream": ["proxy.upstream", "httptools"],
         "direct": [],
     }[candidate]
     for module in modules:

@@ -1,0 +1,437 @@
+"""The HTTP/1.1 client the forwarding path uses to reach upstream MCP servers.
+
+A keep-alive pool of asyncio protocols with httptools (llhttp) parsing the
+answers. It does only what a reverse proxy needs: send a request with the
+headers it is given, hand back the status, the raw headers and the body chunk
+by chunk as it arrives, and reuse the connection when the answer allowed it.
+No redirects, no cookies, no decompression, no retries.
+
+Why not aiohttp's client, which the OAuth code still uses: per request it
+costs about as much CPU as everything else the proxy does together
+(docs/performance.md); this one costs a fraction of that, measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import quote, urlsplit
+
+import httptools
+
+# A reader that falls behind stops the upstream socket past this many buffered bytes.
+HIGH_WATER = 256 * 1024
+# Idle connections older than this are closed rather than reused: shorter than
+# the keep-alive timeout of most servers (uvicorn's is 5 s), which narrows the
+# window in which a reused connection is closed by the server as we write.
+IDLE_SECONDS = 4.0
+
+
+# Methods that mean nothing by a body: an empty one is sent without a Content-Length.
+_NO_CONTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or broke off; the message says which."""
+
+
+class ConnectFailed(UpstreamError):
+    pass
+
+
+class Disconnected(UpstreamError):
+    pass
+
+
+class InvalidResponse(UpstreamError):
+    pass
+
+
+class InvalidHeader(ValueError):
+    """A header name or value that would split the request (CR, LF or NUL)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def host_header(self) -> bytes:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return (host if self.port == default else f"{host}:{self.port}").encode("idna")
+
+
+@functools.lru_cache(maxsize=1024)
+def split_url(url: str) -> tuple[Origin, bytes]:
+    """An absolute http(s) URL as the origin to connect to and the request target."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an absolute http(s) URL: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # Characters a request line cannot carry are percent-encoded; existing escapes stay.
+    return Origin(parts.scheme, parts.hostname, port), quote(target, safe="!#$%&'()*+,/:;=?@[]~").encode()
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP (or TLS) connection; at most one request on it at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.reused = False
+        self.idle_since = 0.0
+        self.response: Response | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            # Bytes nobody asked for: the connection cannot be trusted again.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.response._fail(InvalidResponse(f"the server's answer is not valid HTTP ({exc})"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(Disconnected("the server closed the connection"))
+        response = self.response
+        if response is not None and not response.complete:
+            if response.status and response.delimited_by_close():
+                response._complete()
+            else:
+                response._fail(Disconnected("the server closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.response is not None
+        self.response.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        status = self.parser.get_status_code()
+        if status < 200:
+            # 100 Continue and friends: the real answer follows.
+            response.headers.clear()
+            return
+        response.status = status
+        if response.method == "HEAD":
+            # llhttp cannot be told that a HEAD answer has no body: end it here
+            # and never reuse the connection, whose parser would expect one.
+            response.keep_alive = False
+            response._complete()
+        response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        response = self.response
+        assert response is not None
+        if response.status == 0 or response.complete:
+            return
+        response._add(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        assert response is not None
+        if response.status == 0 or response.complete:
+            return
+        response.keep_alive = self.parser.should_keep_alive()
+        response._complete()
+
+    # -- used by Pool and Response
+
+    async def write(self, data: bytes, timeout: float | None) -> None:
+        assert self.transport is not None
+        if self.closed:
+            raise Disconnected("the server closed the connection")
+        self.transport.write(data)
+        if self._write_paused:
+            self._drain = self.loop.create_future()
+            await _wait(self.loop, self._drain, timeout)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Response:
+    """An upstream's answer: status and headers once they are in, then the body."""
+
+    __slots__ = (
+        "_chunks",
+        "_connection",
+        "_error",
+        "_pool",
+        "_size",
+        "_waiter",
+        "complete",
+        "headers",
+        "keep_alive",
+        "method",
+        "origin",
+        "request_sent",
+        "status",
+    )
+
+    def __init__(self, pool: Pool, origin: Origin, connection: _Connection, method: str) -> None:
+        self._pool = pool
+        self.origin = origin
+        self._connection: _Connection | None = connection
+        self.method = method
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+        self.keep_alive = False
+        self.request_sent = False
+        self._chunks: deque[bytes] = deque()
+        self._size = 0
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header (name in lowercase), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def header_values(self, name: bytes) -> list[str]:
+        return [value.decode("latin-1") for key, value in self.headers if key == name]
+
+    def delimited_by_close(self) -> bool:
+        """An answer with neither a length nor chunks ends when the connection does."""
+        return not any(key in (b"content-length", b"transfer-encoding") for key, _ in self.headers)
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        """What has arrived of the body, waiting for more if none has; b"" at its end."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            await self._wait(timeout)
+        chunk = b"".join(self._chunks) if len(self._chunks) > 1 else self._chunks[0]
+        self._chunks.clear()
+        if self._size > HIGH_WATER and self._connection is not None and self._connection.transport:
+            self._connection.transport.resume_reading()
+        self._size = 0
+        return chunk
+
+    def close(self) -> None:
+        """Give the connection back when the exchange ended cleanly, else close it."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        connection.response = None
+        if self.complete and self.keep_alive and self.request_sent and not connection.closed:
+            self._pool._release(self.origin, connection)
+        else:
+            connection.close()
+
+    # -- called by the connection
+
+    async def _wait_headers(self, timeout: float | None) -> None:
+        while self.status == 0:
+            if self._error is not None:
+                raise self._error
+            await self._wait(timeout)
+
+    async def _wait(self, timeout: float | None) -> None:
+        loop = self._pool.loop
+        self._waiter = loop.create_future()
+        try:
+            await _wait(loop, self._waiter, timeout)
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _add(self, body: bytes) -> None:
+        self._chunks.append(body)
+        self._size += len(body)
+        if self._size > HIGH_WATER and self._connection is not None and self._connection.transport:
+            self._connection.transport.pause_reading()
+        self._wake()
+
+    def _complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+
+async def _wait(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None], timeout: float | None) -> None:
+    # A timer handle only while waiting: cheaper than asyncio.timeout(), which
+    # the forwarding path would otherwise pay on every request and chunk.
+    timer = loop.call_later(timeout, _expire, future) if timeout else None
+    try:
+        await future
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
+class Pool:
+    """Keep-alive connections per origin, created on demand, never limited in number."""
+
+    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def request(
+        self,
+        method: str,
+        origin: Origin,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | AsyncIterator[bytes],
+        timeout: float | None,
+    ) -> Response:
+        """Send one request; returns once the answer's status and headers are in.
+
+        `timeout` bounds each wait: for the upstream to take more of the body,
+        and for the answer's headers. The caller must `close()` the response.
+        """
+        head = _request_head(method, target, origin, headers, body)
+        connection = self._idle_connection(origin) or await self._connect(origin)
+        response = Response(self, origin, connection, method)
+        connection.response = response
+        try:
+            if isinstance(body, bytes):
+                if len(body) < 16384:
+                    await connection.write(head + body, timeout)
+                else:
+                    await connection.write(head, timeout)
+                    await connection.write(body, timeout)
+            else:
+                await connection.write(head, timeout)
+                async for chunk in body:
+                    if chunk:
+                        await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk), timeout)
+                await connection.write(b"0\r\n\r\n", timeout)
+            response.request_sent = True
+            await response._wait_headers(timeout)
+        except BaseException:
+            response.close()
+            raise
+        return response
+
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        cutoff = self.loop.time() - IDLE_SECONDS
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since > cutoff:
+                connection.reused = True
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> _Connection:
+        tls = self._tls() if origin.scheme == "https" else None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await self.loop.create_connection(
+                    lambda: _Connection(self.loop),
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+        except TimeoutError:
+            raise ConnectFailed(f"connection timed out after {self.connect_timeout:g} s") from None
+        except ssl.SSLError as exc:
+            raise ConnectFailed(f"TLS failed: {exc.reason or exc}") from None
+        except OSError as exc:
+            raise ConnectFailed(f"connection failed: {exc.strerror or exc}") from None
+        return connection
+
+    def _tls(self) -> ssl.SSLContext:
+        if self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
+
+    def _release(self, origin: Origin, connection: _Connection) -> None:
+        connection.idle_since = self.loop.time()
+        self._idle.setdefault(origin, []).append(connection)
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+
+
+def _request_head(
+    method: str,
+    target: bytes,
+    origin: Origin,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes | AsyncIterator[bytes],
+) -> bytes:
+    lines = [b"%b %b HTTP/1.1" % (method.encode("ascii"), target), b"host: " + origin.host_header]
+    lines.extend(name + b": " + value for name, value in headers)
+    if not isinstance(body, bytes):
+        lines.append(b"transfer-encoding: chunked")
+    elif body or method not in _NO_CONTENT_METHODS:
+        lines.append(b"content-length: %d" % len(body))
+    head = b"\r\n".join(lines)
+    # One pass in C instead of a check per header: any CR, LF or NUL of our
+    # own making would let a header value start a header or a request of its own.
+    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1 or b"\0" in head:
+        raise InvalidHeader("a request header contains a line break or NUL")
+    return head + b"\r\n\r\n"
