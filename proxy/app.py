@@ -66,6 +66,7 @@ class Keybearer:
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
+            stack.callback(logs.flush)
             await self.store.open()
             stack.push_async_callback(self.store.close)
             if self.tokens is not self.store:
@@ -161,7 +162,7 @@ def check_exposure(settings: Settings) -> None:
 def from_environment() -> Keybearer:
     """The app factory each worker process calls (workers > 1)."""
     settings = load_settings()
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     return Keybearer(settings)
 
 

@@ -169,7 +169,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
 
     from proxy.app import Keybearer, check_exposure
 
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     check_exposure(settings)
     app = Keybearer(settings)  # fails here, before listening, on a bad salt or store URL
     if settings.workers > 1:

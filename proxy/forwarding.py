@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy import credentials, inbound, legacy_sse, links, metrics, responses, routing, upstream
+from proxy import credentials, inbound, legacy_sse, links, logs, metrics, responses, routing, upstream
 from proxy.inbound import InboundAuth
 from proxy.oauth.connector import Connector
 from proxy.oauth.discovery import parse_www_authenticate
@@ -101,9 +101,8 @@ class Forwarder:
             await self._handle(ex, receive, send)
         finally:
             label = ex.server if ex.server in self.registry.servers else "-"
-            metrics.REQUESTS.labels(label, str(ex.status)).inc()
-            log.info(
-                "request",
+            metrics.request_counter(label, ex.status).inc()
+            logs.request(
                 request_id=ex.request_id,
                 user=ex.user,
                 server=ex.server,
@@ -169,37 +168,36 @@ class Forwarder:
         origin, target = upstream.split_url(url)
         # A streamed body is still being received while the request is sent: only
         # one reader may call receive() at a time, so such requests go unwatched.
-        watch = DisconnectWatch(receive) if isinstance(body, bytes) else contextlib.nullcontext()
+        watch_receive = receive if isinstance(body, bytes) else None
         try:
-            async with watch:
-                for attempt in (1, 2):
-                    started = time.perf_counter()
-                    answer = await self.pool.request(
-                        ex.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+            for attempt in (1, 2):
+                started = time.perf_counter()
+                answer = await self.pool.request(
+                    ex.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+                )
+                metrics.upstream_latency(server.id).observe(time.perf_counter() - started)
+                if server.auth == "oauth" and answer.status in (401, 403):
+                    answer.close()  # its body is not relayed either way below
+                    used = next((v for k, v in headers if k == b"authorization"), b"")
+                    replay = await self._oauth_rejected(
+                        ex,
+                        send,
+                        server,
+                        route.user,
+                        answer,
+                        attempt,
+                        body,
+                        used.decode("latin-1").removeprefix("Bearer "),
                     )
-                    metrics.UPSTREAM_LATENCY.labels(server.id).observe(time.perf_counter() - started)
-                    if server.auth == "oauth" and answer.status in (401, 403):
-                        answer.close()  # its body is not relayed either way below
-                        used = next((v for k, v in headers if k == b"authorization"), b"")
-                        replay = await self._oauth_rejected(
-                            ex,
-                            send,
-                            server,
-                            route.user,
-                            answer,
-                            attempt,
-                            body,
-                            used.decode("latin-1").removeprefix("Bearer "),
-                        )
-                        if replay is None:
-                            return
-                        headers = request_headers(ex.scope, replay, server)
-                        continue
-                    try:
-                        await self._relay(ex, server, route, url, answer, send)
-                    finally:
-                        answer.close()
-                    return
+                    if replay is None:
+                        return
+                    headers = request_headers(ex.scope, replay, server)
+                    continue
+                try:
+                    await self._relay(ex, server, route, url, answer, send, watch_receive)
+                finally:
+                    answer.close()
+                return
         except BodyTooLarge:
             await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
         except ClientGone:
@@ -234,6 +232,7 @@ class Forwarder:
         url: str,
         answer: upstream.Response,
         send: Send,
+        watch_receive: Receive | None,
     ) -> None:
         if answer.status == 401 and server.auth in ("none", "api_key"):
             ex.outcome = "upstream_rejected_credential"
@@ -264,7 +263,11 @@ class Forwarder:
                 lambda path: self.registry.note_announced(server.id, path),
             )  # fmt: skip
         if is_stream:
-            await self._relay_stream(ex, server, answer, send, rewriter)
+            # Only event streams are watched for the agent going away: an idle one
+            # would hold its upstream connection until the next event. Other answers
+            # end by themselves, and MCP does not take a disconnect for a cancellation.
+            async with DisconnectWatch(watch_receive) if watch_receive else contextlib.nullcontext():
+                await self._relay_stream(ex, server, answer, send, rewriter)
         else:
             await self._relay_body(ex, server, answer, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})

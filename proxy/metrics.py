@@ -7,7 +7,9 @@ worker's figures are summed at /metrics.
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -51,6 +53,18 @@ def render() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+# The forwarding path's children, looked up once: labels() takes a lock and
+# builds a key on every call. Both label sets are bounded (servers x statuses).
+@functools.lru_cache(maxsize=4096)
+def request_counter(server: str, status: int) -> Any:
+    return REQUESTS.labels(server, str(status))
+
+
+@functools.lru_cache(maxsize=1024)
+def upstream_latency(server: str) -> Any:
+    return UPSTREAM_LATENCY.labels(server)
 
 
 def refresh_result(server: str, result: str) -> None:

@@ -58,6 +58,7 @@ def proxy(
         "legacy": {"url": upstreams["legacy"].mcp_url, "auth": "none"},
         "echo": {"url": up.base_url + "/_echo", "auth": "api_key", "api_key_env": "TEST_UPSTREAM_KEY"},
         "ticks": {"url": up.base_url + "/_sse_ticks?n=-1&interval=0.2", "auth": "none"},
+        "quiet": {"url": up.base_url + "/_sse_ticks?n=-1&interval=120", "auth": "none"},
         "slow": {"url": up.base_url + "/_slow?seconds=5", "auth": "none"},
         "dead": {"url": f"http://127.0.0.1:{free_port()}/mcp", "auth": "none"},
     }  # fmt: skip
@@ -278,9 +279,14 @@ async def test_oversized_body_refused(proxy: ProxyProcess, upstreams: dict[str, 
     assert after - before <= 1  # the streamed one may have begun upstream; the announced one never did
 
 
-async def test_abandoned_stream_frees_upstream(proxy: ProxyProcess, upstreams: dict[str, Upstream]) -> None:
+@pytest.mark.parametrize("server", ["ticks", "quiet"])
+async def test_abandoned_stream_frees_upstream(
+    proxy: ProxyProcess, upstreams: dict[str, Upstream], server: str
+) -> None:
+    # "quiet" sends one event and then nothing for a minute: only watching for the
+    # agent's disconnect, not a failed write, can free its upstream connection in time.
     up = upstreams["sse"]
-    async with httpx.AsyncClient() as client, client.stream("GET", f"{proxy.url}/alice/ticks") as stream:
+    async with httpx.AsyncClient() as client, client.stream("GET", f"{proxy.url}/alice/{server}") as stream:
         lines = stream.aiter_lines()
         async for line in lines:
             if line.startswith("data:"):

@@ -1,0 +1,103 @@
+"""proxy/logs.py: what reaches the log stream, when, and what never does."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import structlog
+from support import ROOT
+
+from proxy import logs
+
+
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    out = io.StringIO()
+    logs.configure("info", out)
+    yield out
+    logs.configure("info")
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_secrets_are_masked_by_key_by_pattern_and_by_value(stream: io.StringIO) -> None:
+    logs.register_secret("sk-registered-123456")
+    log = structlog.get_logger("test")
+    log.info(
+        "call",
+        client_secret="s3cr3t-value",
+        headers={"Authorization": "Basic dXNlcjpwYXNz", "accept": "application/json"},
+        note="retrying with Bearer eyJhbGciOi.payload.sig now",
+        detail=["the key sk-registered-123456 was refused"],
+        server="github",
+    )
+    (line,) = lines(stream)
+    text = stream.getvalue()
+    for secret in ("s3cr3t-value", "dXNlcjpwYXNz", "eyJhbGciOi", "sk-registered-123456"):
+        assert secret not in text
+    assert line["client_secret"] == logs.REDACTED
+    assert line["headers"] == {"Authorization": logs.REDACTED, "accept": "application/json"}
+    assert line["note"] == f"retrying with Bearer {logs.REDACTED} now"
+    assert line["server"] == "github" and line["level"] == "info"
+
+
+def test_request_line_has_the_common_shape_and_redacts_the_agents_text(stream: io.StringIO) -> None:
+    logs.request(request_id="r1", user="alice", server="gh", method="POST",
+                 mcp_method="tools/call Bearer abcdefghijkl", status=200, duration_ms=1.5)  # fmt: skip
+    (line,) = lines(stream)
+    assert line["event"] == "request" and line["level"] == "info"
+    assert str(line["timestamp"]).endswith("Z")
+    assert line["mcp_method"] == f"tools/call Bearer {logs.REDACTED}"
+    assert (line["user"], line["status"], line["duration_ms"]) == ("alice", 200, 1.5)
+
+
+def test_request_lines_follow_the_level() -> None:
+    out = io.StringIO()
+    logs.configure("warning", out)
+    try:
+        logs.request(request_id="r1", status=200)
+        structlog.get_logger("test").warning("kept")
+    finally:
+        logs.configure("info")
+    assert [line["event"] for line in lines(out)] == ["kept"]
+
+
+async def test_on_the_event_loop_lines_go_out_in_one_batch_in_order() -> None:
+    out = io.StringIO()
+    logs.configure("info", out, flush_interval=0.05)
+    try:
+        log = structlog.get_logger("test")
+        for i in range(3):
+            log.info("numbered", i=i)
+            logs.request(request_id=f"r{i}", status=200)
+        assert out.getvalue() == ""  # waiting for the batch
+        await asyncio.sleep(0.2)
+        got = [(line["event"], line.get("i", line.get("request_id"))) for line in lines(out)]
+        assert got == [("numbered", 0), ("request", "r0"), ("numbered", 1), ("request", "r1"),
+                       ("numbered", 2), ("request", "r2")]  # fmt: skip
+    finally:
+        logs.configure("info")
+
+
+def test_waiting_lines_are_written_when_the_process_exits() -> None:
+    program = (
+        "import asyncio\n"
+        "from proxy import logs\n"
+        "async def main():\n"
+        "    logs.configure('info', flush_interval=30)\n"
+        "    logs.request(request_id='last-words', status=200)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["request_id"] == "last-words"
