@@ -80,13 +80,13 @@ def redact(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapp
 
 
 class LineWriter:
-    """Writes whole log lines to a stream, in order, in batches.
+    """Writes whole log lines to a stream, in order.
 
-    With an interval, lines written on the event loop wait up to that long and
-    go out in one write: a write and flush per request line was a measurable
-    share of the forwarding path's CPU (docs/performance.md). Lines written
-    with no running loop (start-up, threads, the CLI), and every line at exit,
-    are flushed at once, behind those already waiting.
+    Request lines, written on the event loop, may wait up to `interval` and go
+    out together in one write: a write and flush per request was a measurable
+    share of the forwarding path's CPU (docs/performance.md). Every other line
+    goes out at once, behind those waiting, so that start-up, shutdown and error
+    lines are never held back, even by a process that exits on a signal.
     """
 
     def __init__(self, stream: TextIO, interval: float = 0.0) -> None:
@@ -97,6 +97,11 @@ class LineWriter:
         self._scheduled = False
 
     def write(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+        self.flush()
+
+    def write_later(self, line: str) -> None:
         with self._lock:
             self._lines.append(line)
             if self._scheduled:
@@ -149,7 +154,7 @@ def request(**fields: Any) -> None:
     fields["event"] = "request"
     fields["level"] = "info"
     fields["timestamp"] = datetime.datetime.now(datetime.UTC).replace(tzinfo=None).isoformat() + "Z"
-    _writer.write(json.dumps(fields) + "\n")
+    _writer.write_later(json.dumps(fields) + "\n")
 
 
 def flush() -> None:

@@ -189,7 +189,8 @@ async def test_delete_server_cascades_to_its_secrets_only(store: Store) -> None:
     for kind, name in [
         ("api_key", "srv"),
         ("client_secret", "srv|https://as.example"),
-        ("oauth_client", "srv|https://as.example|x"),
+        ("client_registration", "srv|https://as.example|x"),
+        ("proxy_token", "srv"),  # a caller token whose id happens to equal the server's
         ("api_key", "srvx"),
         ("api_key", "srv_x"),
         ("client_secret", "srvx|https://as.example"),
@@ -203,7 +204,22 @@ async def test_delete_server_cascades_to_its_secrets_only(store: Store) -> None:
         ("api_key", "srvx"),
         ("client_secret", "other|srv"),
         ("client_secret", "srvx|https://as.example"),
+        ("proxy_token", "srv"),
     ]
+
+
+async def test_a_stored_server_this_version_cannot_read_is_skipped(store: Store) -> None:
+    await store.put_server(server("good"))
+    bad = '{"url": "ftp://nowhere", "auth": "api_key"}'
+    if isinstance(store, PostgresStore):
+        await store._run(
+            lambda c: c.execute("INSERT INTO servers (id, definition) VALUES ('bad', $1::jsonb)", bad)
+        )
+    else:
+        assert isinstance(store, SQLiteStore)
+        await store._write(lambda db: db.execute("INSERT INTO servers VALUES ('bad', ?, 0, 0)", (bad,)))
+    # One unreadable row must not stop every other server from loading.
+    assert [s.id for s in await store.list_servers()] == ["good"]
 
 
 # -- Store: migrations -------------------------------------------------------------

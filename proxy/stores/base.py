@@ -7,12 +7,43 @@ Stores hold ciphertext only: sealing and opening happen in the layer above
 from __future__ import annotations
 
 import abc
+import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from importlib import resources
 
-from proxy.settings import ServerConfig, Settings
+import structlog
+
+from proxy.settings import ConfigError, ServerConfig, Settings, parse_server
+
+log = structlog.get_logger("keybearer.store")
+
+# The secrets that belong to a server and go with it when it is deleted. Other
+# kinds (caller tokens) have names of their own that may equal a server id.
+SERVER_SECRET_KINDS = ("api_key", "client_secret", "client_registration")
+
+
+def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
+    """Server rows as definitions; a row this version cannot read is skipped and
+    logged, so that one bad row does not stop every other server from loading."""
+    servers = []
+    for server_id, definition in rows:
+        try:
+            servers.append(
+                parse_server(
+                    server_id, json.loads(definition), key=f"store:servers.{server_id}", source="store"
+                )
+            )
+        except (ConfigError, ValueError) as exc:
+            log.error(
+                "stored server skipped",
+                server=server_id,
+                reason=str(exc),
+                fix=f"replace it with `keybearer servers add {server_id} --url ... --auth ...` or "
+                f"delete it with `keybearer servers remove {server_id}`",
+            )
+    return servers
 
 
 class StoreUnavailable(RuntimeError):
@@ -48,7 +79,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def delete_server(self, server_id: str) -> bool:
-        """Delete the server and every secret recorded under its id."""
+        """Delete the server and its secrets (SERVER_SECRET_KINDS) recorded under its id."""
 
     @abc.abstractmethod
     async def get_secret(self, kind: str, name: str) -> str | None: ...

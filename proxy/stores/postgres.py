@@ -10,13 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 
-from proxy.settings import ServerConfig, Settings, parse_server
-from proxy.stores.base import Store, StoreUnavailable, migrations
+from proxy.settings import ServerConfig, Settings
+from proxy.stores.base import SERVER_SECRET_KINDS, Store, StoreUnavailable, migrations, stored_servers
 
 T = TypeVar("T")
 
@@ -183,7 +183,7 @@ class PostgresStore(Store):
         rows = await self._run(
             lambda c: c.fetch("SELECT id, definition::text AS definition FROM servers ORDER BY id")
         )
-        return [_server(r["id"], r["definition"]) for r in rows]
+        return stored_servers((r["id"], r["definition"]) for r in rows)
 
     async def put_server(self, server: ServerConfig) -> None:
         definition = json.dumps(server.to_dict())
@@ -202,9 +202,10 @@ class PostgresStore(Store):
                 status = await conn.execute("DELETE FROM servers WHERE id = $1", server_id)
                 # starts_with, not LIKE: a server id may contain '_', a LIKE wildcard.
                 await conn.execute(
-                    "DELETE FROM secrets WHERE name = $1 OR starts_with(name, $2)",
+                    "DELETE FROM secrets WHERE kind = ANY($3::text[]) AND (name = $1 OR starts_with(name, $2))",
                     server_id,
                     server_id + "|",
+                    list(SERVER_SECRET_KINDS),
                 )
             return _count(status) > 0
 
@@ -269,8 +270,3 @@ def _count(status: str) -> int:
     # asyncpg answers a command with its tag, e.g. "DELETE 1".
     last = status.rsplit(" ", 1)[-1]
     return int(last) if last.isdigit() else 0
-
-
-def _server(server_id: str, definition: str) -> ServerConfig:
-    raw: Any = json.loads(definition)
-    return parse_server(server_id, raw, key=f"store:servers.{server_id}", source="store")

@@ -28,8 +28,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from proxy.settings import ServerConfig, parse_server
-from proxy.stores.base import Connection, Store, StoreUnavailable, TokenStore, migrations
+from proxy.settings import ServerConfig
+from proxy.stores.base import (
+    SERVER_SECRET_KINDS,
+    Connection,
+    Store,
+    StoreUnavailable,
+    TokenStore,
+    migrations,
+    stored_servers,
+)
 
 T = TypeVar("T")
 
@@ -122,7 +130,7 @@ class SQLiteStore(Store, TokenStore):
         rows = await self._run(
             lambda db: db.execute("SELECT id, definition FROM servers ORDER BY id").fetchall()
         )
-        return [_server(sid, definition) for sid, definition in rows]
+        return stored_servers(rows)
 
     async def put_server(self, server: ServerConfig) -> None:
         definition = json.dumps(server.to_dict())
@@ -138,9 +146,10 @@ class SQLiteStore(Store, TokenStore):
     async def delete_server(self, server_id: str) -> bool:
         def delete(db: sqlite3.Connection) -> bool:
             deleted = db.execute("DELETE FROM servers WHERE id = ?", (server_id,)).rowcount
+            kinds = ", ".join("?" * len(SERVER_SECRET_KINDS))
             db.execute(
-                "DELETE FROM secrets WHERE name = ? OR substr(name, 1, ?) = ?",
-                (server_id, len(server_id) + 1, server_id + "|"),
+                f"DELETE FROM secrets WHERE kind IN ({kinds}) AND (name = ? OR substr(name, 1, ?) = ?)",  # noqa: S608 (placeholders only)
+                (*SERVER_SECRET_KINDS, server_id, len(server_id) + 1, server_id + "|"),
             )
             return bool(deleted > 0)
 
@@ -385,10 +394,6 @@ def _migrate(db: sqlite3.Connection) -> list[str]:
 def _statements(sql: str) -> list[str]:
     lines = [line for line in sql.splitlines() if not line.lstrip().startswith("--")]
     return [s for s in "\n".join(lines).split(";") if s.strip()]
-
-
-def _server(server_id: str, definition: str) -> ServerConfig:
-    return parse_server(server_id, json.loads(definition), key=f"store:servers.{server_id}", source="store")
 
 
 def _connection(row: Any) -> Connection:
