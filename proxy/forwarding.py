@@ -52,6 +52,7 @@ DROP_RESPONSE = HOP_BY_HOP | {b"set-cookie", b"www-authenticate", b"server", b"d
 # Bodies up to this size are read whole: sent with a Content-Length and
 # available to name the JSON-RPC id in an error. Larger ones are streamed.
 WHOLE_BODY_LIMIT = 256 * 1024
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 class BodyTooLarge(Exception):
@@ -245,6 +246,18 @@ class Forwarder:
                 ex, send, 502, "upstream_unauthorized",
                 f"server {server.id!r} refused the proxy's request as unauthorized (HTTP 401); "
                 f"the operator must {detail}",
+                server=server.id,
+            )  # fmt: skip
+        if answer.status in REDIRECTS:
+            # Passed on, it would send the agent around the proxy, to an address
+            # that is the operator's to know; followed, it would replay a tool call.
+            location = answer.header(b"location") or ""
+            log.warning("upstream redirected", server=server.id, status=answer.status, location=location)
+            return await self._fail(
+                ex, send, 502, "upstream_redirected",
+                f"server {server.id!r} answered with a redirect (HTTP {answer.status}), which the proxy neither "
+                "follows nor passes on; the operator should set the server's url to the address it redirects "
+                "to (the proxy's log names it)",
                 server=server.id,
             )  # fmt: skip
         is_stream = (answer.header(b"content-type") or "").startswith("text/event-stream")

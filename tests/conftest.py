@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from services import POSTGRES_URL, REDIS_URL, unreachable
-from support import ProxyProcess, free_port, wait_for_port
+from support import ProxyProcess, free_port, self_signed_certificate, wait_for_port
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -185,7 +185,7 @@ def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
 def redis_tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private Redis speaking only TLS, with a self-signed certificate for 127.0.0.1."""
     root = tmp_path_factory.mktemp("redis-tls")
-    cert, key = _self_signed_certificate(root)
+    cert, key = self_signed_certificate(root)
     port = free_port()
     args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert),
             "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]  # fmt: skip
@@ -194,42 +194,6 @@ def redis_tls_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}"
     finally:
         server.kill()
-
-
-def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keybearer test redis")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "redis.crt", folder / "redis.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
 
 
 __all__ = ["REDIS_URL", "RedisServer", "free_port", "os"]

@@ -59,6 +59,7 @@ def proxy(
         "echo": {"url": up.base_url + "/_echo", "auth": "api_key", "api_key_env": "TEST_UPSTREAM_KEY"},
         "ticks": {"url": up.base_url + "/_sse_ticks?n=-1&interval=0.2", "auth": "none"},
         "quiet": {"url": up.base_url + "/_sse_ticks?n=-1&interval=120", "auth": "none"},
+        "slashed": {"url": up.mcp_url + "/", "auth": "none"},  # the SDK redirects /mcp/ to /mcp
         "slow": {"url": up.base_url + "/_slow?seconds=5", "auth": "none"},
         "dead": {"url": f"http://127.0.0.1:{free_port()}/mcp", "auth": "none"},
     }  # fmt: skip
@@ -327,6 +328,20 @@ async def test_bad_paths(proxy: ProxyProcess, path: str, status: int, code: str)
     assert answer.status_code == status
     assert answer.json()["error"] == code
     assert "www-authenticate" not in answer.headers
+
+
+async def test_an_upstream_redirect_is_explained_not_passed_on(proxy: ProxyProcess) -> None:
+    answer = await raw_post(f"{proxy.url}/alice/slashed", INITIALIZE)
+    assert answer.status_code == 502
+    error = answer.json()["error"]
+    assert error["data"]["error"] == "upstream_redirected" and "HTTP 307" in error["message"]
+    assert "location" not in answer.headers and "127.0.0.1:" not in answer.text
+    for _ in range(20):
+        warned = [line for line in proxy.log().splitlines() if "upstream redirected" in line]
+        if warned:
+            break
+        await asyncio.sleep(0.05)
+    assert json.loads(warned[0])["location"].endswith("/mcp")
 
 
 async def test_unknown_server_lists_nothing(proxy: ProxyProcess) -> None:
