@@ -14,6 +14,7 @@ costs about as much CPU as everything else the proxy does together
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ssl
 from collections import deque
@@ -91,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.reused = False
         self.idle_since = 0.0
+        self.idle_in: deque[_Connection] | None = None
         self.response: Response | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -117,6 +119,11 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.idle_in is not None:
+            # Closed by the server while idle: out of the pool at once.
+            with contextlib.suppress(ValueError):
+                self.idle_in.remove(self)
+            self.idle_in = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(Disconnected("the server closed the connection"))
         response = self.response
@@ -321,7 +328,8 @@ class Pool:
     def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
-        self._idle: dict[Origin, list[_Connection]] = {}
+        # Per origin, oldest first: reuse takes the newest, pruning starts at the oldest.
+        self._idle: dict[Origin, deque[_Connection]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -372,14 +380,13 @@ class Pool:
         idle = self._idle.get(origin)
         if not idle:
             return None
-        cutoff = self.loop.time() - IDLE_SECONDS
-        while idle:
-            connection = idle.pop()
-            if not connection.closed and connection.idle_since > cutoff:
-                connection.reused = True
-                return connection
+        connection = idle.pop()
+        connection.idle_in = None
+        if connection.closed or connection.idle_since < self.loop.time() - IDLE_SECONDS:
             connection.close()
-        return None
+            return self._idle_connection(origin)
+        connection.reused = True
+        return connection
 
     async def _connect(self, origin: Origin) -> _Connection:
         tls = self._tls() if origin.scheme == "https" else None
@@ -406,8 +413,18 @@ class Pool:
         return self.ssl_context
 
     def _release(self, origin: Origin, connection: _Connection) -> None:
-        connection.idle_since = self.loop.time()
-        self._idle.setdefault(origin, []).append(connection)
+        now = self.loop.time()
+        idle = self._idle.setdefault(origin, deque())
+        while idle and idle[0].idle_since < now - IDLE_SECONDS:
+            stale = idle.popleft()
+            stale.idle_in = None
+            stale.close()
+        connection.idle_since = now
+        connection.idle_in = idle
+        idle.append(connection)
+
+    def idle_count(self, origin: Origin) -> int:
+        return len(self._idle.get(origin, ()))
 
     def close(self) -> None:
         for idle in self._idle.values():

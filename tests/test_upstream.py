@@ -259,6 +259,7 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
         pool = upstream.Pool(5)
         assert await exchange(pool, server.origin) == b"ok"
         await asyncio.sleep(0.1)
+        assert pool.idle_count(server.origin) == 0  # dropped when the server closed it
         assert await exchange(pool, server.origin) == b"ok"
         pool.close()
     assert server.connections == 2
@@ -300,3 +301,24 @@ def test_urls_split_into_origin_and_target() -> None:
     assert upstream.Origin("http", "example.com", 8080).host_header == b"example.com:8080"
     with pytest.raises(ValueError):
         upstream.split_url("ftp://example.com/")
+
+
+async def test_connections_idle_too_long_are_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Servers close idle keep-alive connections on their own timer (uvicorn after 5 s);
+    # reusing one near that moment races the server's close.
+    monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.2)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            writer.write(answer(b"ok"))
+
+    async with RawServer(handler) as server:
+        pool = upstream.Pool(5)
+        await exchange(pool, server.origin)
+        await exchange(pool, server.origin)
+        assert server.connections == 1
+        await asyncio.sleep(0.3)
+        await exchange(pool, server.origin)
+        assert server.connections == 2
+        pool.close()
