@@ -81,8 +81,7 @@ class Keybearer:
             stack.push_async_callback(self.registry.stop)
             await self.connector.start()
             stack.push_async_callback(self.connector.close)
-            await self.forwarder.start()
-            stack.push_async_callback(self.forwarder.stop)
+            stack.callback(self.forwarder.stop)
             stack.callback(self._drain_on_signals())
             log.info("started", listen=self.settings.listen, servers=sorted(self.registry.servers))
             yield

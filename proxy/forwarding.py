@@ -90,10 +90,7 @@ class Forwarder:
         self.draining = False
         self._streams: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        pass
-
-    async def stop(self) -> None:
+    def stop(self) -> None:
         self.pool.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
