@@ -170,15 +170,17 @@ class Lifecycle:
         cached = self._recent.get(key)
         if cached is not None and cached[0] > time.monotonic():
             return cached[1]
-        token = await self._access_token(server, user)
-        self._remember(key, token)
+        token, refresh_in = await self._access_token(server, user)
+        if refresh_in > RECENT_TTL:
+            self._remember(key, token)
         return token
 
     def _remember(self, key: tuple[str, str], token: str) -> None:
         # A second of in-process memory saves a Redis read and a decryption on
         # every request of a busy agent; a change made on another replica (a
         # reconnect, a delete) is seen at most this much later. Never past the
-        # point where a refresh is due.
+        # point where a refresh is due: the caller remembers only tokens with
+        # more time than that left.
         self._recent[key] = (time.monotonic() + RECENT_TTL, token)
         if len(self._recent) > 10_000:
             self._recent.clear()
@@ -186,18 +188,17 @@ class Lifecycle:
     def forget(self, user: str, server_id: str) -> None:
         self._recent.pop((user, server_id), None)
 
-    async def _access_token(self, server: ServerConfig, user: str) -> str:
+    async def _access_token(self, server: ServerConfig, user: str) -> tuple[str, float]:
+        """The token, and the seconds until its refresh is due."""
         conn = await self._load(server, user)
         tokens = self._open(conn)
         if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
             conn, tokens = await self.refresh(server, conn)
-        if conn.expires_at is not None:
-            remaining = conn.expires_at - time.time()
-            metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-            if remaining - self.skew < RECENT_TTL:
-                self.forget(user, server.id)
-                return tokens.access_token  # refresh is due soon: do not remember it
-        return tokens.access_token
+        if conn.expires_at is None:
+            return tokens.access_token, float("inf")
+        remaining = conn.expires_at - time.time()
+        metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
+        return tokens.access_token, remaining - self.skew
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The upstream refused the access token before its expiry (revoked,
