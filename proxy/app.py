@@ -42,6 +42,8 @@ class Keybearer:
         self.tokens = open_token_store(settings, self.store)
         self.registry = Registry(settings.servers, self.store, self.keyring)
         self.connector = Connector(settings, self.keyring, self.registry, self.tokens)
+        # Token changes made on any replica reach this one's token memory and waiters.
+        self.registry.listeners.append(self.connector.lifecycle.on_event)
         self.management = Management(self.registry, self.tokens)
         self.forwarder = Forwarder(settings, self.registry, self.connector)
         self.web = Starlette(

@@ -14,6 +14,7 @@ import structlog
 
 from proxy import inbound
 from proxy.crypto import DecryptError
+from proxy.oauth.lifecycle import connection_changed
 from proxy.registry import Registry, RegistryError
 from proxy.settings import ConfigError, ServerConfig, parse_server
 from proxy.stores import Connection, StoreUnavailable, TokenStore
@@ -82,7 +83,7 @@ class Management:
             await self.registry.store.ping()
             await self.tokens.delete_server_connections(server_id)
         await self.registry.put_server(server)
-        await self._changed()
+        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
         return server
 
     async def delete_server(self, server_id: str) -> None:
@@ -95,7 +96,7 @@ class Management:
         await self.tokens.delete_server_connections(server_id)
         await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
         await self.registry.delete_server(server_id)
-        await self._changed()
+        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
 
     # -- API keys ------------------------------------------------------------------
 
@@ -178,7 +179,9 @@ class Management:
 
     async def delete_connection(self, server_id: str, user: str) -> bool:
         self.server(server_id)
-        return await self.tokens.delete_connection(user, server_id)
+        deleted = await self.tokens.delete_connection(user, server_id)
+        await self._changed(connection_changed(server_id, user))
+        return deleted
 
     async def reset(self, server_id: str) -> dict[str, int]:
         """Wipe a server's whole OAuth state: tokens, registrations, cached metadata."""
@@ -187,7 +190,7 @@ class Management:
         connections = await self.tokens.delete_server_connections(server_id)
         cached = await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
         registrations = await self.registry.delete_secrets_of(REGISTRATION, server_id)
-        await self._changed()
+        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
         return {"connections": connections, "registrations": registrations, "cache_entries": cached}
 
     # -- inbound caller tokens -----------------------------------------------------------
@@ -216,9 +219,10 @@ class Management:
         self.registry.touched()
         await self._changed()
 
-    async def _changed(self) -> None:
+    async def _changed(self, *events: str) -> None:
         try:
-            await self.tokens.publish(SERVERS_CHANGED)
+            for event in events or (SERVERS_CHANGED,):
+                await self.tokens.publish(event)
         except StoreUnavailable as exc:
             # The change is stored: answering 503 would claim otherwise. The other
             # replicas find it on their next poll of the store instead.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class Registry:
         self.announced: dict[str, frozenset[str]] = {}
         self._seen_changes: int | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        # Called with every token store event, before the registry's own handling.
+        self.listeners: list[Callable[[str], None]] = []
         # Loads are serialized, and a load that overlapped a write made here is
         # redone: otherwise what it read before the write would replace it.
         self._loading = asyncio.Lock()
@@ -137,6 +139,11 @@ class Registry:
 
     async def _follow(self, events: AsyncIterator[str]) -> None:
         async for event in events:
+            for listener in self.listeners:
+                try:
+                    listener(event)
+                except Exception as exc:
+                    log.error("event listener failed", event=event, error=type(exc).__name__)
             # "resync": the event channel was down and events may have been lost.
             if event not in ("servers", "resync"):
                 continue

@@ -3,16 +3,19 @@ SQLite token store: what it remembers, and what it must not."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from services import REDIS_URL
 
 from proxy.crypto import Keyring
-from proxy.oauth.lifecycle import RECENT_TTL, Lifecycle, TokenSet, seal
+from proxy.oauth.lifecycle import RECENT_TTL, Lifecycle, NeedsConsent, TokenSet, connection_changed, seal
 from proxy.settings import ServerConfig
 from proxy.stores import Connection
+from proxy.stores.redis import RedisTokenStore
 from proxy.stores.sqlite import SQLiteStore
 
 SKEW = 60.0
@@ -63,3 +66,65 @@ async def test_a_token_whose_refresh_is_due_within_the_second_is_not_remembered(
     assert await lifecycle.access_token(SERVER, "alice") == "token-a"
     await store_token(store, keyring, "token-b", time.time() + 3600, 2)
     assert await lifecycle.access_token(SERVER, "alice") == "token-b"
+
+
+async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
+    redis_prefix: str, salt: str
+) -> None:
+    keyring = Keyring(salt)
+    stores = [RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-memory") for _ in range(2)]
+    seen: list[list[str]] = [[], []]
+
+    async def follow(i: int, lifecycle: Lifecycle) -> None:
+        async for event in stores[i].events():
+            seen[i].append(event)
+            lifecycle.on_event(event)
+
+    async def refresher(*_: object) -> object:
+        raise AssertionError("no refresh is due")
+
+    for store in stores:
+        await store.open()
+    a, b = (Lifecycle(keyring, store, SKEW, refresher) for store in stores)  # type: ignore[arg-type]
+    followers = [asyncio.create_task(follow(0, a)), asyncio.create_task(follow(1, b))]
+    try:
+        while not (seen[0] and seen[1]):  # both subscribed
+            await stores[0].publish("hello")
+            await asyncio.sleep(0.05)
+        await store_token(stores[0], keyring, "token-a", time.time() + 3600, 1)
+        assert await b.access_token(SERVER, "alice") == "token-a"  # b remembers it now
+        # Replica a disconnects the user: b must stop within far less than its memory's second.
+        await stores[0].delete_connection("alice", SERVER.id)
+        await a.changed("alice", SERVER.id)
+        started = time.monotonic()
+        while time.monotonic() - started < RECENT_TTL / 2:
+            try:
+                await b.access_token(SERVER, "alice")
+            except NeedsConsent:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("replica b kept using a deleted connection's token")
+        assert connection_changed(SERVER.id, "alice") in seen[1]
+    finally:
+        for task in followers:
+            task.cancel()
+        for store in stores:
+            await store.close()
+
+
+def test_events_for_every_user_of_a_server_and_resync_clear_the_memory(salt: str) -> None:
+    lifecycle = Lifecycle(Keyring(salt), None, SKEW, None)  # type: ignore[arg-type]
+    lifecycle._recent = {
+        ("alice", "srv"): (1e12, "t1"),
+        ("bob", "srv"): (1e12, "t2"),
+        ("alice", "other"): (1e12, "t3"),
+    }
+    lifecycle.on_event(connection_changed("srv", "alice"))
+    assert set(lifecycle._recent) == {("bob", "srv"), ("alice", "other")}
+    lifecycle.on_event(connection_changed("srv"))
+    assert set(lifecycle._recent) == {("alice", "other")}
+    lifecycle.on_event("servers")
+    assert set(lifecycle._recent) == {("alice", "other")}
+    lifecycle.on_event("resync")
+    assert lifecycle._recent == {}

@@ -247,7 +247,7 @@ class Connector:
                 issuer=issuer, client_id=client_id, requested_scopes=pending.scopes,
             )  # fmt: skip
             if await self.tokens.put_connection(conn, expected_version=current.version if current else 0):
-                self.lifecycle.forget(pending.user, pending.server)
+                await self.lifecycle.changed(pending.user, pending.server)
                 log.info("connected", server=pending.server, user=pending.user)
                 return conn
         raise StoreUnavailable("the connection kept changing while it was being saved; retry")
@@ -258,8 +258,9 @@ class Connector:
         if conn is None:
             return False
         await self.revoke(server, conn)
-        self.lifecycle.forget(user, server.id)
-        return await self.tokens.delete_connection(user, server.id)
+        deleted = await self.tokens.delete_connection(user, server.id)
+        await self.lifecycle.changed(user, server.id)
+        return deleted
 
     async def revoke(self, server: ServerConfig, conn: Connection) -> None:
         try:

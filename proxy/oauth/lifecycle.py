@@ -12,6 +12,7 @@ second use of the old one as theft, revoking the whole grant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -33,6 +34,8 @@ CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
 # Errors that mean the grant is gone: only the user can fix it, by reconnecting.
 RECENT_TTL = 1.0
+# While another replica refreshes, look at the store this often even without an event.
+WAIT_POLL = 0.25
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
@@ -145,6 +148,12 @@ class CircuitBreaker:
         self._open_until.pop(issuer, None)
 
 
+def connection_changed(server_id: str, user: str = "*") -> str:
+    """The event every replica gets when a user's tokens for a server changed
+    ("*": every user's). Ids cannot contain ':' (settings.ID_PATTERN)."""
+    return f"connection:{server_id}:{user}"
+
+
 class Lifecycle:
     def __init__(
         self,
@@ -163,6 +172,8 @@ class Lifecycle:
         self.breaker = CircuitBreaker(cooldown=cooldown)
         self._recent: dict[tuple[str, str], tuple[float, str]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
+        # One per (user, server) this process waits on while another replica refreshes.
+        self._waiting: dict[tuple[str, str], asyncio.Event] = {}
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
@@ -187,6 +198,31 @@ class Lifecycle:
 
     def forget(self, user: str, server_id: str) -> None:
         self._recent.pop((user, server_id), None)
+
+    async def changed(self, user: str, server_id: str) -> None:
+        """Tell every replica (this one too) that these tokens changed."""
+        self.forget(user, server_id)
+        try:
+            await self.store.publish(connection_changed(server_id, user))
+        except StoreUnavailable as exc:
+            # Stored already; the others see it within RECENT_TTL or their next store read.
+            log.warning("token change not announced", server=server_id, reason=str(exc))
+
+    def on_event(self, event: str) -> None:
+        """A token store event (registry.Registry passes every one on)."""
+        if event == "resync":  # events may have been lost
+            self._recent.clear()
+            for waiting in self._waiting.values():
+                waiting.set()
+            return
+        kind, _, rest = event.partition(":")
+        server_id, _, user = rest.partition(":")
+        if kind != "connection" or not user:
+            return
+        for key in [k for k in (*self._recent, *self._waiting) if k[1] == server_id and user in ("*", k[0])]:
+            self._recent.pop(key, None)
+            if key in self._waiting:
+                self._waiting[key].set()
 
     async def _access_token(self, server: ServerConfig, user: str) -> tuple[str, float]:
         """The token, and the seconds until its refresh is due."""
@@ -254,23 +290,32 @@ class Lifecycle:
     ) -> tuple[Connection, TokenSet]:
         lock_name = f"refresh:{seen.user}:{seen.server}"
         deadline = time.monotonic() + self.lock_ttl + 5
-        while True:
-            token = await self.store.acquire_lock(lock_name, self.lock_ttl)
-            if token is not None:
-                try:
-                    return await self._refresh_holding_lock(server, seen)
-                finally:
-                    await self.store.release_lock(lock_name, token)
-            # Another replica is refreshing: wait for its write, then use it.
-            await asyncio.sleep(0.05 + secrets.randbelow(50) / 1000)
-            current = await self._load(server, seen.user)
-            if current.version != seen.version:
-                return current, self._open(current)
-            if time.monotonic() > deadline:
-                raise TemporarilyUnavailable(
-                    f"another replica is refreshing the token for {server.id!r} and has not finished; retry shortly",
-                    5,
-                )
+        key = (seen.user, seen.server)
+        try:
+            while True:
+                token = await self.store.acquire_lock(lock_name, self.lock_ttl)
+                if token is not None:
+                    try:
+                        return await self._refresh_holding_lock(server, seen)
+                    finally:
+                        await self.store.release_lock(lock_name, token)
+                # Another replica is refreshing: wait for its write (announced by an
+                # event, or found by looking again), then use it.
+                waiting = self._waiting[key] = asyncio.Event()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(WAIT_POLL + secrets.randbelow(50) / 1000):
+                        await waiting.wait()
+                current = await self._load(server, seen.user)
+                if current.version != seen.version:
+                    return current, self._open(current)
+                if time.monotonic() > deadline:
+                    raise TemporarilyUnavailable(
+                        f"another replica is refreshing the token for {server.id!r} and has not finished; "
+                        "retry shortly",
+                        5,
+                    )
+        finally:
+            self._waiting.pop(key, None)
 
     async def _refresh_holding_lock(
         self, server: ServerConfig, seen: Connection
@@ -322,6 +367,7 @@ class Lifecycle:
             return newer, self._open(newer)
         metrics.refresh_result(server.id, "refreshed")
         log.info("token refreshed", server=server.id, user=current.user)
+        await self.changed(current.user, current.server)
         return fresh, self._open(fresh)
 
     async def _load(self, server: ServerConfig, user: str) -> Connection:
@@ -343,6 +389,6 @@ class Lifecycle:
             raise NeedsConsent("the stored tokens cannot be read; connect again") from None
 
     async def _mark_reconnect(self, conn: Connection, reason: str) -> None:
-        self.forget(conn.user, conn.server)
         marked = replace(conn, state=MUST_RECONNECT, last_error=reason, version=conn.version + 1)
         await self.store.put_connection(marked, expected_version=conn.version)
+        await self.changed(conn.user, conn.server)
