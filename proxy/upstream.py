@@ -90,7 +90,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
-        self.reused = False
         self.idle_since = 0.0
         self.idle_in: deque[_Connection] | None = None
         self.response: Response | None = None
@@ -385,7 +384,6 @@ class Pool:
         if connection.closed or connection.idle_since < self.loop.time() - IDLE_SECONDS:
             connection.close()
             return self._idle_connection(origin)
-        connection.reused = True
         return connection
 
     async def _connect(self, origin: Origin) -> _Connection:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,6 +47,15 @@ def proxy_factory(tmp_path: Path, salt: str) -> Iterator[type[ProxyProcess]]:
     yield Factory
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """Debian's Chromium, driven by Playwright: one per test module of the OAuth journey."""
+    from peers.browser import launch_browser
+
+    async with launch_browser() as b:
+        yield b
 
 
 @pytest.fixture(scope="session")

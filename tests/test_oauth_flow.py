@@ -5,7 +5,7 @@ and Debian's Chromium in between."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from mcp.shared.exceptions import MCPError
-from peers.browser import complete_login_and_consent, launch_browser, new_page
+from peers.browser import complete_login_and_consent, new_page
 from peers.mcp_client import INITIALIZE, raw_post, result_text, streamable_session
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
@@ -37,12 +37,6 @@ def auth() -> Iterator[AuthorizationServer]:
 def resource(auth: AuthorizationServer) -> Iterator[ResourceServer]:
     with run_resource_server(auth.issuer) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with launch_browser() as b:
-        yield b
 
 
 def start_proxy(tmp_path: Path, salt: str, server: dict[str, Any], **settings: Any) -> ProxyProcess:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -25,7 +25,6 @@ from peers.browser import (
     CallbackServer,
     callback_server,
     complete_login_and_consent,
-    launch_browser,
     new_page,
 )
 from peers.mcp_client import jsonrpc, raw_post, result_text, streamable_session
@@ -61,12 +60,6 @@ def auth(callback: CallbackServer) -> Iterator[AuthorizationServer]:
 def rs(auth: AuthorizationServer) -> Iterator[ResourceServer]:
     with run_resource_server(auth.issuer) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with launch_browser() as b:
-        yield b
 
 
 @dataclass

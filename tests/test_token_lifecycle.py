@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from peers.browser import complete_login_and_consent, launch_browser, new_page
+from peers.browser import complete_login_and_consent, new_page
 from peers.mcp_client import INITIALIZE, jsonrpc, raw_post, result_text, streamable_session
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
@@ -41,12 +41,6 @@ def auth() -> Iterator[AuthorizationServer]:
 def resource(auth: AuthorizationServer) -> Iterator[ResourceServer]:
     with run_resource_server(auth.issuer) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    async with launch_browser() as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

@@ -219,7 +219,11 @@ class Lifecycle:
         server_id, _, user = rest.partition(":")
         if kind != "connection" or not user:
             return
-        for key in [k for k in (*self._recent, *self._waiting) if k[1] == server_id and user in ("*", k[0])]:
+        if user == "*":
+            keys = {k for k in (*self._recent, *self._waiting) if k[1] == server_id}
+        else:
+            keys = {(user, server_id)}
+        for key in keys:
             self._recent.pop(key, None)
             if key in self._waiting:
                 self._waiting[key].set()

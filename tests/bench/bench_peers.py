@@ -39,6 +39,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from client_choice import REQUEST_BODY, RESPONSE_BODY, serve
+from client_choice import upstream_app as post_upstream_app
 
 HOST = "127.0.0.1"
 FLOOR_TOKEN = "bench-floor-token"
@@ -63,35 +64,12 @@ ASGISend = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def upstream_app(scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
-        return
-    path, method = scope["path"], scope["method"]
-    if method == "GET" and path in ("/ticks", "/idle"):
+    """client_choice's upstream (POST /mcp), plus the event streams /ticks and /idle."""
+    if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] in ("/ticks", "/idle"):
         query = dict(p.split("=", 1) for p in scope["query_string"].decode().split("&") if "=" in p)
-        interval = float(query.get("ms", "20")) / 1000 if path == "/ticks" else None
+        interval = float(query.get("ms", "20")) / 1000 if scope["path"] == "/ticks" else None
         return await _event_stream(receive, send, interval)
-    more = True
-    while more:
-        message = await receive()
-        more = message.get("more_body", False)
-    ok = method == "POST" and path == "/mcp"
-    body = RESPONSE_BODY if ok else b'{"error":"not found"}'
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 200 if ok else 404,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await post_upstream_app(scope, receive, send)
 
 
 async def _event_stream(receive: ASGIReceive, send: ASGISend, interval: float | None) -> None:

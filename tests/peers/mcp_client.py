@@ -54,11 +54,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +68,7 @@ import mcp_types as types
 from mcp import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from peers import process
 
 UPSTREAM_SCRIPT = Path(__file__).with_name("mcp_upstream.py")
 Transport = Literal["streamable-http", "sse"]
@@ -148,46 +146,11 @@ def run_upstream(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        ready_port = _wait_ready(proc, startup_timeout)
-        upstream = Upstream(transport, ready_port, proc)
-        # Keep draining stdout so a chatty server can never block on a full pipe.
-        threading.Thread(target=_drain, args=(proc, upstream.output), daemon=True).start()
+        upstream = Upstream(transport, int(process.wait_ready(proc, startup_timeout)[0]), proc)
+        process.drain(proc, upstream.output)
         yield upstream
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> int:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"upstream exited with {proc.returncode} before READY; stdout: {seen}")
-        readable, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if readable:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return int(line.split()[1])
-            if line:
-                seen.append(line.rstrip())
-    raise TimeoutError(f"upstream not READY after {timeout}s; stdout: {seen}")
-
-
-def _drain(proc: subprocess.Popen[str], sink: list[str]) -> None:
-    assert proc.stdout is not None
-    with contextlib.suppress(ValueError, OSError):  # closed on shutdown
-        for line in proc.stdout:
-            sink.append(line.rstrip())
+        process.stop(proc)
 
 
 # --------------------------------------------------------------------------- MCP sessions

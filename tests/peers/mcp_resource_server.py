@@ -59,7 +59,6 @@ import contextlib
 import json
 import logging
 import os
-import select
 import socket
 import subprocess
 import sys
@@ -157,6 +156,8 @@ def run_resource_server(
     startup_timeout: float = 20.0,
 ) -> Iterator[ResourceServer]:
     """Start the resource server trusting ``issuer``; wait for ``READY <port>``; stop on exit."""
+    from peers import process  # here: this file also runs as the server script itself
+
     cmd = [sys.executable, str(SCRIPT), "--issuer", issuer, "--port", str(port), "--exit-on-stdin-eof"]
     cmd += ["--required-scope", required_scope, "--scopes-supported", " ".join(scopes_supported)]
     cmd += ["--prm-location", prm_location]
@@ -178,49 +179,11 @@ def run_resource_server(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
-        ready = _wait_ready(proc, startup_timeout)
-        server = ResourceServer(ready, proc, prm_location)
-        threading.Thread(target=_drain, args=(proc, server.output), daemon=True).start()
+        server = ResourceServer(int(process.wait_ready(proc, startup_timeout)[0]), proc, prm_location)
+        process.drain(proc, server.output)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> int:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"resource server exited with {proc.returncode} before READY; stdout: {seen}")
-        readable, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if readable:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                return int(line.split()[1])
-            if line:
-                seen.append(line.rstrip())
-    raise TimeoutError(f"resource server not READY after {timeout}s; stdout: {seen}")
-
-
-def _drain(proc: subprocess.Popen[str], sink: list[str]) -> None:
-    assert proc.stdout is not None
-    with contextlib.suppress(ValueError, OSError):
-        for line in proc.stdout:
-            sink.append(line.rstrip())
-
-
-# =========================================================================== the server
+        process.stop(proc)
 
 
 class TokenError(Exception):

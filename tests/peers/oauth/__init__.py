@@ -92,12 +92,9 @@ import fcntl
 import hashlib
 import json
 import secrets
-import select
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -106,6 +103,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+from peers import process
 
 OAUTH_DIR = Path(__file__).resolve().parent
 SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
@@ -256,60 +254,21 @@ def run_authorization_server(
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=OAUTH_DIR)
     try:
         try:
-            port, issuer = _wait_ready(proc, startup_timeout)
+            ready = process.wait_ready(proc, startup_timeout)
         except TimeoutError:
             # Seen once in a fresh-clone run on a loaded machine: node printed nothing
             # for 30 s. One restart, so a stuck start does not fail the suite; a
             # server that never starts still fails here.
-            _stop(proc)
+            process.stop(proc)
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=OAUTH_DIR
             )
-            port, issuer = _wait_ready(proc, startup_timeout)
-        server = AuthorizationServer(port, issuer, proc)
-        threading.Thread(target=_drain, args=(proc, server.output), daemon=True).start()
+            ready = process.wait_ready(proc, startup_timeout)
+        server = AuthorizationServer(int(ready[0]), ready[1] if len(ready) > 1 else "", proc)
+        process.drain(proc, server.output)
         yield server
     finally:
-        _stop(proc)
-
-
-def _wait_ready(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str]:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[1]} exited with {proc.returncode} before READY; stdout: {seen}")
-        readable, _, _ = select.select([proc.stdout], [], [], 0.1)
-        if readable:
-            line = proc.stdout.readline()
-            if line.startswith("READY "):
-                _, port, *rest = line.split()
-                return int(port), (rest[0] if rest else "")
-            if line:
-                seen.append(line.rstrip())
-    raise TimeoutError(f"{proc.args[1]} not READY after {timeout}s; stdout: {seen}")
-
-
-def _drain(proc: subprocess.Popen[str], sink: list[str]) -> None:
-    assert proc.stdout is not None
-    with contextlib.suppress(ValueError, OSError):
-        for line in proc.stdout:
-            sink.append(line.rstrip())
-
-
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pipe in (proc.stdin, proc.stdout):
-        if pipe is not None:
-            with contextlib.suppress(OSError):
-                pipe.close()
+        process.stop(proc)
 
 
 # --------------------------------------------------------------------------- OAuth client helpers
