@@ -8,8 +8,8 @@ unknown fields refused before anything is stored.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import structlog
@@ -17,10 +17,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy.crypto import DecryptError
-from proxy.management import Conflict, Management, NotFound
-from proxy.registry import RegistryError
-from proxy.routing import RouteError
+from proxy import errors
+from proxy.errors import Answer, InvalidInput, KeybearerError, NotFound, TooLarge
+from proxy.management import Management
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ConfigError
 from proxy.stores import StoreUnavailable
 
@@ -34,28 +33,24 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not admin_token:
-                return error(
-                    404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on"
-                )
+                return errors.json_response(Answer(
+                    404, "admin_disabled", "the admin API is off", "set KEYBEARER_ADMIN_TOKEN to turn it on"
+                ))  # fmt: skip
             refused = check_token(request, admin_token)
             if refused is not None:
                 return refused
             try:
                 return await handler(request, management())
-            except (ConfigError, RegistryError, RouteError, BadRequest) as exc:
-                return error(400, "invalid_request", str(exc))
-            except NotFound as exc:
-                return error(404, "not_found", str(exc))
-            except Conflict as exc:
-                return error(409, "conflict", str(exc))
-            except TooLarge:
-                return error(413, "body_too_large", f"admin request bodies are limited to {MAX_BODY} bytes")
             except StoreUnavailable as exc:
-                log.error("admin write failed: store unavailable", reason=str(exc))
-                return error(503, "store_unavailable", f"{exc}; nothing was changed, retry when it is back",
-                             headers={"Retry-After": "5"})  # fmt: skip
-            except DecryptError as exc:
-                return error(500, "decrypt_failed", str(exc))
+                log.error("admin request failed: store unavailable", reason=exc.message)
+                # Writes validate first and touch the store last: a refusal here changed nothing.
+                return errors.json_response(
+                    replace(exc.answer(), next_step="nothing was changed, retry when it is back")
+                )
+            except KeybearerError as exc:
+                if exc.status >= 500:
+                    log.error("admin request failed", code=exc.code, reason=exc.message)
+                return errors.json_response(exc.answer())
 
         return endpoint
 
@@ -85,41 +80,42 @@ def check_token(request: Request, expected: str) -> Response | None:
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() != "bearer" or not presented.strip():
-        return error(401, "unauthorized", "send the admin token as `Authorization: Bearer <token>`",
-                     headers={"WWW-Authenticate": 'Bearer realm="keybearer-admin"'})  # fmt: skip
+        # The admin API's own challenge: admin clients are not MCP clients.
+        return errors.json_response(Answer(
+            401, "unauthorized", "no admin token was sent", "send it as `Authorization: Bearer <token>`",
+            headers=(("www-authenticate", 'Bearer realm="keybearer-admin"'),),
+        ))  # fmt: skip
     if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
         log.warning(
             "admin request with a wrong token", client=request.client.host if request.client else None
         )
-        return error(403, "forbidden", "the admin token is wrong")
+        return errors.json_response(Answer(403, "forbidden", "the admin token is wrong"))
     return None
 
 
-def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
-
-
-class BadRequest(ValueError):
+class BadRequest(InvalidInput):
     pass
 
 
-class TooLarge(ValueError):
-    pass
+def _too_large() -> TooLarge:
+    return TooLarge(f"admin request bodies are limited to {MAX_BODY} bytes")
 
 
 async def body(request: Request) -> Any:
     declared = request.headers.get("content-length")
     if declared and (not declared.isdigit() or int(declared) > MAX_BODY):
-        raise TooLarge
+        raise _too_large()
     raw = b""
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY:
-            raise TooLarge
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body must be JSON") from None
+            raise _too_large()
+    parsed = errors.parse_json(raw)
+    if parsed is None and raw.strip() != b"null":
+        raise BadRequest(
+            "the body must be JSON", next_step=f"nested at most {errors.MAX_JSON_DEPTH} levels deep"
+        )
+    return parsed
 
 
 def path_param(request: Request, name: str) -> str:
@@ -220,7 +216,7 @@ async def reset(request: Request, m: Management) -> Response:
 
 
 async def list_tokens(request: Request, m: Management) -> Response:
-    return JSONResponse({"tokens": m.list_tokens()})
+    return JSONResponse({"tokens": await m.list_tokens()})
 
 
 async def create_token(request: Request, m: Management) -> Response:
@@ -241,8 +237,6 @@ async def revoke_token(request: Request, m: Management) -> Response:
 
 
 async def unknown(request: Request, m: Management) -> Response:
-    return error(
-        404,
-        "not_found",
-        f"no admin endpoint {request.method} {request.url.path}; see README's admin API section",
+    raise NotFound(
+        f"no admin endpoint {request.method} {request.url.path}", next_step="see README's admin API section"
     )

@@ -1,7 +1,13 @@
-"""The ASGI application: the proxy's own routes, and everything else forwarded.
+"""The composition root: every long-lived object is built and wired here.
+
+    settings -> keyring, stores -> sealed secrets, registry, change feed
+             -> OAuth fetcher -> inbound auth
+             -> OAuth clients -> token lifecycle (refresher: the clients) -> connect flow
+             -> one credential source per auth type -> forwarder
+             -> management (admin API, CLI), browser routes
 
 Requests whose first path segment is one of the proxy's reserved names go to
-a small Starlette app (health, later admin and browser pages); all others go
+a small Starlette app (health, admin API, browser pages); all others go
 straight to the forwarder, without a router in between.
 """
 
@@ -10,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -21,71 +28,139 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, logs, metrics, routing
+from proxy import admin, errors, logs, metrics, routing
+from proxy.connect import routes as connect_routes
+from proxy.connect.clients import OAuthClients
+from proxy.connect.flow import ConnectFlow
+from proxy.connect.lifecycle import TokenLifecycle
+from proxy.credentials import CredentialSource
+from proxy.credentials.api_key import ApiKeys
+from proxy.credentials.none import NoCredential
+from proxy.credentials.oauth import OAuthTokens
 from proxy.crypto import Keyring
+from proxy.errors import Answer
+from proxy.events import ChangeFeed
 from proxy.forwarding import Forwarder
+from proxy.inbound import InboundAuth
 from proxy.management import Management
-from proxy.oauth import flow
-from proxy.oauth.connector import Connector
+from proxy.oauth.fetch import Fetcher
 from proxy.registry import Registry
+from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, Settings, load_settings
-from proxy.stores import StoreUnavailable, open_store, open_token_store
+from proxy.stores import Store, StoreUnavailable, TokenStore, open_store, open_token_store
 
 log = structlog.get_logger("keybearer")
+
+
+@dataclass
+class Components:
+    """What the proxy is made of; `compose` wires it, the server and the CLI use it."""
+
+    settings: Settings
+    keyring: Keyring
+    store: Store
+    tokens: TokenStore
+    secrets: SealedSecrets
+    registry: Registry
+    feed: ChangeFeed
+    fetcher: Fetcher
+    inbound: InboundAuth
+    clients: OAuthClients
+    lifecycle: TokenLifecycle
+    flow: ConnectFlow
+    sources: Mapping[str, CredentialSource]
+    management: Management
+
+    @contextlib.asynccontextmanager
+    async def opened(self) -> AsyncIterator[None]:
+        """The stores open and what is cached loaded; an embedded store migrates itself."""
+        async with contextlib.AsyncExitStack() as stack:
+            await self.store.open()
+            stack.push_async_callback(self.store.close)
+            if self.tokens is not self.store:
+                await self.tokens.open()
+                stack.push_async_callback(self.tokens.close)
+            if self.settings.migrate_on_start or self.store.embedded:
+                await self.store.migrate()
+            await self.registry.load()
+            await self.inbound.load()
+            yield
+
+
+def compose(settings: Settings) -> Components:
+    keyring = Keyring(settings.salt or "", settings.salt_previous)
+    store = open_store(settings)
+    tokens = open_token_store(settings, store)
+    secrets = SealedSecrets(store, keyring)
+    registry = Registry(settings.servers, store, secrets)
+    feed = ChangeFeed(store, tokens)
+    fetcher = Fetcher(settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses)
+    inbound = InboundAuth(settings, secrets, fetcher)
+    clients = OAuthClients(settings, registry, secrets, tokens, fetcher)
+    lifecycle = TokenLifecycle(
+        keyring, tokens, feed, clients.refresh, settings.refresh_skew, settings.refresh_lock_ttl,
+        settings.token_endpoint_cooldown,
+    )  # fmt: skip
+    flow = ConnectFlow(keyring, registry, tokens, clients, lifecycle)
+    sources: dict[str, CredentialSource] = {
+        "none": NoCredential(),
+        "api_key": ApiKeys(registry),
+        "oauth": OAuthTokens(lifecycle, settings, keyring),
+    }
+    # Each cache hears of the changes that make it stale, on every replica.
+    for listener in (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event):
+        feed.subscribe(listener)
+    management = Management(registry, store, secrets, tokens, feed)
+    return Components(
+        settings, keyring, store, tokens, secrets, registry, feed, fetcher, inbound, clients, lifecycle, flow,
+        sources, management,
+    )  # fmt: skip
 
 
 class Keybearer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keyring = Keyring(settings.salt or "", settings.salt_previous)
-        self.store = open_store(settings)
-        self.tokens = open_token_store(settings, self.store)
-        self.registry = Registry(settings.servers, self.store, self.keyring)
-        self.connector = Connector(settings, self.keyring, self.registry, self.tokens)
-        # Token changes made on any replica reach this one's token memory and waiters.
-        self.registry.listeners.append(self.connector.lifecycle.on_event)
-        self.management = Management(self.registry, self.tokens)
-        self.forwarder = Forwarder(settings, self.registry, self.connector)
+        self.parts = compose(settings)
+        self.forwarder = Forwarder(settings, self.parts.registry, self.parts.inbound, self.parts.sources)
         self.web = Starlette(
             routes=[
                 Route("/", self.index),
                 Route("/ping", self.ping),
                 Route("/ready", self.ready),
                 *([] if settings.metrics_listen else [Route("/metrics", self.metrics)]),
-                *admin.routes(settings.admin_token, lambda: self.management),
-                *flow.routes(self.connector),
+                *admin.routes(settings.admin_token, lambda: self.parts.management),
+                *connect_routes.routes(settings, self.parts.keyring, self.parts.flow),
             ],
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _first_segment(scope["path"]) not in _OWN:
-            await self.forwarder(scope, receive, send)
-        else:
-            await self.web(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.web(scope, receive, send)
+        first = _first_segment(scope["path"])
+        if first not in _OWN:
+            return await self.forwarder(scope, receive, send)
+        if first in _BROWSER or scope["path"] == self.settings.callback_path:
+            # People's pages, too, answer only to names a rebinding page cannot take.
+            refusal = self.forwarder.web_origin.refusal(scope["headers"], origin=False)
+            if refusal is not None:
+                return await errors.page_response(refusal)(scope, receive, send)
+        await self.web(scope, receive, send)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        parts = self.parts
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(logs.flush)
-            await self.store.open()
-            stack.push_async_callback(self.store.close)
-            if self.tokens is not self.store:
-                await self.tokens.open()
-                stack.push_async_callback(self.tokens.close)
-            if self.settings.migrate_on_start or self.settings.database_url.startswith("sqlite:"):
-                await self.store.migrate()
-            await self.registry.start(
-                poll_interval=1.0 if self.settings.database_url.startswith("sqlite:") else 5.0,
-                events=self.tokens.events(),
-            )
-            stack.push_async_callback(self.registry.stop)
-            await self.connector.start()
-            stack.push_async_callback(self.connector.close)
+            await stack.enter_async_context(parts.opened())
+            await parts.feed.start()
+            stack.push_async_callback(parts.feed.stop)
+            await parts.fetcher.start()
+            stack.push_async_callback(parts.fetcher.close)
             stack.callback(self.forwarder.stop)
             stack.callback(self._drain_on_signals())
-            log.info("started", listen=self.settings.listen, servers=sorted(self.registry.servers))
+            log.info("started", listen=self.settings.listen, servers=sorted(parts.registry.servers))
             yield
 
     def _drain_on_signals(self) -> Callable[[], None]:
@@ -118,7 +193,7 @@ class Keybearer:
 
     async def ready(self, _: Request) -> Response:
         problems = {}
-        for name, store in (("database", self.store), ("tokens", self.tokens)):
+        for name, store in (("database", self.parts.store), ("tokens", self.parts.tokens)):
             try:
                 await store.ping()
             except StoreUnavailable as exc:
@@ -133,12 +208,13 @@ class Keybearer:
 
     async def http_error(self, _: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
-        message = "no such page on this proxy" if exc.status_code == 404 else exc.detail
-        return JSONResponse({"error": "not_found" if exc.status_code == 404 else "http_error", "message": message},
-                            status_code=exc.status_code)  # fmt: skip
+        if exc.status_code == 404:
+            return errors.json_response(Answer(404, "not_found", "no such page on this proxy"))
+        return errors.json_response(Answer(exc.status_code, "http_error", str(exc.detail)))
 
 
 _OWN = routing.RESERVED | {""}
+_BROWSER = frozenset({"connect", "connections"})
 
 
 def check_exposure(settings: Settings) -> None:

@@ -18,14 +18,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from proxy import logs
-from proxy.crypto import Keyring, SecretError, check_salt
-from proxy.management import Conflict, Management, NotFound
-from proxy.registry import Registry, RegistryError
+from proxy.app import compose
+from proxy.crypto import check_salt
+from proxy.errors import InvalidInput, KeybearerError, NotFound
+from proxy.management import Management
 from proxy.settings import ConfigError, Settings, load_settings
-from proxy.stores import StoreUnavailable, open_store, open_token_store
+from proxy.stores import open_store, open_token_store
 
 
-class Failure(Exception):
+class Failure(KeybearerError):
     """A failed operation (exit 1), as opposed to bad input (exit 2)."""
 
 
@@ -34,10 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(flags=_flags(args))
         return int(args.run(args, settings) or 0)
-    except (ConfigError, SecretError, RegistryError, ValueError) as exc:
+    except (InvalidInput, NotFound) as exc:
         print(f"keybearer: error: {exc}", file=sys.stderr)
         return 2
-    except (Failure, StoreUnavailable) as exc:
+    except KeybearerError as exc:
         print(f"keybearer: failed: {exc}", file=sys.stderr)
         return 1
 
@@ -65,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(run=check_command)
 
     migrate = sub.add_parser("migrate", parents=[common], help="apply database migrations")
-    migrate.set_defaults(run=_store_command(migrate_command))
+    migrate.set_defaults(run=migrate_command)
 
     api_key = sub.add_parser("api-key", help="manage a server's stored API key")
     api_sub = api_key.add_subparsers(required=True, metavar="ACTION")
@@ -238,33 +239,33 @@ def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings],
         logs.configure(settings.log_level, sys.stderr)
 
         async def go() -> int:
-            keyring = Keyring(settings.salt or "", settings.salt_previous)
-            store, tokens = open_store(settings), open_token_store(settings)
-            await store.open()
-            try:
-                await store.migrate()
-                await tokens.open()
-                try:
-                    registry = Registry(settings.servers, store, keyring)
-                    await registry.load()
-                    return int(await fn(args, Management(registry, tokens)) or 0)
-                finally:
-                    await tokens.close()
-            finally:
-                await store.close()
+            parts = compose(settings)
+            async with parts.opened():
+                return int(await fn(args, parts.management) or 0)
 
-        try:
-            return asyncio.run(go())
-        except NotFound as exc:
-            raise RegistryError(str(exc)) from None
-        except Conflict as exc:
-            raise Failure(str(exc)) from None
+        return asyncio.run(go())
 
     return run
 
 
-async def migrate_command(args: argparse.Namespace, m: Management) -> int:
-    _print(args, {"ok": True}, "database schema is up to date")
+def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
+    logs.configure(settings.log_level, sys.stderr)
+
+    async def go() -> list[str]:
+        store = open_store(settings)
+        await store.open()
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    applied = asyncio.run(go())
+    text = (
+        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        if applied
+        else "database schema is up to date"
+    )
+    _print(args, {"ok": True, "applied": applied}, text)
     return 0
 
 
@@ -307,7 +308,7 @@ async def servers_add(args: argparse.Namespace, m: Management) -> int:
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: write KEY=VALUE")
+            raise ConfigError("--set", f"{item!r}: write KEY=VALUE")
         raw[key] = value
     if m.registry.get(args.server) is not None:
         server = await m.update_server(args.server, raw)
@@ -383,7 +384,7 @@ async def tokens_create(args: argparse.Namespace, m: Management) -> int:
 
 
 async def tokens_list(args: argparse.Namespace, m: Management) -> int:
-    rows = m.list_tokens()
+    rows = await m.list_tokens()
     _print(
         args, rows, "\n".join(f"{r['id']}  {','.join(r['users'])}  {r['label']}" for r in rows) or "no tokens"
     )
@@ -402,7 +403,7 @@ async def tokens_revoke(args: argparse.Namespace, m: Management) -> int:
 async def keys_rotate(args: argparse.Namespace, m: Management) -> int:
     from proxy.rotation import rotate
 
-    report = await rotate(m.registry, m.tokens)
+    report = await rotate(m.registry, m.store, m.tokens)
     _print(args, report.__dict__, report.summary())
     return 1 if report.failed else 0
 

@@ -20,8 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from proxy.errors import InvalidInput, KeybearerError
+from proxy.names import KEY_PURPOSES
+
 VERSION = "kb1"
-PURPOSES = ("api_key", "oauth_token", "client_secret", "client_registration", "link", "state", "proxy_token")
 MIN_SALT_LENGTH = 32
 _PLACEHOLDERS = ("change", "secret", "example", "salt", "password", "default", "keybearer", "xxxx", "1234")
 HOW_TO_MAKE_ONE = (
@@ -30,12 +32,14 @@ HOW_TO_MAKE_ONE = (
 )
 
 
-class SecretError(ValueError):
+class SecretError(InvalidInput):
     """The operator secret is unusable; the message says how to fix it."""
 
 
-class DecryptError(ValueError):
+class DecryptError(KeybearerError):
     """A stored value cannot be decrypted with any known key."""
+
+    code = "decrypt_failed"
 
 
 def check_salt(salt: str | None, name: str = "KEYBEARER_SALT") -> str:
@@ -61,8 +65,8 @@ class _Generation:
     """The keys one salt yields: one AES key per purpose, and short ids for them."""
 
     def __init__(self, salt: str) -> None:
-        self.keys = {p: _derive(salt, "keybearer:" + p) for p in PURPOSES}
-        self.ids = {p: _derive(salt, "keybearer-id:" + p)[:6].hex() for p in PURPOSES}
+        self.keys = {p: _derive(salt, "keybearer:" + p) for p in KEY_PURPOSES}
+        self.ids = {p: _derive(salt, "keybearer-id:" + p)[:6].hex() for p in KEY_PURPOSES}
         self.ciphers = {p: AESGCM(k) for p, k in self.keys.items()}
 
 

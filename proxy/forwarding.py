@@ -2,35 +2,38 @@
 
 A request passes these stages, each a small function below:
 
-    parse route -> find server -> upstream URL -> resolve credential
-    -> request headers -> request body -> upstream call -> relay response
+    request body -> parse route -> caller check -> find server -> upstream URL
+    -> credential (the source of the server's auth type) -> request headers
+    -> upstream call -> refused? ask the source (replay, or its answer)
+    -> relay response
 
-Responses are never buffered: JSON bodies are relayed as they arrive, event
-streams chunk by chunk. The agent's `Authorization` and cookies stop here;
-the credential is added here and nowhere else.
+The forwarder knows no auth type: credentials/ does. Responses are never
+buffered: JSON bodies are relayed as they arrive, event streams chunk by
+chunk. The agent's `Authorization` and cookies stop here; the credential is
+added here and nowhere else. Every answer of the proxy's own is an
+errors.Answer, rendered by errors.send_answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy import credentials, inbound, legacy_sse, links, logs, metrics, responses, routing, upstream
+from proxy import errors, legacy_sse, logs, metrics, routing, upstream
+from proxy.credentials import Credential, CredentialSource, Refusal
+from proxy.errors import Answer, KeybearerError, TooLarge
 from proxy.inbound import InboundAuth
-from proxy.oauth.connector import Connector
-from proxy.oauth.discovery import parse_www_authenticate
-from proxy.oauth.lifecycle import NeedsConsent, TemporarilyUnavailable
 from proxy.registry import Registry
 from proxy.settings import ServerConfig, Settings
+from proxy.web_origin import WebOriginGuard
 
 log = structlog.get_logger("keybearer.request")
 
@@ -41,10 +44,11 @@ HOP_BY_HOP = frozenset(
     }
 )  # fmt: skip
 # Never sent upstream: the agent's own credentials, what we set ourselves,
-# and the body's framing, which the upstream client writes.
+# the body's framing, which the upstream client writes, and the Origin the
+# proxy already judged (web_origin.py): upstream, the proxy is the client.
 DROP_REQUEST = HOP_BY_HOP | {
     b"host", b"authorization", b"cookie", b"content-length", b"accept-encoding",
-    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect",
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"expect", b"origin",
 }  # fmt: skip
 # Never sent back: a challenge would start the agent's own OAuth discovery
 # against the proxy; cookies would land on the proxy's origin.
@@ -55,12 +59,16 @@ WHOLE_BODY_LIMIT = 256 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(TooLarge):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the request body is larger than the proxy's limit of {limit} bytes",
+            next_step="see setting max_body_bytes",
+        )
 
 
 @dataclass(slots=True)
-class Exchange:
+class RequestFacts:
     """One request's facts, for the log line and the error answers."""
 
     scope: Scope
@@ -76,16 +84,22 @@ class Exchange:
     outcome: str = "ok"
 
 
-MAX_STEP_UPS = 3
-
-
 class Forwarder:
-    def __init__(self, settings: Settings, registry: Registry, oauth: Connector | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        inbound: InboundAuth,
+        sources: Mapping[str, CredentialSource],
+    ) -> None:
         self.settings = settings
         self.registry = registry
-        self.keyring = registry.keyring
-        self.oauth = oauth
-        self.inbound = InboundAuth(settings, registry)
+        self.inbound = inbound
+        self.sources = sources
+        self.web_origin = WebOriginGuard(
+            settings.public_url, settings.allowed_origins, settings.allowed_hosts
+        )
+        self.announced = legacy_sse.AnnouncedPaths()
         self.pool = upstream.Pool(settings.upstream_connect_timeout)
         self.draining = False
         self._streams: set[asyncio.Task[Any]] = set()
@@ -94,71 +108,61 @@ class Forwarder:
         self.pool.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ex = Exchange(scope, _request_id(scope))
+        facts = RequestFacts(scope, _request_id(scope))
         try:
-            await self._handle(ex, receive, send)
+            await self._handle(facts, receive, send)
         finally:
-            label = ex.server if ex.server in self.registry.servers else "-"
-            metrics.request_counter(label, ex.status).inc()
+            label = facts.server if facts.server in self.registry.servers else "-"
+            metrics.request_counter(label, facts.status).inc()
             logs.request(
-                request_id=ex.request_id,
-                user=ex.user,
-                server=ex.server,
+                request_id=facts.request_id,
+                user=facts.user,
+                server=facts.server,
                 method=scope["method"],
-                mcp_method=ex.mcp_method,
-                status=ex.status,
-                outcome=ex.outcome,
-                duration_ms=round((time.perf_counter() - ex.started) * 1000, 2),
-                bytes_in=ex.bytes_in,
-                bytes_out=ex.bytes_out,
+                mcp_method=facts.mcp_method,
+                status=facts.status,
+                outcome=facts.outcome,
+                duration_ms=round((time.perf_counter() - facts.started) * 1000, 2),
+                bytes_in=facts.bytes_in,
+                bytes_out=facts.bytes_out,
             )
 
-    async def _handle(self, ex: Exchange, receive: Receive, send: Send) -> None:
-        scope = ex.scope
+    async def _handle(self, facts: RequestFacts, receive: Receive, send: Send) -> None:
+        scope = facts.scope
+        refusal = self.web_origin.refusal(scope["headers"])
+        if refusal is not None:
+            return await self._answer(facts, send, refusal)
         try:
             # Read first, so that every error below can answer a JSON-RPC
             # request with its own id.
-            body = await read_body(scope, receive, self.settings.max_body_bytes, ex)
-        except BodyTooLarge:
-            return await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
-        ex.mcp_method = _mcp_method(scope, ex.body)
-        try:
+            body = await read_body(scope, receive, self.settings.max_body_bytes, facts)
+            facts.mcp_method = _mcp_method(scope, facts.body)
             route = routing.parse(scope.get("raw_path") or scope["path"].encode())
-            ex.user, ex.server = route.user, route.server_id
+            facts.user, facts.server = route.user, route.server_id
             await self.inbound.check(scope["headers"], route.user)
             server = self.registry.get(route.server_id)
             if server is None:
                 raise routing.RouteError(
                     404, "unknown_server", f"no MCP server {route.server_id!r} is configured on this proxy"
                 )
-            url = routing.upstream_url(
-                server,
-                route.subpath,
-                scope["query_string"],
-                self.registry.announced.get(server.id, frozenset()),
-            )
-            credential = (
-                None if server.auth == "oauth" else credentials.resolve(server, route.user, self.registry)
-            )
-        except (routing.RouteError, credentials.CredentialUnavailable, inbound.Refused) as exc:
-            return await self._fail(ex, send, exc.status, exc.code, exc.message)
-        if server.auth == "oauth":
-            try:
-                credential = await self._oauth_credential(server, route.user)
-            except NeedsConsent as exc:
-                return await self._ask_consent(ex, send, server, route.user, exc.scopes, exc.reason)
-            except TemporarilyUnavailable as exc:
-                return await self._unavailable(ex, send, server, exc)
-        headers = request_headers(scope, credential, server)
-        await self._exchange(ex, server, route, url, headers, body, receive, send)
+            announced = self.announced.get(server) if route.subpath else frozenset()
+            url = routing.upstream_url(server, route.subpath, scope["query_string"], announced)
+            source = self.sources[server.auth]
+            credential = await source.credential(server, route.user)
+            await self._forward(facts, server, source, route, url, credential, body, receive, send)
+        except ClientGone:
+            facts.outcome = "client_disconnected"
+        except KeybearerError as exc:
+            await self._answer(facts, send, exc.answer())
 
-    async def _exchange(
+    async def _forward(
         self,
-        ex: Exchange,
+        facts: RequestFacts,
         server: ServerConfig,
+        source: CredentialSource,
         route: routing.Route,
         url: str,
-        headers: list[tuple[bytes, bytes]],
+        credential: Credential | None,
         body: bytes | AsyncIterator[bytes],
         receive: Receive,
         send: Send,
@@ -169,136 +173,113 @@ class Forwarder:
         watch_receive = receive if isinstance(body, bytes) else None
         try:
             for attempt in (1, 2):
+                headers = request_headers(facts.scope, credential)
                 started = time.perf_counter()
-                answer = await self.pool.request(
-                    ex.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+                response = await self.pool.request(
+                    facts.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
                 )
                 metrics.upstream_latency(server.id).observe(time.perf_counter() - started)
-                if server.auth == "oauth" and answer.status in (401, 403):
-                    answer.close()  # its body is not relayed either way below
-                    used = next((v for k, v in headers if k == b"authorization"), b"")
-                    replay = await self._oauth_rejected(
-                        ex,
-                        send,
-                        server,
-                        route.user,
-                        answer,
-                        attempt,
-                        body,
-                        used.decode("latin-1").removeprefix("Bearer "),
-                    )
-                    if replay is None:
-                        return
-                    headers = request_headers(ex.scope, replay, server)
-                    continue
+                if response.status in (401, 403):
+                    refusal = Refusal(
+                        response.status, response.header_values(b"www-authenticate"), credential,
+                        replayable=attempt == 1 and isinstance(body, bytes),
+                    )  # fmt: skip
+                    outcome = await source.rejected(server, route.user, refusal)
+                    if outcome is not None:
+                        response.close()  # its body is not relayed
+                        if isinstance(outcome, Answer):
+                            return await self._answer(facts, send, outcome)
+                        credential = outcome
+                        continue
                 try:
-                    await self._relay(ex, server, route, url, answer, send, watch_receive)
+                    await self._relay(facts, server, route, url, response, send, watch_receive)
                 finally:
-                    answer.close()
+                    response.close()
                 return
-        except BodyTooLarge:
-            await self._fail(ex, send, 413, "body_too_large", self._too_large_message())
-        except ClientGone:
-            ex.outcome = "client_disconnected"
         except TimeoutError:
-            await self._fail(
-                ex, send, 504, "upstream_timeout",
-                f"server {server.id!r} did not answer within {self.settings.upstream_timeout:g} s; "
-                "try again later, or ask the operator to raise upstream_timeout",
-                server=server.id,
-            )  # fmt: skip
+            await self._answer(facts, send, Answer(
+                504, "upstream_timeout",
+                f"server {server.id!r} did not answer within {self.settings.upstream_timeout:g} s",
+                "try again later, or ask the operator to raise upstream_timeout", data={"server": server.id},
+            ))  # fmt: skip
         except upstream.InvalidHeader:
-            await self._fail(
-                ex, send, 502, "invalid_upstream_header",
-                f"the request to server {server.id!r} would carry a header with a line break; "
-                "the operator must check the server's API key for stray newlines",
-                server=server.id,
-            )  # fmt: skip
+            await self._answer(facts, send, Answer(
+                502, "invalid_upstream_header",
+                f"the request to server {server.id!r} would carry a header with a line break",
+                "the operator must check the server's credential for stray newlines", data={"server": server.id},
+            ))  # fmt: skip
         except upstream.UpstreamError as exc:
-            await self._fail(
-                ex, send, 502, "upstream_unreachable",
-                f"server {server.id!r} could not be reached ({_describe(exc)}); "
+            await self._answer(facts, send, Answer(
+                502, "upstream_unreachable", f"server {server.id!r} could not be reached ({_describe(exc)})",
                 "check that it is running and that its url in the proxy's config is right",
-                server=server.id,
-            )  # fmt: skip
+                data={"server": server.id},
+            ))  # fmt: skip
 
     async def _relay(
         self,
-        ex: Exchange,
+        facts: RequestFacts,
         server: ServerConfig,
         route: routing.Route,
         url: str,
-        answer: upstream.Response,
+        response: upstream.Response,
         send: Send,
         watch_receive: Receive | None,
     ) -> None:
-        if answer.status == 401 and server.auth in ("none", "api_key"):
-            ex.outcome = "upstream_rejected_credential"
-            detail = (
-                "check the key with `keybearer api-key set " + server.id + "`"
-                if server.auth == "api_key"
-                else "the server wants credentials: configure it with auth: api_key or oauth"
-            )
-            return await self._fail(
-                ex, send, 502, "upstream_unauthorized",
-                f"server {server.id!r} refused the proxy's request as unauthorized (HTTP 401); "
-                f"the operator must {detail}",
-                server=server.id,
-            )  # fmt: skip
-        if answer.status in REDIRECTS:
+        if response.status in REDIRECTS:
             # Passed on, it would send the agent around the proxy, to an address
             # that is the operator's to know; followed, it would replay a tool call.
-            location = answer.header(b"location") or ""
-            log.warning("upstream redirected", server=server.id, status=answer.status, location=location)
-            return await self._fail(
-                ex, send, 502, "upstream_redirected",
-                f"server {server.id!r} answered with a redirect (HTTP {answer.status}), which the proxy neither "
-                "follows nor passes on; the operator should set the server's url to the address it redirects "
-                "to (the proxy's log names it)",
-                server=server.id,
-            )  # fmt: skip
-        is_stream = (answer.header(b"content-type") or "").startswith("text/event-stream")
-        ex.status = answer.status
+            location = response.header(b"location") or ""
+            log.warning("upstream redirected", server=server.id, status=response.status, location=location)
+            return await self._answer(facts, send, Answer(
+                502, "upstream_redirected",
+                f"server {server.id!r} answered with a redirect (HTTP {response.status}), which the proxy "
+                "neither follows nor passes on",
+                "the operator should set the server's url to the address it redirects to (the proxy's log "
+                "names it)",
+                data={"server": server.id},
+            ))  # fmt: skip
+        is_stream = (response.header(b"content-type") or "").startswith("text/event-stream")
+        facts.status = response.status
         await send(
             {
                 "type": "http.response.start",
-                "status": answer.status,
-                "headers": response_headers(answer.headers, is_stream),
+                "status": response.status,
+                "headers": response_headers(response.headers, is_stream),
             }
         )
         rewriter = None
-        if is_stream and ex.scope["method"] == "GET" and not route.subpath:
+        if is_stream and facts.scope["method"] == "GET" and not route.subpath:
             rewriter = legacy_sse.EndpointRewriter(
-                server, url, f"/{route.user}/{route.server_id}", _proxy_origin(ex.scope),
-                lambda path: self.registry.note_announced(server.id, path),
+                server, url, f"/{route.user}/{route.server_id}", _proxy_origin(facts.scope),
+                lambda path: self.announced.note(server, path),
             )  # fmt: skip
         if is_stream:
             # Only event streams are watched for the agent going away: an idle one
             # would hold its upstream connection until the next event. Other answers
             # end by themselves, and MCP does not take a disconnect for a cancellation.
             async with DisconnectWatch(watch_receive) if watch_receive else contextlib.nullcontext():
-                await self._relay_stream(ex, server, answer, send, rewriter)
+                await self._relay_stream(facts, server, response, send, rewriter)
         else:
-            await self._relay_body(ex, server, answer, send)
+            await self._relay_body(facts, server, response, send)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_body(
-        self, ex: Exchange, server: ServerConfig, answer: upstream.Response, send: Send
+        self, facts: RequestFacts, server: ServerConfig, response: upstream.Response, send: Send
     ) -> None:
         try:
-            while chunk := await answer.read(self.settings.upstream_timeout):
-                ex.bytes_out += len(chunk)
+            while chunk := await response.read(self.settings.upstream_timeout):
+                facts.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (upstream.UpstreamError, TimeoutError) as exc:
             # Headers are gone already: all that is left is to end the body.
-            ex.outcome = "upstream_broke_off"
+            facts.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
 
     async def _relay_stream(
         self,
-        ex: Exchange,
+        facts: RequestFacts,
         server: ServerConfig,
-        answer: upstream.Response,
+        response: upstream.Response,
         send: Send,
         rewriter: legacy_sse.EndpointRewriter | None,
     ) -> None:
@@ -309,25 +290,25 @@ class Forwarder:
         gauge = metrics.OPEN_STREAMS.labels(server.id)
         gauge.inc()
         try:
-            while chunk := await answer.read():
+            while chunk := await response.read():
                 if rewriter is not None:
                     chunk = rewriter.feed(chunk)
                     if not chunk:
                         continue
-                ex.bytes_out += len(chunk)
+                facts.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except legacy_sse.ForeignEndpoint as exc:
-            ex.outcome = "foreign_endpoint_refused"
+            facts.outcome = exc.code
             log.warning("legacy endpoint refused", server=server.id, reason=str(exc))
         except (upstream.UpstreamError, TimeoutError) as exc:
-            ex.outcome = "upstream_broke_off"
+            facts.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
         except asyncio.CancelledError:
             if not self.draining or task.cancelling() > 1:
                 raise
             # Shutting down: end the stream cleanly so the client reconnects elsewhere.
             task.uncancel()
-            ex.outcome = "closed_for_shutdown"
+            facts.outcome = "closed_for_shutdown"
         finally:
             gauge.dec()
             self._streams.discard(task)
@@ -338,112 +319,18 @@ class Forwarder:
         for task in list(self._streams):
             task.cancel()
 
-    async def _fail(
-        self,
-        ex: Exchange,
-        send: Send,
-        status: int,
-        code: str,
-        message: str,
-        headers: list[tuple[bytes, bytes]] | None = None,
-        **data: Any,
-    ) -> None:
-        ex.status, ex.outcome = status, code
-        ex.bytes_out = await responses.send_error(
-            send, status, code, message, body=ex.body, headers=headers, **data
-        )
-
-    # -- OAuth servers ----------------------------------------------------------------
-
-    async def _oauth_credential(self, server: ServerConfig, user: str) -> credentials.Credential:
-        if self.oauth is None:
-            raise TemporarilyUnavailable("OAuth is not available on this proxy", 60)
-        return credentials.bearer(await self.oauth.lifecycle.access_token(server, user))
-
-    async def _oauth_rejected(
-        self,
-        ex: Exchange,
-        send: Send,
-        server: ServerConfig,
-        user: str,
-        answer: upstream.Response,
-        attempt: int,
-        body: bytes | AsyncIterator[bytes],
-        rejected: str,
-    ) -> credentials.Credential | None:
-        """An OAuth server refused the token: a credential to replay with, or None once answered."""
-        assert self.oauth is not None
-        challenge = parse_www_authenticate(answer.header_values(b"www-authenticate"))
-        if answer.status == 403:
-            if challenge is None or challenge.error != "insufficient_scope":
-                await self._fail(ex, send, 403, "forbidden", f"server {server.id!r} refused this request (HTTP 403)",
-                                 server=server.id)  # fmt: skip
-                return None
-            await self._step_up(ex, send, server, user, challenge.scope)
-            return None
-        # 401: the token was revoked or expired early. One refresh and one
-        # replay, when the body can be sent again.
-        try:
-            if attempt == 1 and isinstance(body, bytes):
-                return credentials.bearer(await self.oauth.lifecycle.refresh_rejected(server, user, rejected))
-            await self.oauth.lifecycle.mark_rejected(server, user)
-            raise NeedsConsent("the server rejected the stored token")
-        except NeedsConsent as exc:
-            await self._ask_consent(ex, send, server, user, (), exc.reason)
-        except TemporarilyUnavailable as exc:
-            await self._unavailable(ex, send, server, exc)
-        return None
-
-    async def _step_up(
-        self, ex: Exchange, send: Send, server: ServerConfig, user: str, challenged: tuple[str, ...]
-    ) -> None:
-        assert self.oauth is not None
-        attempts = await self.oauth.lifecycle.count_step_up(server, user)
-        if attempts > MAX_STEP_UPS:
-            return await self._fail(
-                ex, send, 403, "insufficient_scope",
-                f"server {server.id!r} still wants more permissions ({' '.join(challenged)}) after {MAX_STEP_UPS} "
-                "reconnects; the account may not be allowed them: ask its administrator",
-                server=server.id,
-            )  # fmt: skip
-        granted = await self.oauth.lifecycle.granted_scopes(server, user)
-        scopes = tuple(dict.fromkeys((*granted, *challenged)))
-        await self._ask_consent(ex, send, server, user, scopes, "the server needs more permissions")
-
-    async def _ask_consent(
-        self, ex: Exchange, send: Send, server: ServerConfig, user: str, scopes: tuple[str, ...], reason: str
-    ) -> None:
-        """The -32042 answer: a signed connect link, in the error data and in its text."""
-        url = links.connect_url(
-            self.settings.public_url, self.keyring, user, server.id, self.settings.connect_link_ttl, scopes
-        )
-        message = f"{server.id} needs you to connect your account ({reason}). Open this link in your browser, then retry: {url}"
-        ex.status, ex.outcome = 200, "consent_required"
-        metrics.CONSENT_REQUIRED.labels(server.id).inc()
-        content = responses.elicitation_required(ex.body, server.id, url, message)
-        if content is None:
-            # Not a JSON-RPC request (a GET stream, a DELETE): no id to answer. 403, never
-            # 401: a 401 would start the client's own OAuth discovery against the proxy.
-            ex.status = 403
-            content = responses.error_body("connection_required", message, connect_url=url, server=server.id)
-        await responses.send_json(send, ex.status, content)
-        ex.bytes_out = len(content)
-
-    async def _unavailable(
-        self, ex: Exchange, send: Send, server: ServerConfig, exc: TemporarilyUnavailable
-    ) -> None:
-        await self._fail(ex, send, 503, "temporarily_unavailable", exc.message,
-                         headers=[(b"retry-after", str(exc.retry_after).encode())], server=server.id)  # fmt: skip
-
-    def _too_large_message(self) -> str:
-        return (
-            f"the request body is larger than the proxy's limit of {self.settings.max_body_bytes} bytes "
-            "(setting max_body_bytes)"
-        )
+    async def _answer(self, facts: RequestFacts, send: Send, answer: Answer) -> None:
+        facts.outcome = answer.code
+        facts.status, facts.bytes_out = await errors.send_answer(send, answer, facts.body)
 
 
-class ClientGone(Exception):
+class ClientGone(KeybearerError):
     """The agent closed its connection; the upstream request is abandoned."""
+
+    code = "client_disconnected"
+
+    def __init__(self) -> None:
+        super().__init__("the agent closed its connection")
 
 
 class DisconnectWatch:
@@ -484,16 +371,14 @@ class DisconnectWatch:
         return False
 
 
-def request_headers(
-    scope: Scope, credential: credentials.Credential | None, server: ServerConfig
-) -> list[tuple[bytes, bytes]]:
+def request_headers(scope: Scope, credential: Credential | None) -> list[tuple[bytes, bytes]]:
     drop = DROP_REQUEST
     connection_tokens: set[bytes] = set()
     host = b""
     out: list[tuple[bytes, bytes]] = []
     for name, value in scope["headers"]:
         if name == b"connection":
-            connection_tokens = {t.strip().lower() for t in value.split(b",")}
+            connection_tokens |= {t.strip().lower() for t in value.split(b",")}
         elif name == b"host":
             host = value
     for name, value in scope["headers"]:
@@ -518,7 +403,7 @@ def response_headers(raw: list[tuple[bytes, bytes]], is_stream: bool) -> list[tu
     connection_tokens: set[bytes] = set()
     for name, value in raw:
         if name == b"connection":
-            connection_tokens = {t.strip().lower() for t in value.split(b",")}
+            connection_tokens |= {t.strip().lower() for t in value.split(b",")}
     out = []
     for name, value in raw:
         if name in DROP_RESPONSE or name in connection_tokens:
@@ -535,16 +420,18 @@ def response_headers(raw: list[tuple[bytes, bytes]], is_stream: bool) -> list[tu
     return out
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int, ex: Exchange) -> bytes | AsyncIterator[bytes]:
+async def read_body(
+    scope: Scope, receive: Receive, limit: int, facts: RequestFacts
+) -> bytes | AsyncIterator[bytes]:
     """The whole body when it is small and announced; else a capped stream."""
     length: int | None = None
     for name, value in scope["headers"]:
         if name == b"content-length":
             if not value.isdigit():
-                raise BodyTooLarge  # unparsable lengths are refused like oversize ones
+                raise BodyTooLarge(limit)  # unparsable lengths are refused like oversize ones
             length = int(value)
     if length is not None and length > limit:
-        raise BodyTooLarge
+        raise BodyTooLarge(limit)
     if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS") and not length:
         return b""
     if length is not None and length <= WHOLE_BODY_LIMIT:
@@ -556,23 +443,23 @@ async def read_body(scope: Scope, receive: Receive, limit: int, ex: Exchange) ->
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
                 break
-        ex.body = b"".join(chunks)
-        ex.bytes_in = len(ex.body)
-        return ex.body
-    return _stream_body(receive, limit, ex)
+        facts.body = b"".join(chunks)
+        facts.bytes_in = len(facts.body)
+        return facts.body
+    return _stream_body(receive, limit, facts)
 
 
-async def _stream_body(receive: Receive, limit: int, ex: Exchange) -> AsyncIterator[bytes]:
+async def _stream_body(receive: Receive, limit: int, facts: RequestFacts) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            ex.outcome = "client_disconnected"
+            facts.outcome = "client_disconnected"
             raise ClientGone
         chunk = message.get("body", b"")
-        ex.bytes_in += len(chunk)
-        if ex.bytes_in > limit:
-            ex.outcome = "body_too_large"
-            raise BodyTooLarge
+        facts.bytes_in += len(chunk)
+        if facts.bytes_in > limit:
+            facts.outcome = "body_too_large"
+            raise BodyTooLarge(limit)
         if chunk:
             yield chunk
         if not message.get("more_body", False):
@@ -584,10 +471,8 @@ def _mcp_method(scope: Scope, body: bytes | None) -> str | None:
         if name == b"mcp-method":
             return value.decode("latin-1")[:64]
     if body and body[:1] == b"{":
-        try:
-            method = json.loads(body).get("method")
-        except (ValueError, AttributeError):
-            return None
+        message = errors.parse_json(body)
+        method = message.get("method") if isinstance(message, dict) else None
         return method[:64] if isinstance(method, str) else None
     return None
 

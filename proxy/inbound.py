@@ -20,18 +20,19 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import structlog
 from joserfc import jwt
 from joserfc.errors import InvalidKeyIdError, JoseError
 from joserfc.jwk import KeySet
 
-from proxy.registry import Registry
+from proxy.errors import KeybearerError
+from proxy.names import RESYNC, SERVERS_CHANGED, Event, SecretKind
+from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
+from proxy.sealed import SealedSecrets
 from proxy.settings import ID_PATTERN, Settings
 
 log = structlog.get_logger("keybearer.inbound")
 
-KIND = "proxy_token"
 PREFIX = "kbp_"
 JWKS_TTL = 600.0
 # Asymmetric only: a caller must not be able to sign with a key the proxy also holds.
@@ -41,10 +42,11 @@ JWT_ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
 JWKS_MIN_REFETCH = 5.0
 
 
-class Refused(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+class Refused(KeybearerError):
+    """The caller may not act as the path's user."""
+
+    status = 401
+    code = "caller_unauthenticated"
 
 
 @dataclass(frozen=True)
@@ -87,10 +89,13 @@ def record_from_json(raw: str) -> ProxyToken:
 
 
 class InboundAuth:
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, secrets: SealedSecrets, fetcher: Fetcher) -> None:
         self.settings = settings
         self.mode = settings.inbound_auth
-        self.registry = registry
+        self.secrets = secrets
+        self.fetcher = fetcher
+        # Caller tokens by id, hashes only; reloaded on SERVERS_CHANGED.
+        self.tokens: dict[str, ProxyToken] = {}
         self._jwks: tuple[float, KeySet] | None = None
         self._jwks_tried = 0.0
         self._jwks_lock = asyncio.Lock()
@@ -100,13 +105,21 @@ class InboundAuth:
         if settings.jwt_audience:
             self._claims.options["aud"] = {"essential": True, "value": settings.jwt_audience}
 
+    async def load(self) -> None:
+        if self.mode == "tokens":
+            stored = await self.secrets.all(SecretKind.CALLER_TOKEN)
+            self.tokens = {name: record_from_json(raw) for name, raw in stored.items()}
+
+    async def on_event(self, event: Event) -> None:
+        if event.kind in (SERVERS_CHANGED, RESYNC):
+            await self.load()
+
     async def check(self, headers: list[tuple[bytes, bytes]], user: str) -> None:
         if self.mode == "none":
             return
         presented = _bearer(headers)
         if presented is None:
-            raise Refused(401, "caller_unauthenticated",
-                          "this proxy requires a caller credential: send `Authorization: Bearer <token>`")  # fmt: skip
+            raise Refused("this proxy requires a caller credential: send `Authorization: Bearer <token>`")
         if self.mode == "tokens":
             self._check_token(presented, user)
         else:
@@ -114,14 +127,14 @@ class InboundAuth:
 
     def _check_token(self, presented: str, user: str) -> None:
         token_id, _, secret = presented.removeprefix(PREFIX).partition(".")
-        record = self.registry.proxy_tokens.get(token_id) if presented.startswith(PREFIX) else None
+        record = self.tokens.get(token_id) if presented.startswith(PREFIX) else None
         if record is None or not hmac.compare_digest(record.digest, _digest(secret)):
-            raise Refused(
-                401, "caller_unauthenticated", "the caller token is not valid; ask the operator for one"
-            )
+            raise Refused("the caller token is not valid; ask the operator for one")
         if user not in record.users:
             log.warning("proxy token used for another user", token=token_id, user=user)
-            raise Refused(403, "caller_forbidden", f"this caller token may not act for user {user!r}")
+            raise Refused(
+                f"this caller token may not act for user {user!r}", status=403, code="caller_forbidden"
+            )
 
     async def _check_jwt(self, presented: str, user: str) -> None:
         try:
@@ -133,11 +146,11 @@ class InboundAuth:
                 ).claims
             self._claims.validate(claims)
         except (JoseError, ValueError) as exc:
-            raise Refused(
-                401, "caller_unauthenticated", f"the caller JWT was refused: {type(exc).__name__}"
-            ) from None
+            raise Refused(f"the caller JWT was refused: {type(exc).__name__}") from None
         if claims.get(self.settings.jwt_user_claim) != user:
-            raise Refused(403, "caller_forbidden", f"the caller JWT does not belong to user {user!r}")
+            raise Refused(
+                f"the caller JWT does not belong to user {user!r}", status=403, code="caller_forbidden"
+            )
 
     async def _keys(self, refetch: bool = False) -> KeySet:
         if self._jwks and self._jwks[0] > time.monotonic() and not refetch:
@@ -151,15 +164,17 @@ class InboundAuth:
     async def _fetch_keys(self) -> KeySet:
         assert self.settings.jwt_jwks_url
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
-                async with session.get(self.settings.jwt_jwks_url) as response:
-                    response.raise_for_status()
-                    keys = KeySet.import_key_set(await response.json(content_type=None))
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            keys = KeySet.import_key_set(await self.fetcher.get_json(self.settings.jwt_jwks_url))  # type: ignore[arg-type]
+        except (FetchError, UnsafeURL, ValueError, JoseError) as exc:
             if self._jwks:  # keep verifying with the keys we have
                 return self._jwks[1]
+            log.error("JWKS unavailable", url=self.settings.jwt_jwks_url, reason=str(exc))
             raise Refused(
-                503, "jwks_unavailable", f"the JWKS could not be fetched ({type(exc).__name__})"
+                "the proxy cannot fetch the keys that verify caller JWTs; retry shortly, and tell the operator "
+                "if it persists (the proxy's log names the reason)",
+                status=503,
+                code="jwks_unavailable",
+                retry_after=5,
             ) from None
         self._jwks = (time.monotonic() + JWKS_TTL, keys)
         return keys

@@ -13,15 +13,41 @@ import re
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
+from proxy.errors import UpstreamFailed
 from proxy.settings import UPSTREAM_PATH_PATTERN, ServerConfig
 
 MAX_FIRST_EVENT = 64 * 1024
+# Message endpoints remembered per server: a server announces one path (plus a
+# session query); a hostile one must not grow the proxy's memory.
+MAX_ANNOUNCED_PATHS = 16
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(r"\r\n|\n|\r")
 
 
-class ForeignEndpoint(Exception):
+class ForeignEndpoint(UpstreamFailed):
     """The server announced an endpoint outside its own origin."""
+
+    code = "foreign_endpoint_refused"
+
+
+class AnnouncedPaths:
+    """The message endpoints legacy servers announced: reachable through the proxy
+    besides the server's own URL. Bound to the definition of the server that
+    announced them: once it changes, they are no longer reachable."""
+
+    def __init__(self) -> None:
+        self._paths: dict[str, tuple[ServerConfig, frozenset[str]]] = {}
+
+    def get(self, server: ServerConfig) -> frozenset[str]:
+        entry = self._paths.get(server.id)
+        if entry is None or not (entry[0] is server or entry[0] == server):
+            return frozenset()
+        return entry[1]
+
+    def note(self, server: ServerConfig, path: str) -> None:
+        known = self.get(server)
+        if path not in known and len(known) < MAX_ANNOUNCED_PATHS:
+            self._paths[server.id] = (server, known | {path})
 
 
 class EndpointRewriter:

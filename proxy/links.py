@@ -2,7 +2,7 @@
 
 A link is only an invitation: it names the user and server and proves the
 proxy made it recently. What binds the flow to one browser is the cookie set
-when the link is opened (see oauth/flow.py).
+when the link is opened (see connect/routes.py).
 """
 
 from __future__ import annotations
@@ -11,10 +11,16 @@ import time
 from urllib.parse import quote, urlencode
 
 from proxy.crypto import Keyring
+from proxy.errors import Forbidden
+from proxy.names import LINK
 
 
-class LinkError(ValueError):
-    pass
+class LinkError(Forbidden):
+    code = "link_not_usable"
+    title = "Link not usable"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, next_step="Ask your agent for a fresh link.")
 
 
 def _message(kind: str, user: str, server: str, expires: int, scope: str) -> bytes:
@@ -35,13 +41,13 @@ def connect_url(
     expires = int(time.time() + ttl)
     scope = " ".join(scopes)
     query = {"expires": str(expires), **({"scope": scope} if scope else {})}
-    query["sig"] = keyring.sign("link", _message("connect", user, server, expires, scope))
+    query["sig"] = keyring.sign(LINK, _message("connect", user, server, expires, scope))
     return f"{public_url}{connect_path(user, server)}?{urlencode(query)}"
 
 
 def connections_url(public_url: str, keyring: Keyring, user: str, ttl: float) -> str:
     expires = int(time.time() + ttl)
-    sig = keyring.sign("link", _message("connections", user, "", expires, ""))
+    sig = keyring.sign(LINK, _message("connections", user, "", expires, ""))
     return f"{public_url}{connections_path(user)}?{urlencode({'expires': expires, 'sig': sig})}"
 
 
@@ -50,7 +56,7 @@ def verify(keyring: Keyring, kind: str, user: str, server: str, params: dict[str
     expires_raw, sig, scope = params.get("expires", ""), params.get("sig", ""), params.get("scope", "")
     if not expires_raw.isdigit() or not sig:
         raise LinkError("This link is incomplete. Ask your agent for a fresh one.")
-    if not keyring.verify("link", _message(kind, user, server, int(expires_raw), scope), sig):
+    if not keyring.verify(LINK, _message(kind, user, server, int(expires_raw), scope), sig):
         raise LinkError("This link is not valid: it was changed or was not made by this proxy.")
     if int(expires_raw) < time.time():
         raise LinkError(

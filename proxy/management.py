@@ -12,32 +12,28 @@ from typing import Any
 
 import structlog
 
-from proxy import inbound
-from proxy.crypto import DecryptError
-from proxy.oauth.lifecycle import connection_changed
-from proxy.registry import Registry, RegistryError
+from proxy import inbound, logs
+from proxy.connect.clients import server_cache_prefix
+from proxy.errors import Conflict, NotFound
+from proxy.events import ChangeFeed
+from proxy.names import SERVERS_CHANGED, SecretKind, connection_changed
+from proxy.registry import Registry
+from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, ServerConfig, parse_server
-from proxy.stores import Connection, StoreUnavailable, TokenStore
+from proxy.stores import Connection, Store, TokenStore
 
 log = structlog.get_logger("keybearer.management")
 
-STATIC_CLIENT = "client_secret"
-REGISTRATION = "client_registration"
-SERVERS_CHANGED = "servers"
-
-
-class NotFound(LookupError):
-    pass
-
-
-class Conflict(ValueError):
-    pass
-
 
 class Management:
-    def __init__(self, registry: Registry, tokens: TokenStore) -> None:
+    def __init__(
+        self, registry: Registry, store: Store, secrets: SealedSecrets, tokens: TokenStore, feed: ChangeFeed
+    ) -> None:
         self.registry = registry
+        self.store = store
+        self.secrets = secrets
         self.tokens = tokens
+        self.feed = feed
 
     # -- servers -----------------------------------------------------------------
 
@@ -58,7 +54,17 @@ class Management:
     def server(self, server_id: str) -> ServerConfig:
         server = self.registry.get(server_id)
         if server is None:
-            raise NotFound(f"no server {server_id!r}")
+            raise NotFound(
+                f"no server {server_id!r}",
+                next_step="add it to the config file or with `keybearer servers add`",
+            )
+        return server
+
+    def stored_server(self, server_id: str) -> ServerConfig:
+        """A server that may be changed at run time: not one of the config file's."""
+        server = self.server(server_id)
+        if server.source == "config":
+            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         return server
 
     async def create_server(self, server_id: str, definition: Any) -> ServerConfig:
@@ -68,48 +74,53 @@ class Management:
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         if existing is not None:
             raise Conflict(f"server {server_id!r} exists; update it with PUT instead")
-        await self.registry.put_server(server)
+        await self.store.put_server(server)
         await self._changed()
         return server
 
     async def update_server(self, server_id: str, definition: Any) -> ServerConfig:
-        current = self.server(server_id)
-        if current.source == "config":
-            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        current = self.stored_server(server_id)
         server = parse_server(server_id, definition, key="server", source="store")
         if server.url != current.url or server.auth != current.auth:
             # Tokens were issued for the old resource: they must not reach the new
             # one, so they go first; a failure then leaves the old definition.
-            await self.registry.store.ping()
+            await self.store.ping()
             await self.tokens.delete_server_connections(server_id)
-        await self.registry.put_server(server)
-        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
+            await self.tokens.cache_delete_prefix(server_cache_prefix(server_id))
+        await self.store.put_server(server)
+        # Token memory forgets before the new definition is loaded.
+        await self._changed(connection_changed(server_id), SERVERS_CHANGED)
         return server
 
     async def delete_server(self, server_id: str) -> None:
-        server = self.server(server_id)
-        if server.source == "config":
-            raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
+        self.stored_server(server_id)
         # Tokens first: if the server went first and the token store failed, its
         # users' tokens would outlive it and serve a later server of the same id.
-        await self.registry.store.ping()
+        await self.store.ping()
         await self.tokens.delete_server_connections(server_id)
-        await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
-        await self.registry.delete_server(server_id)
-        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
+        await self.tokens.cache_delete_prefix(server_cache_prefix(server_id))
+        await self.store.delete_server(server_id)
+        await self._changed(connection_changed(server_id), SERVERS_CHANGED)
 
     # -- API keys ------------------------------------------------------------------
 
     async def set_api_key(self, server_id: str, key: Any) -> None:
-        self.server(server_id)
+        server = self.server(server_id)
+        if server.auth != "api_key":
+            raise ConfigError("api_key", f"server {server_id!r} uses auth: {server.auth}, not api_key")
         if not isinstance(key, str):
             raise ConfigError("api_key", "must be a string")
-        await self.registry.set_api_key(server_id, key)
+        key = key.strip()
+        if not key or any(c in key for c in "\r\n\0") or len(key) > 4096:
+            raise ConfigError("api_key", "the API key must be one line of 1-4096 characters")
+        logs.register_secret(key)
+        await self.secrets.put(SecretKind.API_KEY, server_id, key)
         await self._changed()
 
     async def clear_api_key(self, server_id: str) -> bool:
         self.server(server_id)
-        cleared = await self.registry.clear_api_key(server_id)
+        # The store first: when it fails, the key in use stays in use.
+        cleared = await self.secrets.delete(SecretKind.API_KEY, server_id)
         await self._changed()
         return cleared
 
@@ -136,18 +147,15 @@ class Management:
         if method != "none" and not secret:
             raise ConfigError("client_secret", f"is required with auth_method {method}")
         record = {"client_id": client_id, "client_secret": secret, "auth_method": method}
-        await self.registry.set_secret(STATIC_CLIENT, server_id, json.dumps(record))
+        await self.secrets.put(SecretKind.STATIC_CLIENT, server_id, json.dumps(record))
         # A new client makes earlier dynamic registrations irrelevant.
-        await self.registry.delete_secrets_of(REGISTRATION, server_id)
+        await self.secrets.delete_owned_by(SecretKind.CLIENT_REGISTRATION, server_id)
         await self._changed()
         return self.oauth_client_info(server_id, record)
 
     async def oauth_client(self, server_id: str) -> dict[str, Any]:
         self.server(server_id)
-        try:
-            raw = await self.registry.get_secret(STATIC_CLIENT, server_id)
-        except DecryptError as exc:
-            raise Conflict(str(exc)) from None
+        raw = await self.secrets.get(SecretKind.STATIC_CLIENT, server_id)
         return self.oauth_client_info(server_id, json.loads(raw) if raw else None)
 
     @staticmethod
@@ -164,7 +172,7 @@ class Management:
 
     async def clear_oauth_client(self, server_id: str) -> bool:
         self.server(server_id)
-        cleared = await self.registry.delete_secret(STATIC_CLIENT, server_id)
+        cleared = await self.secrets.delete(SecretKind.STATIC_CLIENT, server_id)
         await self._changed()
         return cleared
 
@@ -186,11 +194,11 @@ class Management:
     async def reset(self, server_id: str) -> dict[str, int]:
         """Wipe a server's whole OAuth state: tokens, registrations, cached metadata."""
         self.server(server_id)
-        await self.registry.store.ping()
+        await self.store.ping()
         connections = await self.tokens.delete_server_connections(server_id)
-        cached = await self.tokens.cache_delete_prefix(f"oauth:{server_id}:")
-        registrations = await self.registry.delete_secrets_of(REGISTRATION, server_id)
-        await self._changed(SERVERS_CHANGED, connection_changed(server_id))
+        cached = await self.tokens.cache_delete_prefix(server_cache_prefix(server_id))
+        registrations = await self.secrets.delete_owned_by(SecretKind.CLIENT_REGISTRATION, server_id)
+        await self._changed(connection_changed(server_id), SERVERS_CHANGED)
         return {"connections": connections, "registrations": registrations, "cache_entries": cached}
 
     # -- inbound caller tokens -----------------------------------------------------------
@@ -203,31 +211,23 @@ class Management:
             value, record = inbound.new_token(users, label if label is not None else "")
         except ValueError as exc:
             raise ConfigError("users", str(exc)) from None
-        await self.registry.set_secret(inbound.KIND, record.id, inbound.record_json(record))
-        self.registry.proxy_tokens = {**self.registry.proxy_tokens, record.id: record}
-        self.registry.touched()
+        await self.secrets.put(SecretKind.CALLER_TOKEN, record.id, inbound.record_json(record))
         await self._changed()
         return value, record.public()
 
-    def list_tokens(self) -> list[dict[str, Any]]:
-        return [t.public() for t in sorted(self.registry.proxy_tokens.values(), key=lambda t: t.created)]
+    async def list_tokens(self) -> list[dict[str, Any]]:
+        stored = await self.secrets.all(SecretKind.CALLER_TOKEN)
+        records = sorted((inbound.record_from_json(raw) for raw in stored.values()), key=lambda t: t.created)
+        return [t.public() for t in records]
 
     async def revoke_token(self, token_id: str) -> None:
-        if not await self.registry.delete_secret(inbound.KIND, token_id):
+        if not await self.secrets.delete(SecretKind.CALLER_TOKEN, token_id):
             raise NotFound(f"no caller token {token_id!r}")
-        self.registry.proxy_tokens = {k: v for k, v in self.registry.proxy_tokens.items() if k != token_id}
-        self.registry.touched()
         await self._changed()
 
     async def _changed(self, *events: str) -> None:
-        try:
-            for event in events or (SERVERS_CHANGED,):
-                await self.tokens.publish(event)
-        except StoreUnavailable as exc:
-            # The change is stored: answering 503 would claim otherwise. The other
-            # replicas find it on their next poll of the store instead.
-            log.warning("change stored but not announced; other replicas see it at their next poll",
-                        reason=str(exc))  # fmt: skip
+        """Every replica, this one first, reloads what the write changed."""
+        await self.feed.announce(*(events or (SERVERS_CHANGED,)))
 
 
 def connection_info(c: Connection) -> dict[str, Any]:
@@ -241,6 +241,3 @@ def connection_info(c: Connection) -> dict[str, Any]:
         "obtained_at": c.obtained_at,
         "last_error": c.last_error,
     }
-
-
-__all__ = ["Conflict", "Management", "NotFound", "RegistryError"]

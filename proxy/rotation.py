@@ -14,12 +14,13 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
+from proxy.connect.lifecycle import record as token_record
 from proxy.crypto import DecryptError
+from proxy.names import OAUTH_TOKEN as TOKENS
 from proxy.registry import Registry
-from proxy.stores import TokenStore
+from proxy.stores import Store, TokenStore
 
 log = structlog.get_logger("keybearer.rotation")
-TOKENS = "oauth_token"
 
 
 @dataclass
@@ -40,13 +41,9 @@ class RotationReport:
         return text
 
 
-def token_record(user: str, server: str) -> str:
-    return f"{TOKENS}:{user}:{server}"
-
-
-async def rotate(registry: Registry, tokens: TokenStore) -> RotationReport:
+async def rotate(registry: Registry, store: Store, tokens: TokenStore) -> RotationReport:
     report = RotationReport()
-    keyring, store = registry.keyring, registry.store
+    keyring = registry.secrets.keyring
     for kind, name, sealed in await store.list_secrets():
         if keyring.is_current(kind, sealed):
             report.already_current += 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.errors import InvalidInput
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig
 
 # First path segments the proxy answers itself; refused as user ids so that no
@@ -21,12 +22,9 @@ RESERVED = frozenset(
 )  # fmt: skip
 
 
-class RouteError(Exception):
+class RouteError(InvalidInput):
     def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
+        super().__init__(message, status=status, code=code)
 
 
 @dataclass(frozen=True, slots=True)

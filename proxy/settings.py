@@ -9,6 +9,7 @@ turn a setting off.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
+
+from proxy.errors import InvalidInput
 
 AuthType = Literal["none", "api_key", "oauth"]
 AUTH_TYPES: tuple[str, ...] = ("none", "api_key", "oauth")
@@ -33,13 +36,12 @@ RESERVED_FOR_PATHS = frozenset({"oauth", "oauth2", "callback", "connect", "keybe
 UPSTREAM_PATH_PATTERN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,1023}")
 
 
-class ConfigError(ValueError):
-    """A setting is wrong; `key` names it the way the operator wrote it."""
+class ConfigError(InvalidInput):
+    """A setting or a server definition is wrong; `key` names it the way the operator wrote it."""
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -194,67 +196,77 @@ def _list(raw: Any, key: str) -> list[Any]:
     return raw
 
 
+def setting(default: Any, kind: str, *, secret: bool = False) -> Any:
+    """Declare a setting: its default, how its value is parsed (`_convert`), and
+    whether it is a secret (then `KEYBEARER_<NAME>_FILE` may name a file holding it)."""
+    return field(default=default, metadata={"kind": kind, "secret": secret})
+
+
 @dataclass(frozen=True)
 class Settings:
-    listen: str = "127.0.0.1:8080"
-    public_url: str = "http://127.0.0.1:8080"
-    database_url: str = "sqlite:///keybearer.db"
-    redis_url: str | None = None
-    redis_prefix: str = "mcp"
-    admin_token: str | None = None
-    salt: str | None = None
+    listen: str = setting("127.0.0.1:8080", "listen")
+    public_url: str = setting("http://127.0.0.1:8080", "url")
+    database_url: str = setting("sqlite:///keybearer.db", "str", secret=True)
+    redis_url: str | None = setting(None, "str", secret=True)
+    redis_prefix: str = setting("mcp", "prefix")
+    admin_token: str | None = setting(None, "str", secret=True)
+    salt: str | None = setting(None, "str", secret=True)
     # Earlier salts, still accepted for decryption while `keys rotate` runs.
-    salt_previous: tuple[str, ...] = ()
-    max_body_bytes: int = 4 * 1024 * 1024
-    upstream_connect_timeout: float = 10.0
+    salt_previous: tuple[str, ...] = setting((), "list", secret=True)
+    max_body_bytes: int = setting(4 * 1024 * 1024, "int")
+    upstream_connect_timeout: float = setting(10.0, "float")
     # Time allowed for the upstream's response headers, and between chunks of
     # a non-stream body. An open event stream has no read timeout.
-    upstream_timeout: float = 60.0
-    log_level: str = "info"
+    upstream_timeout: float = setting(60.0, "float")
+    log_level: str = setting("info", "level")
     # Shared deployments.
-    migrate_on_start: bool = False
-    postgres_pool_size: int = 10
+    migrate_on_start: bool = setting(False, "bool")
+    postgres_pool_size: int = setting(10, "int")
     # Off behind PgBouncer in transaction mode, which cannot keep prepared statements.
-    postgres_statement_cache: bool = True
+    postgres_statement_cache: bool = setting(True, "bool")
     # OAuth, the browser side.
-    callback_path: str = "/oauth/callback"
-    connect_link_ttl: float = 3600.0
+    callback_path: str = setting("/oauth/callback", "path")
+    connect_link_ttl: float = setting(3600.0, "float")
     # A header set by a trusted SSO proxy in front; when set, it must equal the
     # path's user for a browser to complete a connection.
-    browser_identity_header: str | None = None
-    refresh_skew: float = 60.0
+    browser_identity_header: str | None = setting(None, "header")
+    refresh_skew: float = setting(60.0, "float")
     # How long one replica may hold a refresh lock before others take over
     # (a replica that died holding it blocks refreshes at most this long).
-    refresh_lock_ttl: float = 30.0
+    refresh_lock_ttl: float = setting(30.0, "float")
     # After repeated failures at one authorization server, how long to stop
     # calling it (requests then get 503 at once instead of waiting on it).
-    token_endpoint_cooldown: float = 15.0
-    metadata_cache_ttl: float = 3600.0
+    token_endpoint_cooldown: float = setting(15.0, "float")
+    metadata_cache_ttl: float = setting(3600.0, "float")
     # Discovery fetches: plain http only to loopback, and only when allowed (tests).
-    oauth_allow_http_loopback: bool = False
+    oauth_allow_http_loopback: bool = setting(False, "bool")
     # Private (RFC 1918 and the like) addresses, for authorization servers inside the cluster.
-    oauth_allow_private_addresses: bool = False
+    oauth_allow_private_addresses: bool = setting(False, "bool")
     # Serving.
-    workers: int = 1
+    workers: int = setting(1, "int")
     # Seconds in-flight requests get to finish on SIGTERM; open event streams
     # are ended at once so that their clients reconnect to another replica.
-    shutdown_timeout: float = 10.0
-    metrics_listen: str | None = None  # HOST:PORT for /metrics on its own port
+    shutdown_timeout: float = setting(10.0, "float")
+    metrics_listen: str | None = setting(None, "listen")  # HOST:PORT for /metrics on its own port
     # Inbound caller authentication, for shared deployments.
-    inbound_auth: str = "none"  # none | tokens | jwt
-    jwt_jwks_url: str | None = None
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_user_claim: str = "sub"
+    inbound_auth: str = setting("none", "inbound")
+    jwt_jwks_url: str | None = setting(None, "url")
+    jwt_issuer: str | None = setting(None, "str")
+    jwt_audience: str | None = setting(None, "str")
+    jwt_user_claim: str = setting("sub", "str")
     # Listening beyond loopback without inbound_auth lets anyone act as any user.
-    allow_unauthenticated_listen: bool = False
+    allow_unauthenticated_listen: bool = setting(False, "bool")
+    # Web pages: origins of browser-based MCP clients allowed to call through the
+    # proxy, and host names it answers to beyond IP addresses, localhost and
+    # public_url's host (web_origin.py).
+    allowed_origins: tuple[str, ...] = setting((), "list")
+    allowed_hosts: tuple[str, ...] = setting((), "list")
+    # From the config file only.
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     config_file: str | None = None
 
     @property
     def listens_on_loopback(self) -> bool:
-        import ipaddress
-
         host = self.listen_host
         if host == "localhost":
             return True
@@ -273,41 +285,9 @@ class Settings:
         return int(self.listen.rpartition(":")[2])
 
 
-# name -> (kind, is_secret). Kinds parse both YAML values and env strings.
+# name -> (kind, is_secret), read off the declarations above.
 SETTINGS: dict[str, tuple[str, bool]] = {
-    "listen": ("listen", False),
-    "public_url": ("url", False),
-    "database_url": ("str", True),
-    "redis_url": ("str", True),
-    "redis_prefix": ("prefix", False),
-    "admin_token": ("str", True),
-    "salt": ("str", True),
-    "salt_previous": ("list", True),
-    "max_body_bytes": ("int", False),
-    "upstream_connect_timeout": ("float", False),
-    "upstream_timeout": ("float", False),
-    "log_level": ("level", False),
-    "migrate_on_start": ("bool", False),
-    "postgres_pool_size": ("int", False),
-    "postgres_statement_cache": ("bool", False),
-    "callback_path": ("path", False),
-    "connect_link_ttl": ("float", False),
-    "browser_identity_header": ("header", False),
-    "refresh_skew": ("float", False),
-    "refresh_lock_ttl": ("float", False),
-    "token_endpoint_cooldown": ("float", False),
-    "metadata_cache_ttl": ("float", False),
-    "oauth_allow_http_loopback": ("bool", False),
-    "oauth_allow_private_addresses": ("bool", False),
-    "workers": ("int", False),
-    "shutdown_timeout": ("float", False),
-    "metrics_listen": ("listen", False),
-    "inbound_auth": ("inbound", False),
-    "jwt_jwks_url": ("url", False),
-    "jwt_issuer": ("str", False),
-    "jwt_audience": ("str", False),
-    "jwt_user_claim": ("str", False),
-    "allow_unauthenticated_listen": ("bool", False),
+    f.name: (f.metadata["kind"], f.metadata["secret"]) for f in fields(Settings) if "kind" in f.metadata
 }
 FILE_ONLY_KEYS = {"servers"}
 ENV_PREFIX = "KEYBEARER_"
@@ -356,6 +336,11 @@ def load_settings(
         raise ConfigError("workers", "must be between 1 and 64")
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
         raise ConfigError("jwt_jwks_url", "inbound_auth: jwt needs jwt_jwks_url and jwt_issuer")
+    if settings.inbound_auth == "jwt" and not settings.jwt_audience:
+        # Without it, any token the issuer made for any other service would pass.
+        raise ConfigError(
+            "jwt_audience", "inbound_auth: jwt needs jwt_audience, the audience of this proxy's tokens"
+        )
     return settings
 
 

@@ -15,8 +15,8 @@ import pytest
 from peers.mcp_client import INITIALIZE, Upstream, raw_post, result_text, run_upstream, streamable_session
 from support import ProxyProcess
 
+from proxy.connect.lifecycle import TokenSet, seal
 from proxy.crypto import Keyring
-from proxy.oauth.lifecycle import TokenSet, seal
 from proxy.stores import Connection
 from proxy.stores.sqlite import SQLiteStore
 

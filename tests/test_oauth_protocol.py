@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
-import aiohttp
 import pytest
 import uvicorn
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -27,31 +26,31 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from support import free_port, wait_for_port
 
-from proxy.oauth import (
-    AuthServer,
+from proxy.oauth.client import (
     AuthServerUnavailable,
     ClientRegistration,
-    DiscoveryError,
-    Fetcher,
-    FetchError,
     OAuthError,
-    UnsafeURL,
     authorization_url,
-    canonical_resource,
     check_callback_issuer,
     choose_auth_method,
     cimd_registration,
     client_metadata_document,
-    discover,
     exchange_code,
-    parse_www_authenticate,
     pkce_pair,
-    probe_challenge,
     refresh,
     register_client,
     revoke,
 )
-from proxy.oauth.discovery import Challenge
+from proxy.oauth.discovery import (
+    AuthServer,
+    Challenge,
+    DiscoveryError,
+    canonical_resource,
+    discover,
+    parse_www_authenticate,
+    probe_challenge,
+)
+from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
 
 PRM = "/.well-known/oauth-protected-resource"
 OAS = "/.well-known/oauth-authorization-server"
@@ -288,11 +287,9 @@ async def test_probe_challenge(rs: Site, fetcher: Fetcher) -> None:
     assert "authorization" not in sent.headers
     assert sent.json["method"] == "initialize" and sent.json["jsonrpc"] == "2.0"
 
-    # Through a plain aiohttp session (the forwarder's), and a 401 without a challenge.
+    # A 401 without a challenge.
     rs.on("/bare", lambda r: _response(Response(status_code=401)), "POST")
-    async with aiohttp.ClientSession() as session:
-        assert await probe_challenge(session, rs.url + "/bare") == Challenge()
-        assert (await probe_challenge(session, rs.url + "/mcp")) is not None
+    assert await probe_challenge(fetcher, rs.url + "/bare") == Challenge()
 
 
 async def test_probe_open_server_returns_none_and_ends_its_session(rs: Site, fetcher: Fetcher) -> None:
@@ -824,7 +821,7 @@ async def test_registration_errors(asrv: Site, fetcher: Fetcher) -> None:
               status=400, method="POST")  # fmt: skip
     with pytest.raises(OAuthError) as info:
         await register_client(fetcher, auth_server_for(asrv), REDIRECT, "Keybearer", ())
-    assert (info.value.error, info.value.description, info.value.status) == (
+    assert (info.value.error, info.value.description, info.value.http_status) == (
         "invalid_redirect_uri", "not https", 400)  # fmt: skip
     asrv.json("/register", {"client_name": "no id"}, status=201, method="POST")
     with pytest.raises(OAuthError, match="no client_id") as info:
@@ -1019,7 +1016,7 @@ async def test_invalid_grant_is_an_oauth_error_without_secrets(asrv: Site, fetch
     with pytest.raises(OAuthError) as info:
         await refresh(fetcher, auth_server_for(asrv), client_for(asrv, "client_secret_basic"),
                       "rt-secret-777", None)  # fmt: skip
-    assert (info.value.error, info.value.status) == ("invalid_grant", 400)
+    assert (info.value.error, info.value.http_status) == ("invalid_grant", 400)
     assert "rt-secret-777" not in str(info.value) and "s3cret" not in str(info.value)
     assert "[redacted]" in str(info.value)
 
@@ -1033,7 +1030,7 @@ async def test_token_endpoint_failures(asrv: Site, fetcher: Fetcher) -> None:
     asrv.on("/token", lambda r: _response(Response("<h1>Bad</h1>", 400, media_type="text/html")), "POST")
     with pytest.raises(OAuthError) as info:
         await refresh(fetcher, server, client, "rt-1", None)
-    assert (info.value.error, info.value.status) == ("invalid_response", 400)
+    assert (info.value.error, info.value.http_status) == ("invalid_response", 400)
     asrv.json("/token", {"error": "invalid_client"}, status=401, method="POST")
     with pytest.raises(OAuthError) as info:
         await exchange_code(fetcher, server, client, "code-1", REDIRECT, "v-1", None)

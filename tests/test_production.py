@@ -361,6 +361,8 @@ async def test_inbound_jwt(start: Callable[..., Keybearer], upstream: Upstream, 
         {
             "servers": servers(upstream),
             "inbound_auth": "jwt",
+            # The key set comes through the OAuth fetcher: plain http only to loopback, when allowed.
+            "oauth_allow_http_loopback": True,
             "jwt_jwks_url": jwks.url,
             "jwt_issuer": ISSUER,
             "jwt_audience": AUDIENCE,

@@ -21,8 +21,8 @@ from peers.mcp_client import Upstream, result_text, run_upstream, streamable_ses
 from services import REDIS_URL
 from support import ProxyProcess
 
+from proxy.connect.lifecycle import TokenSet, seal, unseal
 from proxy.crypto import Keyring
-from proxy.oauth.lifecycle import TokenSet, seal, unseal
 from proxy.stores import Connection
 from proxy.stores.postgres import PostgresStore
 from proxy.stores.redis import RedisTokenStore

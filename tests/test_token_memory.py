@@ -1,4 +1,4 @@
-"""The OAuth path's second of in-process token memory (oauth/lifecycle.py), on a real
+"""The OAuth path's second of in-process token memory (connect/lifecycle.py), on a real
 SQLite token store: what it remembers, and what it must not."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 from services import REDIS_URL
 
+from proxy.connect.lifecycle import RECENT_TTL, NeedsConsent, TokenLifecycle, TokenSet, seal
 from proxy.crypto import Keyring
-from proxy.oauth.lifecycle import RECENT_TTL, Lifecycle, NeedsConsent, TokenSet, connection_changed, seal
+from proxy.events import ChangeFeed
+from proxy.names import connection_changed, parse_event
 from proxy.settings import ServerConfig
 from proxy.stores import Connection
 from proxy.stores.redis import RedisTokenStore
@@ -23,7 +25,7 @@ SERVER = ServerConfig(id="srv", url="http://127.0.0.1:9/mcp", auth="oauth")
 
 
 @pytest.fixture
-async def parts(tmp_path: Path, salt: str) -> AsyncIterator[tuple[Lifecycle, SQLiteStore, Keyring]]:
+async def parts(tmp_path: Path, salt: str) -> AsyncIterator[tuple[TokenLifecycle, SQLiteStore, Keyring]]:
     store = SQLiteStore(str(tmp_path / "tokens.db"))
     await store.open()
     await store.migrate()
@@ -32,7 +34,7 @@ async def parts(tmp_path: Path, salt: str) -> AsyncIterator[tuple[Lifecycle, SQL
     async def refresher(*_: object) -> object:
         raise AssertionError("no refresh is due in these tests")
 
-    yield Lifecycle(keyring, store, SKEW, refresher), store, keyring  # type: ignore[arg-type]
+    yield TokenLifecycle(keyring, store, ChangeFeed(store, store), refresher, SKEW), store, keyring  # type: ignore[arg-type]
     await store.close()
 
 
@@ -46,7 +48,7 @@ async def store_token(
 
 
 async def test_a_token_far_from_its_refresh_is_remembered_for_a_second(
-    parts: tuple[Lifecycle, SQLiteStore, Keyring],
+    parts: tuple[TokenLifecycle, SQLiteStore, Keyring],
 ) -> None:
     lifecycle, store, keyring = parts
     await store_token(store, keyring, "token-a", time.time() + 3600, 1)
@@ -58,7 +60,7 @@ async def test_a_token_far_from_its_refresh_is_remembered_for_a_second(
 
 
 async def test_a_token_whose_refresh_is_due_within_the_second_is_not_remembered(
-    parts: tuple[Lifecycle, SQLiteStore, Keyring],
+    parts: tuple[TokenLifecycle, SQLiteStore, Keyring],
 ) -> None:
     lifecycle, store, keyring = parts
     # Refresh due in half the memory's lifetime: remembering it would use it past that point.
@@ -75,17 +77,22 @@ async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
     stores = [RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-memory") for _ in range(2)]
     seen: list[list[str]] = [[], []]
 
-    async def follow(i: int, lifecycle: Lifecycle) -> None:
+    async def follow(i: int, lifecycle: TokenLifecycle) -> None:
         async for event in stores[i].events():
             seen[i].append(event)
-            lifecycle.on_event(event)
+            parsed = parse_event(event)
+            if parsed is not None:
+                lifecycle.on_event(parsed)
 
     async def refresher(*_: object) -> object:
         raise AssertionError("no refresh is due")
 
     for store in stores:
         await store.open()
-    a, b = (Lifecycle(keyring, store, SKEW, refresher) for store in stores)  # type: ignore[arg-type]
+    a, b = (
+        TokenLifecycle(keyring, store, ChangeFeed(store, store), refresher, SKEW)  # type: ignore[arg-type]
+        for store in stores
+    )
     followers = [asyncio.create_task(follow(0, a)), asyncio.create_task(follow(1, b))]
     try:
         while not (seen[0] and seen[1]):  # both subscribed
@@ -114,17 +121,20 @@ async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
 
 
 def test_events_for_every_user_of_a_server_and_resync_clear_the_memory(salt: str) -> None:
-    lifecycle = Lifecycle(Keyring(salt), None, SKEW, None)  # type: ignore[arg-type]
+    lifecycle = TokenLifecycle(Keyring(salt), None, None, None, SKEW)  # type: ignore[arg-type]
     lifecycle._recent = {
         ("alice", "srv"): (1e12, "t1"),
         ("bob", "srv"): (1e12, "t2"),
         ("alice", "other"): (1e12, "t3"),
     }
-    lifecycle.on_event(connection_changed("srv", "alice"))
-    assert set(lifecycle._recent) == {("bob", "srv"), ("alice", "other")}
-    lifecycle.on_event(connection_changed("srv"))
-    assert set(lifecycle._recent) == {("alice", "other")}
-    lifecycle.on_event("servers")
-    assert set(lifecycle._recent) == {("alice", "other")}
-    lifecycle.on_event("resync")
+    for event, left in (
+        (connection_changed("srv", "alice"), {("bob", "srv"), ("alice", "other")}),
+        (connection_changed("srv"), {("alice", "other")}),
+        ("servers", {("alice", "other")}),
+        ("resync", set()),
+    ):
+        parsed = parse_event(event)
+        assert parsed is not None
+        lifecycle.on_event(parsed)
+        assert set(lifecycle._recent) == left, event
     assert lifecycle._recent == {}

@@ -25,10 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
-import aiohttp
-
 from .discovery import AuthServer
-from .fetch import Fetcher, FetchError, UnsafeURL
+from .fetch import Fetcher, FetchError, OAuthProtocolError, UnsafeURL
 
 AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 RegistrationSource = Literal["static", "cimd", "dcr"]
@@ -44,27 +42,22 @@ PROTOCOL_PARAMS = frozenset(
 _ERROR_CODE = re.compile(r"[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}")
 
 
-class OAuthClientError(Exception):
-    """Base of the errors of this module."""
-
-
-class OAuthError(OAuthClientError):
+class OAuthError(OAuthProtocolError):
     """The authorization server refused, or answered with something unusable."""
 
-    def __init__(self, error: str, description: str | None = None, status: int | None = None) -> None:
+    def __init__(self, error: str, description: str | None = None, http_status: int | None = None) -> None:
+        text = error if not description else f"{error}: {description}"
+        super().__init__(text if http_status is None else f"{text} (HTTP {http_status})")
         self.error = error
         self.description = description
-        self.status = status
-        text = error if not description else f"{error}: {description}"
-        super().__init__(text if status is None else f"{text} (HTTP {status})")
+        self.http_status = http_status
 
 
-class AuthServerUnavailable(OAuthClientError):
+class AuthServerUnavailable(OAuthProtocolError):
     """The authorization server could not be reached or failed (5xx, timeout)."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    status = 503
+    code = "authorization_server_unavailable"
 
 
 # -- PKCE and the authorization request ---------------------------------------
@@ -442,10 +435,8 @@ def _authenticate(
     method = client.auth_method
     if method == "client_secret_basic" and client.client_secret:
         # RFC 6749 §2.3.1: both are form-urlencoded before Basic encoding.
-        basic = aiohttp.encode_basic_auth(
-            quote(client.client_id, safe=""), quote(client.client_secret, safe="")
-        )
-        return form, {"Authorization": basic}
+        credentials = f"{quote(client.client_id, safe='')}:{quote(client.client_secret, safe='')}"
+        return form, {"Authorization": "Basic " + base64.b64encode(credentials.encode()).decode("ascii")}
     form["client_id"] = client.client_id
     if method == "client_secret_post" and client.client_secret:
         form["client_secret"] = client.client_secret
@@ -463,7 +454,7 @@ async def _call(request: Any, what: str, hidden: Iterable[str]) -> tuple[int, di
         message = f"{what}: {_scrub(exc.message, hidden)}"
         if exc.transient:
             raise AuthServerUnavailable(message) from None
-        raise OAuthError("invalid_response", message, exc.status) from None
+        raise OAuthError("invalid_response", message, exc.http_status) from None
 
 
 def _error(

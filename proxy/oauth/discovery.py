@@ -16,6 +16,7 @@ wrong, fit to show an operator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -23,9 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
-
-from .fetch import Fetcher, FetchError, UnsafeURL
+from .fetch import Fetcher, FetchError, OAuthProtocolError, UnsafeURL
 
 PROTOCOL_VERSION = "2025-11-25"
 PRM_WELL_KNOWN = "/.well-known/oauth-protected-resource"
@@ -33,13 +32,12 @@ OAUTH_WELL_KNOWN = "/.well-known/oauth-authorization-server"
 OIDC_WELL_KNOWN = "/.well-known/openid-configuration"
 
 
-class DiscoveryError(Exception):
+class DiscoveryError(OAuthProtocolError):
     """Discovery failed; the message says where and why. `transient` is true
     when the failure was the network or a 5xx, so trying later may work."""
 
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
-        self.message = message
         self.transient = transient
 
 
@@ -210,63 +208,32 @@ _PROBE_HEADERS = {
 }
 
 
-async def probe_challenge(
-    fetcher_or_session: Fetcher | aiohttp.ClientSession, server_url: str, time_limit: float = 10
-) -> Challenge | None:
+async def probe_challenge(fetcher: Fetcher, server_url: str) -> Challenge | None:
     """POST an unauthenticated MCP `initialize` to the server and return the
     challenge of its 401 (an empty Challenge when the 401 carries no Bearer
-    challenge), or None when it did not answer 401.
-
-    With a Fetcher the URL is checked like any discovered URL; with an aiohttp
-    session (the forwarder's) it is not: the server URL is the operator's own.
-    Network failures raise DiscoveryError.
+    challenge), or None when it did not answer 401. The URL is checked like any
+    discovered URL. Network failures raise DiscoveryError.
     """
     body = json.dumps(_INITIALIZE).encode()
     try:
-        if isinstance(fetcher_or_session, Fetcher):
-            status, headers = await fetcher_or_session.send(
-                "POST", server_url, headers=_PROBE_HEADERS, data=body
-            )
-            values = headers.getall("WWW-Authenticate", [])
-            session_id = headers.get("Mcp-Session-Id")
-        else:
-            async with fetcher_or_session.post(
-                server_url, data=body, headers=_PROBE_HEADERS, allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=time_limit),
-            ) as response:  # fmt: skip
-                status = response.status
-                values = response.headers.getall("WWW-Authenticate", [])
-                session_id = response.headers.get("Mcp-Session-Id")
+        status, headers = await fetcher.send("POST", server_url, headers=_PROBE_HEADERS, data=body)
     except UnsafeURL as exc:
         raise DiscoveryError(f"MCP server URL refused: {exc}") from None
     except FetchError as exc:
         raise DiscoveryError(f"MCP server: {exc.message}", transient=exc.transient) from None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise DiscoveryError(
-            f"{server_url} could not be reached ({type(exc).__name__})", transient=True
-        ) from None
     if status != 401:
+        session_id = headers.get("Mcp-Session-Id")
         if session_id and 200 <= status < 300:
-            await _end_session(fetcher_or_session, server_url, session_id, time_limit)
+            await _end_session(fetcher, server_url, session_id)
         return None
-    return parse_www_authenticate(values) or Challenge()
+    return parse_www_authenticate(headers.getall("WWW-Authenticate", [])) or Challenge()
 
 
-async def _end_session(
-    fetcher_or_session: Fetcher | aiohttp.ClientSession, url: str, session_id: str, time_limit: float
-) -> None:
+async def _end_session(fetcher: Fetcher, url: str, session_id: str) -> None:
     """The probe opened a session on a server that did not want a token: close it."""
     headers = {"Mcp-Session-Id": session_id, "MCP-Protocol-Version": PROTOCOL_VERSION}
-    try:
-        if isinstance(fetcher_or_session, Fetcher):
-            await fetcher_or_session.send("DELETE", url, headers=headers)
-        else:
-            async with fetcher_or_session.delete(
-                url, headers=headers, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=time_limit)
-            ):
-                pass
-    except (FetchError, UnsafeURL, aiohttp.ClientError, TimeoutError):
-        pass
+    with contextlib.suppress(FetchError, UnsafeURL):
+        await fetcher.send("DELETE", url, headers=headers)
 
 
 # -- metadata ---------------------------------------------------------------

@@ -36,6 +36,8 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.errors import UpstreamFailed
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 USER_AGENT = "keybearer (MCP auth proxy)"
@@ -61,19 +63,26 @@ NAT64 = ipaddress.ip_network("64:ff9b::/96")
 NUMERIC_HOST = re.compile(r"(0x[0-9a-f]*|[0-9]+)(\.(0x[0-9a-f]*|[0-9]*))*\.?", re.IGNORECASE)
 
 
-class UnsafeURL(ValueError):
+class OAuthProtocolError(UpstreamFailed):
+    """The root of the protocol's errors: an authorization server, or what it
+    pointed at, did not give what the protocol needs. The application above
+    turns each into an answer that names the server."""
+
+    code = "oauth_error"
+
+
+class UnsafeURL(OAuthProtocolError):
     """A URL the proxy refuses to fetch; the message names it and says why."""
 
 
-class FetchError(Exception):
+class FetchError(OAuthProtocolError):
     """A fetch failed. `transient` is true when trying again later may work
-    (network trouble, timeouts, 5xx, 429); `status` is the HTTP status if one came."""
+    (network trouble, timeouts, 5xx, 429); `http_status` is the status if one came."""
 
-    def __init__(self, message: str, *, transient: bool, status: int | None = None) -> None:
+    def __init__(self, message: str, *, transient: bool, http_status: int | None = None) -> None:
         super().__init__(message)
-        self.message = message
         self.transient = transient
-        self.status = status
+        self.http_status = http_status
 
 
 def address_refusal(ip: IPAddress, *, allow_loopback: bool, allow_private: bool) -> str | None:
@@ -242,12 +251,14 @@ class Fetcher:
         )
         if not 200 <= status < 300:
             raise FetchError(
-                f"{_shown(url)} answered HTTP {status}", transient=_transient_status(status), status=status
+                f"{_shown(url)} answered HTTP {status}",
+                transient=_transient_status(status),
+                http_status=status,
             )
         parsed = _json_object(body)
         if parsed is None:
             raise FetchError(
-                f"{_shown(url)} did not answer with a JSON object", transient=False, status=status
+                f"{_shown(url)} did not answer with a JSON object", transient=False, http_status=status
             )
         return parsed
 
@@ -288,9 +299,9 @@ class Fetcher:
 
     def _answer(self, url: str, status: int, body: bytes) -> tuple[int, dict[str, Any] | None]:
         if _transient_status(status):
-            raise FetchError(f"{_shown(url)} answered HTTP {status}", transient=True, status=status)
+            raise FetchError(f"{_shown(url)} answered HTTP {status}", transient=True, http_status=status)
         if not (200 <= status < 300 or 400 <= status < 500):
-            raise FetchError(f"{_shown(url)} answered HTTP {status}", transient=False, status=status)
+            raise FetchError(f"{_shown(url)} answered HTTP {status}", transient=False, http_status=status)
         return status, _json_object(body)
 
     async def _request(
@@ -320,7 +331,7 @@ class Fetcher:
                             + (f" to {_shown(location)}" if location else "")
                             + "); redirects are not followed",
                             transient=False,
-                            status=status,
+                            http_status=status,
                         )
                     body = await self._read(url, response) if read_body else b""
                     return status, response.headers, body

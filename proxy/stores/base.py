@@ -15,13 +15,10 @@ from importlib import resources
 
 import structlog
 
+from proxy.errors import Unavailable
 from proxy.settings import ConfigError, ServerConfig, Settings, parse_server
 
 log = structlog.get_logger("keybearer.store")
-
-# The secrets that belong to a server and go with it when it is deleted. Other
-# kinds (caller tokens) have names of their own that may equal a server id.
-SERVER_SECRET_KINDS = ("api_key", "client_secret", "client_registration")
 
 
 def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
@@ -35,7 +32,7 @@ def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
                     server_id, json.loads(definition), key=f"store:servers.{server_id}", source="store"
                 )
             )
-        except (ConfigError, ValueError) as exc:
+        except (ConfigError, ValueError, TypeError) as exc:
             log.error(
                 "stored server skipped",
                 server=server_id,
@@ -46,12 +43,22 @@ def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
     return servers
 
 
-class StoreUnavailable(RuntimeError):
-    """The backing service cannot be reached; callers answer 503, not 500."""
+class StoreUnavailable(Unavailable):
+    """The backing service cannot be reached: 503, and the same request may work later."""
+
+    code = "store_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class Store(abc.ABC):
     """Servers added at run time and sealed secrets."""
+
+    # An embedded store belongs to this process alone: it migrates its own schema.
+    embedded: bool = False
+    # How often to look at `changes()`, the backstop for a missed change event.
+    poll_interval: float = 5.0
 
     @abc.abstractmethod
     async def open(self) -> None: ...
@@ -128,8 +135,8 @@ def open_store(settings: Settings | str) -> Store:
         from proxy.stores.postgres import PostgresStore
 
         return PostgresStore.from_settings(settings)
-    raise ValueError(
-        f"database_url must start with sqlite:///, postgres:// or postgresql:// (got scheme {scheme!r})"
+    raise ConfigError(
+        "database_url", f"must start with sqlite:///, postgres:// or postgresql:// (got scheme {scheme!r})"
     )
 
 
@@ -145,9 +152,10 @@ def open_token_store(settings: Settings, store: Store | None = None) -> TokenSto
         return RedisTokenStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
     scheme = settings.database_url.partition(":")[0].lower()
     if scheme != "sqlite":
-        raise ValueError(
+        raise ConfigError(
+            "redis_url",
             "database_url is PostgreSQL but redis_url is not set: a shared deployment keeps per-user "
-            "tokens, pending authorizations and locks in Redis; set KEYBEARER_REDIS_URL"
+            "tokens, pending authorizations and locks in Redis; set KEYBEARER_REDIS_URL",
         )
     from proxy.stores.sqlite import SQLiteStore, sqlite_path
 

@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from proxy.names import SERVER_SECRET_KINDS
 from proxy.settings import ServerConfig, Settings
-from proxy.stores.base import SERVER_SECRET_KINDS, Store, StoreUnavailable, migrations, stored_servers
+from proxy.stores.base import Store, StoreUnavailable, migrations, stored_servers
 
 T = TypeVar("T")
 

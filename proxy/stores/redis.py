@@ -33,15 +33,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from proxy.errors import InvalidInput
+from proxy.names import RESYNC
+from proxy.settings import ConfigError
 from proxy.stores.base import Connection, StoreUnavailable, TokenStore
 
 log = structlog.get_logger("keybearer.stores.redis")
 
 RedisClient = Redis | RedisCluster
 
-# Yielded by events() after it re-subscribed following an outage: events
-# published meanwhile are lost, so a listener should reload what it caches.
-RESYNC = "resync"
 
 # Seconds. Short: an unreachable Redis must become a 503 quickly, not hang a request.
 SOCKET_TIMEOUT = 5.0
@@ -107,7 +107,7 @@ class RedisTokenStore(TokenStore):
     def _tokens(self, user: str, server: str) -> str:
         # ':' separates the key's parts; ids never contain one.
         if ":" in user or ":" in server:
-            raise ValueError("user and server ids must not contain ':'")
+            raise InvalidInput("user and server ids must not contain ':'")
         return f"{self.prefix}:{user}:{server}:tokens"
 
     def _server_users(self, server: str) -> str:
@@ -385,9 +385,9 @@ def redis_client_from_url(url: str) -> RedisClient:
         return _sentinel_client(parse_multi_host_url(url, 26379), common)
     if scheme in ("redis+cluster", "rediss+cluster"):
         return _cluster_client(parse_multi_host_url(url, 6379), common)
-    raise ValueError(
-        f"redis_url must start with redis://, rediss://, redis+sentinel:// or redis+cluster:// "
-        f"(got scheme {scheme!r})"
+    raise ConfigError(
+        "redis_url",
+        f"must start with redis://, rediss://, redis+sentinel:// or redis+cluster:// (got scheme {scheme!r})",
     )
 
 
@@ -403,10 +403,12 @@ def _tls_options(target: RedisTarget) -> dict[str, Any]:
 
 def _sentinel_client(target: RedisTarget, common: dict[str, Any]) -> Redis:
     if not target.path or not target.path[0]:
-        raise ValueError("redis+sentinel:// URL needs the master name: redis+sentinel://host:26379/mymaster")
+        raise ConfigError(
+            "redis_url", "a redis+sentinel:// URL needs the master name: redis+sentinel://host:26379/mymaster"
+        )
     db = target.path[1] if len(target.path) > 1 and target.path[1] else "0"
     if not db.isdigit() or len(target.path) > 2:
-        raise ValueError("redis+sentinel:// URL path must be /<master name>[/<db number>]")
+        raise ConfigError("redis_url", "a redis+sentinel:// URL path must be /<master name>[/<db number>]")
     tls = _tls_options(target)
     sentinel_auth = {
         "username": target.options.get("sentinel_username"),
@@ -430,7 +432,7 @@ def _sentinel_client(target: RedisTarget, common: dict[str, Any]) -> Redis:
 
 def _cluster_client(target: RedisTarget, common: dict[str, Any]) -> RedisCluster:
     if any(target.path):
-        raise ValueError("redis+cluster:// URL takes no path: a cluster has only database 0")
+        raise ConfigError("redis_url", "a redis+cluster:// URL takes no path: a cluster has only database 0")
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in target.hosts],
         username=target.username,
@@ -451,8 +453,8 @@ def parse_multi_host_url(url: str, default_port: int) -> RedisTarget:
     options = dict(parse_qsl(query))
     unknown = sorted(set(options) - _MULTI_HOST_OPTIONS)
     if unknown:
-        raise ValueError(
-            f"redis_url: unknown option {unknown[0]!r} (known: {', '.join(sorted(_MULTI_HOST_OPTIONS))})"
+        raise ConfigError(
+            "redis_url", f"unknown option {unknown[0]!r} (known: {', '.join(sorted(_MULTI_HOST_OPTIONS))})"
         )
     return RedisTarget(
         tls=scheme.lower().startswith("rediss"),
@@ -469,9 +471,9 @@ def _host_port(item: str, default_port: int) -> tuple[str, int]:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"redis_url: bad port in host {item!r}") from None
+        raise ConfigError("redis_url", f"bad port in host {item!r}") from None
     if not parts.hostname:
-        raise ValueError(f"redis_url: empty host in {item!r}: write host:port[,host:port]")
+        raise ConfigError("redis_url", f"empty host in {item!r}: write host:port[,host:port]")
     return parts.hostname, port or default_port
 
 
@@ -487,5 +489,5 @@ def describe_redis_url(url: str) -> str:
             return f"cluster {hosts}"
         parts = urlsplit(url)
         return f"{parts.hostname or parts.path}:{parts.port or 6379}{parts.path if parts.hostname else ''}"
-    except ValueError:
+    except ConfigError:
         return "(unparsable redis_url)"

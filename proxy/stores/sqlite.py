@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from proxy.settings import ServerConfig
+from proxy.names import SERVER_SECRET_KINDS
+from proxy.settings import ConfigError, ServerConfig
 from proxy.stores.base import (
-    SERVER_SECRET_KINDS,
     Connection,
     Store,
     StoreUnavailable,
@@ -62,6 +62,10 @@ _PUT_CONNECTION = (
 
 
 class SQLiteStore(Store, TokenStore):
+    embedded = True
+    # Reading PRAGMA data_version costs nothing: look often.
+    poll_interval = 1.0
+
     def __init__(self, path: str, *, event_poll_interval: float = 0.5) -> None:
         self.path = path
         self.event_poll_interval = event_poll_interval
@@ -354,7 +358,7 @@ def sqlite_path(url: str) -> str:
     parts = urlsplit(url)
     path = parts.path[1:] if parts.path.startswith("/") else parts.path
     if not path or parts.netloc:
-        raise ValueError(f"database_url {url!r}: write sqlite:///relative.db or sqlite:////absolute.db")
+        raise ConfigError("database_url", f"{url!r}: write sqlite:///relative.db or sqlite:////absolute.db")
     return path
 
 

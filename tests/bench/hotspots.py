@@ -56,9 +56,9 @@ CONCERNS: list[tuple[str, str, str]] = [
     ("inbound auth check", "proxy/inbound.py", r".*"),
     ("yarl URL building", "yarl/", r".*"),
     ("uvicorn ProxyHeadersMiddleware (forwarded headers)", "uvicorn/middleware/proxy_headers.py", r".*"),
-    ("OAuth: Lifecycle.access_token", "proxy/oauth/lifecycle.py", r"Lifecycle\.access_token"),
+    ("OAuth: TokenLifecycle.access_token", "proxy/connect/lifecycle.py", r"TokenLifecycle\.access_token"),
     ("  of which the Redis read (get_connection)", "proxy/stores/redis.py", r"get_connection"),
-    ("  of which unseal (AES-GCM + JSON)", "proxy/oauth/lifecycle.py", r"^unseal$"),
+    ("  of which unseal (AES-GCM + JSON)", "proxy/connect/lifecycle.py", r"^unseal$"),
 ]
 # Self time: the leaf frame's file decides, first match wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [

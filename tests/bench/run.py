@@ -557,8 +557,8 @@ class SharedStores:
         """Migrate, then write each connection's sealed tokens straight into the token store."""
 
         async def go() -> None:
+            from proxy.connect.lifecycle import TokenSet, seal
             from proxy.crypto import Keyring
-            from proxy.oauth.lifecycle import TokenSet, seal
             from proxy.settings import load_settings
             from proxy.stores import Connection, open_store, open_token_store
 

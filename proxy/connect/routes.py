@@ -1,4 +1,4 @@
-"""The browser side of OAuth: connect page, callback, connections page.
+"""The browser side of connecting: connect page, callback, connections page.
 
     GET  /connect/<user>/<server>?expires&scope&sig   names who and what; sets the browser cookie
     POST /connect/<user>/<server>?…                    (CSRF) -> 303 to the authorization server
@@ -28,14 +28,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from proxy import links, pages
-from proxy.links import LinkError
+from proxy import errors, links, pages
+from proxy.connect.clients import CLIENT_METADATA_PATH, CLIENT_NAME
+from proxy.connect.flow import ConnectFlow, FlowError, browser_hash, other_browser
+from proxy.connect.lifecycle import MUST_RECONNECT
+from proxy.crypto import Keyring
+from proxy.errors import KeybearerError
+from proxy.names import LINK
 from proxy.oauth import client as oauth_client
-from proxy.oauth.connector import CLIENT_METADATA_PATH, CLIENT_NAME, Connector, FlowError, browser_hash
-from proxy.oauth.lifecycle import MUST_RECONNECT
 from proxy.routing import RESERVED
-from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig
-from proxy.stores import StoreUnavailable
+from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig, Settings
 
 log = structlog.get_logger("keybearer.oauth")
 
@@ -44,43 +46,34 @@ COOKIE_MAX_AGE = 86400
 MAX_FORM_BYTES = 4096
 
 
-def routes(connector: Connector) -> list[Route]:
-    flow = Flow(connector)
+def routes(settings: Settings, keyring: Keyring, flow: ConnectFlow) -> list[Route]:
+    pages_ = BrowserPages(settings, keyring, flow)
+    guard = _guard
     return [
-        Route("/connect/{user}/{server}", flow.guard(flow.connect_page), methods=["GET"]),
-        Route("/connect/{user}/{server}", flow.guard(flow.connect_continue), methods=["POST"]),
-        Route(connector.settings.callback_path, flow.guard(flow.callback), methods=["GET"]),
-        Route("/connections/{user}", flow.guard(flow.connections_page), methods=["GET"]),
-        Route("/connections/{user}/{server}/disconnect", flow.guard(flow.disconnect), methods=["POST"]),
-        Route(CLIENT_METADATA_PATH, flow.client_metadata, methods=["GET"]),
+        Route("/connect/{user}/{server}", guard(pages_.connect_page), methods=["GET"]),
+        Route("/connect/{user}/{server}", guard(pages_.connect_continue), methods=["POST"]),
+        Route(settings.callback_path, guard(pages_.callback), methods=["GET"]),
+        Route("/connections/{user}", guard(pages_.connections_page), methods=["GET"]),
+        Route("/connections/{user}/{server}/disconnect", guard(pages_.disconnect), methods=["POST"]),
+        Route(CLIENT_METADATA_PATH, pages_.client_metadata, methods=["GET"]),
     ]
 
 
-class Flow:
-    def __init__(self, connector: Connector) -> None:
-        self.connector = connector
-        self.settings = connector.settings
-        self.keyring = connector.keyring
+def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except KeybearerError as exc:
+            return errors.page_response(exc.answer())
 
-    def guard(
-        self, handler: Callable[[Request], Awaitable[Response]]
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except FlowError as exc:
-                return pages.problem(exc.title, exc.what, exc.next_step, exc.status)
-            except LinkError as exc:
-                return pages.problem("Link not usable", str(exc), "Ask your agent for a fresh link.", 403)
-            except StoreUnavailable:
-                return pages.problem(
-                    "Temporarily unavailable",
-                    "Keybearer cannot reach its storage right now.",
-                    "Try again in a minute.",
-                    503,
-                )
+    return endpoint
 
-        return endpoint
+
+class BrowserPages:
+    def __init__(self, settings: Settings, keyring: Keyring, flow: ConnectFlow) -> None:
+        self.settings = settings
+        self.keyring = keyring
+        self.flow = flow
 
     # -- connect -------------------------------------------------------------------------
 
@@ -106,22 +99,18 @@ class Flow:
         self._check_identity(request, user)
         browser_id = self._browser(request)
         await self._check_csrf(request, browser_id, user)
-        authorization_url = await self.connector.begin(user, server, browser_id, scopes)
+        authorization_url = await self.flow.begin(user, server, browser_id, scopes)
         log.info("authorization started", user=user, server=server.id)
         return RedirectResponse(authorization_url, status_code=303, headers=pages.SECURITY_HEADERS)
 
     async def callback(self, request: Request) -> Response:
         params = request.query_params
-        pending = await self.connector.take_pending(params.get("state", ""))
+        browser_id = request.cookies.get(COOKIE, "")
+        # Refused before the state is spent when another browser brings it.
+        pending = await self.flow.take_pending(params.get("state", ""), browser_id)
         # The state is spent from here on, whatever happens next.
-        if not hmac.compare_digest(browser_hash(request.cookies.get(COOKIE, "")), pending.browser):
-            log.warning("callback from another browser refused", server=pending.server)
-            raise FlowError(
-                "Started in another browser",
-                "This sign-in was started in a different browser (or its cookies were cleared).",
-                "Open the link from your agent in this browser and start again.",
-                403,
-            )
+        if not hmac.compare_digest(browser_hash(browser_id), pending.browser):
+            raise other_browser()
         self._check_identity(request, pending.user)
         if "error" in params:
             error = params.get("error", "")[:64]
@@ -140,7 +129,7 @@ class Flow:
                 "The provider sent no authorization code.",
                 "Go back to your agent and retry.",
             )
-        await self.connector.finish(pending, code, params.get("iss"))
+        await self.flow.finish(pending, code, params.get("iss"))
         return pages.connected(pending.user, pending.server)
 
     # -- connections ---------------------------------------------------------------------
@@ -151,9 +140,9 @@ class Flow:
         self._check_identity(request, user)
         browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
         query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
-        stored = {c.server: c for c in await self.connector.tokens.list_user_connections(user)}
+        stored = {c.server: c for c in await self.flow.tokens.list_user_connections(user)}
         rows = []
-        for server in sorted(self.connector.registry.servers.values(), key=lambda s: s.id):
+        for server in sorted(self.flow.registry.servers.values(), key=lambda s: s.id):
             if server.auth != "oauth":
                 continue
             conn = stored.get(server.id)
@@ -185,14 +174,15 @@ class Flow:
         links.verify(self.keyring, "connections", user, "", dict(request.query_params))
         self._check_identity(request, user)
         await self._check_csrf(request, self._browser(request), user)
-        await self.connector.disconnect(user, server)
+        await self.flow.disconnect(user, server)
         log.info("disconnected", user=user, server=server.id)
         query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
         return RedirectResponse(f"{links.connections_path(user)}?{query}", status_code=303)
 
     async def client_metadata(self, request: Request) -> Response:
+        clients = self.flow.clients
         document = oauth_client.client_metadata_document(
-            self.connector.client_id_url, self.connector.redirect_uri, CLIENT_NAME
+            clients.client_id_url, clients.redirect_uri, CLIENT_NAME
         )
         return JSONResponse(document, headers={"Cache-Control": "public, max-age=3600"})
 
@@ -208,7 +198,7 @@ class Flow:
 
     def _server(self, request: Request) -> ServerConfig:
         server_id = str(request.path_params["server"])
-        server = self.connector.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
+        server = self.flow.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
         if server is None or server.auth != "oauth":
             raise FlowError(
                 "Not found",
@@ -244,7 +234,7 @@ class Flow:
         return browser_id
 
     def _csrf(self, browser_id: str, user: str) -> str:
-        return self.keyring.sign("link", f"csrf\n{browser_id}\n{user}".encode())
+        return self.keyring.sign(LINK, f"csrf\n{browser_id}\n{user}".encode())
 
     async def _check_csrf(self, request: Request, browser_id: str, user: str) -> None:
         declared = request.headers.get("content-length", "0")
@@ -252,7 +242,7 @@ class Flow:
             raise FlowError("Bad request", "The form is too large.", "Open the link again.")
         form: FormData = await request.form(max_files=0, max_fields=4)
         token = str(form.get("csrf", ""))
-        if not self.keyring.verify("link", f"csrf\n{browser_id}\n{user}".encode(), token):
+        if not self.keyring.verify(LINK, f"csrf\n{browser_id}\n{user}".encode(), token):
             raise FlowError(
                 "Request refused",
                 "This form was not sent from the page Keybearer showed in this browser.",

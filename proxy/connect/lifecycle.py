@@ -23,13 +23,15 @@ import structlog
 
 from proxy import metrics
 from proxy.crypto import DecryptError, Keyring
+from proxy.errors import KeybearerError, Unavailable
+from proxy.events import ChangeFeed
+from proxy.names import OAUTH_TOKEN, Event, connection_changed
 from proxy.oauth.client import AuthServerUnavailable, OAuthError, TokenResponse
 from proxy.settings import ServerConfig
 from proxy.stores import Connection, StoreUnavailable, TokenStore
 
 log = structlog.get_logger("keybearer.oauth")
 
-PURPOSE = "oauth_token"
 CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
 # Errors that mean the grant is gone: only the user can fix it, by reconnecting.
@@ -39,8 +41,11 @@ WAIT_POLL = 0.25
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
-class NeedsConsent(Exception):
+class NeedsConsent(KeybearerError):
     """The user must (re)connect in the browser; `scopes` to ask for, if any."""
+
+    status = 403
+    code = "connection_required"
 
     def __init__(self, reason: str, scopes: tuple[str, ...] = ()) -> None:
         super().__init__(reason)
@@ -48,11 +53,8 @@ class NeedsConsent(Exception):
         self.scopes = scopes
 
 
-class TemporarilyUnavailable(Exception):
-    def __init__(self, message: str, retry_after: int = 10) -> None:
-        super().__init__(message)
-        self.message = message
-        self.retry_after = retry_after
+class TemporarilyUnavailable(Unavailable):
+    pass
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,18 @@ class TokenSet:
     access_token: str
     refresh_token: str | None
     token_type: str = "Bearer"
+    # The server url they were issued for: sealed with them, so that tokens
+    # never follow a server id to another address.
+    resource: str | None = None
 
 
-# The refresh call itself, made by the connector (it knows the client and AS).
+# The refresh call itself (clients.OAuthClients.refresh, wired in app.py): it
+# knows the client and the authorization server; the lifecycle knows when.
 Refresher = Callable[[ServerConfig, Connection, str], Awaitable[TokenResponse]]
 
 
 def record(user: str, server: str) -> str:
-    return f"{PURPOSE}:{user}:{server}"
+    return f"{OAUTH_TOKEN}:{user}:{server}"
 
 
 def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
@@ -75,8 +81,9 @@ def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
         "access_token": tokens.access_token,
         "refresh_token": tokens.refresh_token,
         "token_type": tokens.token_type,
+        "resource": tokens.resource,
     }
-    return keyring.encrypt(PURPOSE, json.dumps(payload).encode(), record(user, server))
+    return keyring.encrypt(OAUTH_TOKEN, json.dumps(payload).encode(), record(user, server))
 
 
 # Per-user tokens are not registered with logs.register_secret: there are too
@@ -86,8 +93,13 @@ def seal(keyring: Keyring, user: str, server: str, tokens: TokenSet) -> str:
 def unseal(keyring: Keyring, conn: Connection) -> TokenSet:
     if conn.sealed is None:
         raise DecryptError("no tokens stored")
-    data = json.loads(keyring.decrypt(PURPOSE, conn.sealed, record(conn.user, conn.server)))
-    return TokenSet(data["access_token"], data.get("refresh_token"), data.get("token_type") or "Bearer")
+    data = json.loads(keyring.decrypt(OAUTH_TOKEN, conn.sealed, record(conn.user, conn.server)))
+    return TokenSet(
+        data["access_token"],
+        data.get("refresh_token"),
+        data.get("token_type") or "Bearer",
+        data.get("resource"),
+    )
 
 
 def new_connection(
@@ -95,18 +107,19 @@ def new_connection(
     previous: Connection | None,
     user: str,
     server: str,
-    answer: TokenResponse,
+    issued: TokenResponse,
     *,
     issuer: str,
     client_id: str,
     requested_scopes: tuple[str, ...],
+    resource: str,
     keep_refresh_token: str | None = None,
 ) -> Connection:
     """The Connection to store for a token response (from a code or a refresh)."""
     now = time.time()
     # RFC 6749 §6: a refresh response may omit the refresh token; the old one stays valid.
-    refresh_token = answer.refresh_token or keep_refresh_token
-    tokens = TokenSet(answer.access_token, refresh_token, answer.token_type or "Bearer")
+    refresh_token = issued.refresh_token or keep_refresh_token
+    tokens = TokenSet(issued.access_token, refresh_token, issued.token_type or "Bearer", resource)
     return Connection(
         user=user,
         server=server,
@@ -114,8 +127,8 @@ def new_connection(
         sealed=seal(keyring, user, server, tokens),
         issuer=issuer,
         client_id=client_id,
-        scopes=answer.scope if answer.scope is not None else requested_scopes,
-        expires_at=now + answer.expires_in if answer.expires_in else None,
+        scopes=issued.scope if issued.scope is not None else requested_scopes,
+        expires_at=now + issued.expires_in if issued.expires_in else None,
         obtained_at=now,
         last_error=None,
         version=(previous.version if previous else 0) + 1,
@@ -148,29 +161,26 @@ class CircuitBreaker:
         self._open_until.pop(issuer, None)
 
 
-def connection_changed(server_id: str, user: str = "*") -> str:
-    """The event every replica gets when a user's tokens for a server changed
-    ("*": every user's). Ids cannot contain ':' (settings.ID_PATTERN)."""
-    return f"connection:{server_id}:{user}"
-
-
-class Lifecycle:
+class TokenLifecycle:
     def __init__(
         self,
         keyring: Keyring,
         store: TokenStore,
-        refresh_skew: float,
+        feed: ChangeFeed,
         refresher: Refresher,
+        refresh_skew: float,
         lock_ttl: float = 30.0,
         cooldown: float = 15.0,
     ) -> None:
         self.keyring = keyring
         self.store = store
+        self.feed = feed
         self.skew = refresh_skew
         self.lock_ttl = lock_ttl
         self.refresher = refresher
         self.breaker = CircuitBreaker(cooldown=cooldown)
-        self._recent: dict[tuple[str, str], tuple[float, str]] = {}
+        # (user, server id) -> (until, access token, the server url it is for)
+        self._recent: dict[tuple[str, str], tuple[float, str, str]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
         # One per (user, server) this process waits on while another replica refreshes.
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
@@ -179,20 +189,20 @@ class Lifecycle:
         """A usable access token, refreshed first when it is about to expire."""
         key = (user, server.id)
         cached = self._recent.get(key)
-        if cached is not None and cached[0] > time.monotonic():
+        if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
             return cached[1]
         token, refresh_in = await self._access_token(server, user)
         if refresh_in > RECENT_TTL:
-            self._remember(key, token)
+            self._remember(key, token, server.url)
         return token
 
-    def _remember(self, key: tuple[str, str], token: str) -> None:
+    def _remember(self, key: tuple[str, str], token: str, url: str) -> None:
         # A second of in-process memory saves a Redis read and a decryption on
         # every request of a busy agent; a change made on another replica (a
         # reconnect, a delete) is seen at most this much later. Never past the
         # point where a refresh is due: the caller remembers only tokens with
         # more time than that left.
-        self._recent[key] = (time.monotonic() + RECENT_TTL, token)
+        self._recent[key] = (time.monotonic() + RECENT_TTL, token, url)
         if len(self._recent) > 10_000:
             self._recent.clear()
 
@@ -201,29 +211,13 @@ class Lifecycle:
 
     async def changed(self, user: str, server_id: str) -> None:
         """Tell every replica (this one too) that these tokens changed."""
-        self.forget(user, server_id)
-        try:
-            await self.store.publish(connection_changed(server_id, user))
-        except StoreUnavailable as exc:
-            # Stored already; the others see it within RECENT_TTL or their next store read.
-            log.warning("token change not announced", server=server_id, reason=str(exc))
+        # Stored already: when the announcement fails, the others see it within
+        # RECENT_TTL or at their next store read.
+        await self.feed.announce(connection_changed(server_id, user))
 
-    def on_event(self, event: str) -> None:
-        """A token store event (registry.Registry passes every one on)."""
-        if event == "resync":  # events may have been lost
-            self._recent.clear()
-            for waiting in self._waiting.values():
-                waiting.set()
-            return
-        kind, _, rest = event.partition(":")
-        server_id, _, user = rest.partition(":")
-        if kind != "connection" or not user:
-            return
-        if user == "*":
-            keys = {k for k in (*self._recent, *self._waiting) if k[1] == server_id}
-        else:
-            keys = {(user, server_id)}
-        for key in keys:
+    def on_event(self, event: Event) -> None:
+        """Forget remembered tokens the event names; wake whoever waits on them."""
+        for key in [k for k in (*self._recent, *self._waiting) if event.touches(*k)]:
             self._recent.pop(key, None)
             if key in self._waiting:
                 self._waiting[key].set()
@@ -231,7 +225,7 @@ class Lifecycle:
     async def _access_token(self, server: ServerConfig, user: str) -> tuple[str, float]:
         """The token, and the seconds until its refresh is due."""
         conn = await self._load(server, user)
-        tokens = self._open(conn)
+        tokens = self._open(conn, server)
         if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
             conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is None:
@@ -245,7 +239,7 @@ class Lifecycle:
         rotated elsewhere): refresh once, unless another request already did."""
         self.forget(user, server.id)
         conn = await self._load(server, user)
-        tokens = self._open(conn)
+        tokens = self._open(conn, server)
         if tokens.access_token != rejected:
             return tokens.access_token
         conn, tokens = await self.refresh(server, conn)
@@ -311,7 +305,7 @@ class Lifecycle:
                         await waiting.wait()
                 current = await self._load(server, seen.user)
                 if current.version != seen.version:
-                    return current, self._open(current)
+                    return current, self._open(current, server)
                 if time.monotonic() > deadline:
                     raise TemporarilyUnavailable(
                         f"another replica is refreshing the token for {server.id!r} and has not finished; "
@@ -326,8 +320,8 @@ class Lifecycle:
     ) -> tuple[Connection, TokenSet]:
         current = await self._load(server, seen.user)
         if current.version != seen.version:
-            return current, self._open(current)  # someone refreshed between our read and the lock
-        tokens = self._open(current)
+            return current, self._open(current, server)  # someone refreshed between our read and the lock
+        tokens = self._open(current, server)
         if not tokens.refresh_token:
             await self._mark_reconnect(
                 current, "the provider gave no refresh token and the access token expired"
@@ -336,7 +330,7 @@ class Lifecycle:
         issuer = current.issuer or ""
         try:
             self.breaker.check(issuer)
-            answer = await self.refresher(server, current, tokens.refresh_token)
+            issued = await self.refresher(server, current, tokens.refresh_token)
         except OAuthError as exc:
             self.breaker.succeeded(issuer)
             metrics.refresh_result(server.id, exc.error if exc.error in GRANT_LOST else "error")
@@ -361,18 +355,18 @@ class Lifecycle:
             ) from None
         self.breaker.succeeded(issuer)
         fresh = new_connection(
-            self.keyring, current, current.user, current.server, answer,
+            self.keyring, current, current.user, current.server, issued,
             issuer=issuer, client_id=current.client_id or "", requested_scopes=current.scopes,
-            keep_refresh_token=tokens.refresh_token,
+            resource=server.url, keep_refresh_token=tokens.refresh_token,
         )  # fmt: skip
         if not await self.store.put_connection(fresh, expected_version=current.version):
             # Only a reconnect or a delete can have written under our lock: theirs wins.
             newer = await self._load(server, seen.user)
-            return newer, self._open(newer)
+            return newer, self._open(newer, server)
         metrics.refresh_result(server.id, "refreshed")
         log.info("token refreshed", server=server.id, user=current.user)
         await self.changed(current.user, current.server)
-        return fresh, self._open(fresh)
+        return fresh, self._open(fresh, server)
 
     async def _load(self, server: ServerConfig, user: str) -> Connection:
         try:
@@ -385,12 +379,17 @@ class Lifecycle:
             raise NeedsConsent(conn.last_error or f"{server.id!r} must be reconnected")
         return conn
 
-    def _open(self, conn: Connection) -> TokenSet:
+    def _open(self, conn: Connection, server: ServerConfig) -> TokenSet:
         try:
-            return unseal(self.keyring, conn)
+            tokens = unseal(self.keyring, conn)
         except (DecryptError, ValueError, KeyError) as exc:
             log.error("stored tokens cannot be decrypted", server=conn.server, reason=str(exc))
             raise NeedsConsent("the stored tokens cannot be read; connect again") from None
+        # Tokens sealed before they named their resource are taken as the server's.
+        if tokens.resource is not None and tokens.resource != server.url:
+            log.warning("stored tokens were issued for another url of the server", server=server.id)
+            raise NeedsConsent(f"the address of {server.id!r} changed since you connected")
+        return tokens
 
     async def _mark_reconnect(self, conn: Connection, reason: str) -> None:
         marked = replace(conn, state=MUST_RECONNECT, last_error=reason, version=conn.version + 1)

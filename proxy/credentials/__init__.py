@@ -1,0 +1,62 @@
+"""Credentials: what a request for (user, server) carries upstream.
+
+One source per auth type, each behind the same two questions:
+
+- `credential(server, user)`: the header to add, None for nothing, or a
+  `KeybearerError` whose answer the agent gets instead (not connected, key
+  missing, storage down);
+- `rejected(server, user, refusal)`: the upstream answered 401 or 403 to what
+  was sent. A `Credential` means "send the request again with this", an
+  `Answer` is what the agent gets, None relays the upstream's own answer.
+
+The forwarder asks the source of the server's auth type and knows nothing more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.errors import Answer
+from proxy.settings import ServerConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    header: bytes  # lower-case header name
+    value: bytes
+
+
+def bearer(token: str) -> Credential:
+    return Credential(b"authorization", f"Bearer {token}".encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An upstream's 401 or 403 to a request that carried `sent`."""
+
+    status: int
+    challenges: Sequence[str]  # its WWW-Authenticate values
+    sent: Credential | None
+    # The request body can be sent again (it was read whole).
+    replayable: bool
+
+
+class CredentialSource(Protocol):
+    async def credential(self, server: ServerConfig, user: str) -> Credential | None: ...
+
+    async def rejected(
+        self, server: ServerConfig, user: str, refusal: Refusal
+    ) -> Credential | Answer | None: ...
+
+
+def unauthorized(server: ServerConfig, fix: str) -> Answer:
+    """The upstream refused a request the proxy could not have made better: the operator must act."""
+    return Answer(
+        502,
+        "upstream_unauthorized",
+        f"server {server.id!r} refused the proxy's request as unauthorized (HTTP 401)",
+        f"the operator must {fix}",
+        data={"server": server.id},
+    )

@@ -1,0 +1,38 @@
+"""`auth: api_key`: the server's one key, in the configured header, for every user."""
+
+from __future__ import annotations
+
+from proxy.credentials import Credential, Refusal, unauthorized
+from proxy.errors import Answer, Unavailable
+from proxy.registry import Registry
+from proxy.settings import ServerConfig
+
+
+class ApiKeyMissing(Unavailable):
+    code = "api_key_missing"
+
+
+class ApiKeys:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+        key = self.registry.api_key(server)
+        if not key:
+            where = f"set the environment variable {server.api_key_env}" if server.api_key_env else ""
+            if server.api_key_file:
+                where = f"put the key in {server.api_key_file}"
+            hint = f"{where}, or run" if where else "run"
+            raise ApiKeyMissing(
+                f"server {server.id!r} needs an API key and none is configured; "
+                f"the operator must {hint} `keybearer api-key set {server.id}`",
+                retry_after=60,
+                server=server.id,
+            )
+        value = f"{server.api_key_scheme} {key}" if server.api_key_scheme else key
+        return Credential(server.api_key_header.lower().encode(), value.encode())
+
+    async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
+        if refusal.status == 401:
+            return unauthorized(server, f"check the key with `keybearer api-key set {server.id}`")
+        return None

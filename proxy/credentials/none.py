@@ -1,0 +1,19 @@
+"""`auth: none`: nothing is added."""
+
+from __future__ import annotations
+
+from proxy.credentials import Credential, Refusal, unauthorized
+from proxy.errors import Answer
+from proxy.settings import ServerConfig
+
+
+class NoCredential:
+    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+        return None
+
+    async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
+        if refusal.status == 401:
+            return unauthorized(
+                server, "configure the server with auth: api_key or oauth, since it wants credentials"
+            )
+        return None
