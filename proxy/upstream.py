@@ -82,8 +82,8 @@ def split_url(url: str) -> tuple[Origin, bytes]:
     return Origin(parts.scheme, parts.hostname, port), quote(target, safe="!#$%&'()*+,/:;=?@[]~").encode()
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection; at most one request on it at a time."""
+class _UpstreamSocket(asyncio.Protocol):
+    """One TCP (or TLS) connection to an upstream; at most one request on it at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -91,7 +91,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.idle_in: deque[_Connection] | None = None
+        self.idle_in: deque[_UpstreamSocket] | None = None
         self.response: Response | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -213,10 +213,10 @@ class Response:
         "status",
     )
 
-    def __init__(self, pool: Pool, origin: Origin, connection: _Connection, method: str) -> None:
+    def __init__(self, pool: Pool, origin: Origin, connection: _UpstreamSocket, method: str) -> None:
         self._pool = pool
         self.origin = origin
-        self._connection: _Connection | None = connection
+        self._connection: _UpstreamSocket | None = connection
         self.method = method
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -328,7 +328,7 @@ class Pool:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         # Per origin, oldest first: reuse takes the newest, pruning starts at the oldest.
-        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle: dict[Origin, deque[_UpstreamSocket]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -375,7 +375,7 @@ class Pool:
             raise
         return response
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
+    def _idle_connection(self, origin: Origin) -> _UpstreamSocket | None:
         idle = self._idle.get(origin)
         if not idle:
             return None
@@ -386,12 +386,12 @@ class Pool:
             return self._idle_connection(origin)
         return connection
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> _UpstreamSocket:
         tls = self._tls() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self.loop),
+                    lambda: _UpstreamSocket(self.loop),
                     origin.host,
                     origin.port,
                     ssl=tls,
@@ -410,7 +410,7 @@ class Pool:
             self.ssl_context = ssl.create_default_context()
         return self.ssl_context
 
-    def _release(self, origin: Origin, connection: _Connection) -> None:
+    def _release(self, origin: Origin, connection: _UpstreamSocket) -> None:
         now = self.loop.time()
         idle = self._idle.setdefault(origin, deque())
         while idle and idle[0].idle_since < now - IDLE_SECONDS:
