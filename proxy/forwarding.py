@@ -280,7 +280,10 @@ class Forwarder:
                 await self._relay_stream(ex, server, answer, send, rewriter)
         else:
             await self._relay_body(ex, server, answer, send)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # A body the upstream broke off is left unended: uvicorn then closes the agent's
+        # connection without the final chunk, so a cut-short answer never looks complete.
+        if ex.outcome != "upstream_broke_off":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_body(
         self, ex: Exchange, server: ServerConfig, answer: upstream.Response, send: Send
@@ -290,7 +293,7 @@ class Forwarder:
                 ex.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (upstream.UpstreamError, TimeoutError) as exc:
-            # Headers are gone already: all that is left is to end the body.
+            # Headers are gone already: all that is left is to abort the body (see _relay).
             ex.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
 
