@@ -208,6 +208,11 @@ class Forwarder:
                 f"the request to server {server.id!r} would carry a header with a line break",
                 "the operator must check the server's credential for stray newlines", data={"server": server.id},
             ))  # fmt: skip
+        except upstream.InvalidResponse as exc:
+            await self._answer(facts, send, Answer(
+                502, "upstream_invalid_response", f"server {server.id!r} sent an answer the proxy refuses ({exc})",
+                "the operator should check what runs at the server's url", data={"server": server.id},
+            ))  # fmt: skip
         except upstream.UpstreamError as exc:
             await self._answer(facts, send, Answer(
                 502, "upstream_unreachable", f"server {server.id!r} could not be reached ({_describe(exc)})",
@@ -261,7 +266,10 @@ class Forwarder:
                 await self._relay_stream(facts, server, response, send, rewriter)
         else:
             await self._relay_body(facts, server, response, send)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        # A body the upstream broke off is left unended: uvicorn then closes the agent's
+        # connection without the final chunk, so a cut-short answer never looks complete.
+        if facts.outcome != "upstream_broke_off":
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _relay_body(
         self, facts: RequestFacts, server: ServerConfig, response: upstream.Response, send: Send
@@ -271,7 +279,7 @@ class Forwarder:
                 facts.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except (upstream.UpstreamError, TimeoutError) as exc:
-            # Headers are gone already: all that is left is to end the body.
+            # Headers are gone already: all that is left is to abort the body (see _relay).
             facts.outcome = "upstream_broke_off"
             log.warning("upstream broke off", server=server.id, reason=_describe(exc))
 

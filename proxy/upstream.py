@@ -6,6 +6,10 @@ headers it is given, hand back the status, the raw headers and the body chunk
 by chunk as it arrives, and reuse the connection when the answer allowed it.
 No redirects, no cookies, no decompression, no retries.
 
+An upstream is not trusted to be well-behaved: an answer's head is capped in
+size, interim (1xx) answers in number, bytes after a complete answer end its
+connection, and the idle connections kept per origin are capped.
+
 Why not aiohttp's client, which the OAuth code still uses: per request it
 costs about as much CPU as everything else the proxy does together
 (docs/performance.md); this one costs a fraction of that, measured.
@@ -25,19 +29,29 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
+from proxy.errors import UpstreamFailed
+
 # A reader that falls behind stops the upstream socket past this many buffered bytes.
 HIGH_WATER = 256 * 1024
 # Idle connections older than this are closed rather than reused: shorter than
 # the keep-alive timeout of most servers (uvicorn's is 5 s), which narrows the
 # window in which a reused connection is closed by the server as we write.
 IDLE_SECONDS = 4.0
+# An answer's head (status line and headers, or a chunked body's trailers) may
+# take this many bytes; more is refused rather than buffered.
+MAX_HEAD_BYTES = 64 * 1024
+# Interim (1xx) answers accepted before the final one; each costs a parse and nothing more.
+MAX_INTERIM = 10
+# Idle connections kept per origin; those released past it are closed. A burst of
+# requests opens as many connections as it needs, but does not keep them all.
+MAX_IDLE_PER_ORIGIN = 100
 
 
 # Methods that mean nothing by a body: an empty one is sent without a Content-Length.
 _NO_CONTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 
 
-class UpstreamError(Exception):
+class UpstreamError(UpstreamFailed):
     """The upstream could not be reached or broke off; the message says which."""
 
 
@@ -53,7 +67,7 @@ class InvalidResponse(UpstreamError):
     pass
 
 
-class InvalidHeader(ValueError):
+class InvalidHeader(UpstreamFailed):
     """A header name or value that would split the request (CR, LF or NUL)."""
 
 
@@ -82,8 +96,8 @@ def split_url(url: str) -> tuple[Origin, bytes]:
     return Origin(parts.scheme, parts.hostname, port), quote(target, safe="!#$%&'()*+,/:;=?@[]~").encode()
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP (or TLS) connection; at most one request on it at a time."""
+class _UpstreamSocket(asyncio.Protocol):
+    """One TCP (or TLS) connection to an upstream; at most one request on it at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -91,7 +105,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.idle_since = 0.0
-        self.idle_in: deque[_Connection] | None = None
+        self.idle_in: deque[_UpstreamSocket] | None = None
         self.response: Response | None = None
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
@@ -103,15 +117,32 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:
+        response = self.response
+        if response is None or response.complete:
             # Bytes nobody asked for: the connection cannot be trusted again.
             self.close()
             return
+        # Counted before parsing, reset by the parser's callbacks whenever a head
+        # ends or body arrives: what is left is head bytes still being buffered.
+        response._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.response._fail(InvalidResponse(f"the server's answer is not valid HTTP ({exc})"))
             self.close()
+            if not response.complete:
+                # A callback's own refusal says more than the parser's error.
+                refusal = exc.__context__
+                response._fail(
+                    refusal
+                    if isinstance(refusal, InvalidResponse)
+                    else InvalidResponse(f"the server's answer is not valid HTTP ({exc})")
+                )
+            return
+        if response._head_bytes > MAX_HEAD_BYTES:
+            self.close()
+            response._fail(
+                InvalidResponse(f"the server sent more than {MAX_HEAD_BYTES // 1024} KiB of headers")
+            )
 
     def eof_received(self) -> bool:
         return False
@@ -142,16 +173,29 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
+    def on_message_begin(self) -> None:
         assert self.response is not None
-        self.response.headers.append((name.lower(), value))
+        if self.response.complete:
+            # A second answer to one request: parsed, it would add to the first.
+            raise InvalidResponse("the server sent more after a complete answer")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        response = self.response
+        assert response is not None
+        # Trailers (status already known) are not the answer's headers, which may be relayed already.
+        if response.status == 0:
+            response.headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         response = self.response
         assert response is not None
+        response._head_bytes = 0
         status = self.parser.get_status_code()
         if status < 200:
             # 100 Continue and friends: the real answer follows.
+            response._interim += 1
+            if response._interim > MAX_INTERIM:
+                raise InvalidResponse(f"the server sent more than {MAX_INTERIM} interim answers (1xx)")
             response.headers.clear()
             return
         response.status = status
@@ -167,6 +211,7 @@ class _Connection(asyncio.Protocol):
         assert response is not None
         if response.status == 0 or response.complete:
             return
+        response._head_bytes = 0
         response._add(body)
 
     def on_message_complete(self) -> None:
@@ -201,6 +246,8 @@ class Response:
         "_chunks",
         "_connection",
         "_error",
+        "_head_bytes",
+        "_interim",
         "_pool",
         "_size",
         "_waiter",
@@ -213,10 +260,10 @@ class Response:
         "status",
     )
 
-    def __init__(self, pool: Pool, origin: Origin, connection: _Connection, method: str) -> None:
+    def __init__(self, pool: Pool, origin: Origin, connection: _UpstreamSocket, method: str) -> None:
         self._pool = pool
         self.origin = origin
-        self._connection: _Connection | None = connection
+        self._connection: _UpstreamSocket | None = connection
         self.method = method
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
@@ -227,6 +274,8 @@ class Response:
         self._size = 0
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._head_bytes = 0
+        self._interim = 0
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (name in lowercase), or None."""
@@ -322,13 +371,13 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class Pool:
-    """Keep-alive connections per origin, created on demand, never limited in number."""
+    """Keep-alive connections per origin, created on demand; at most MAX_IDLE_PER_ORIGIN kept idle."""
 
     def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
         # Per origin, oldest first: reuse takes the newest, pruning starts at the oldest.
-        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle: dict[Origin, deque[_UpstreamSocket]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -375,23 +424,22 @@ class Pool:
             raise
         return response
 
-    def _idle_connection(self, origin: Origin) -> _Connection | None:
+    def _idle_connection(self, origin: Origin) -> _UpstreamSocket | None:
         idle = self._idle.get(origin)
-        if not idle:
-            return None
-        connection = idle.pop()
-        connection.idle_in = None
-        if connection.closed or connection.idle_since < self.loop.time() - IDLE_SECONDS:
+        while idle:
+            connection = idle.pop()
+            connection.idle_in = None
+            if not connection.closed and connection.idle_since >= self.loop.time() - IDLE_SECONDS:
+                return connection
             connection.close()
-            return self._idle_connection(origin)
-        return connection
+        return None
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def _connect(self, origin: Origin) -> _UpstreamSocket:
         tls = self._tls() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, connection = await self.loop.create_connection(
-                    lambda: _Connection(self.loop),
+                    lambda: _UpstreamSocket(self.loop),
                     origin.host,
                     origin.port,
                     ssl=tls,
@@ -410,13 +458,16 @@ class Pool:
             self.ssl_context = ssl.create_default_context()
         return self.ssl_context
 
-    def _release(self, origin: Origin, connection: _Connection) -> None:
+    def _release(self, origin: Origin, connection: _UpstreamSocket) -> None:
         now = self.loop.time()
         idle = self._idle.setdefault(origin, deque())
         while idle and idle[0].idle_since < now - IDLE_SECONDS:
             stale = idle.popleft()
             stale.idle_in = None
             stale.close()
+        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+            connection.close()
+            return
         connection.idle_since = now
         connection.idle_in = idle
         idle.append(connection)

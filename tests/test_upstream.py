@@ -2,17 +2,25 @@
 
 Each server here writes its answer byte by byte as given, so that the framings a
 real upstream may choose (lengths, chunks, close-delimited, HEAD, 1xx, TLS) and
-its misbehaviour (garbage, early close, silence) are each met once.
+its misbehaviour (garbage, early close, silence) are each met once. The hostile
+upstream (tests/peers/hostile_upstream.py) then tries each way to exhaust the
+client, and Hypothesis feeds the parser arbitrary and well-formed answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import ssl
+import string
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peers.hostile_upstream import FLOOD_BYTES, OK_BODY, HostileUpstream, answer, read_request
 from support import self_signed_certificate
 
 from proxy import upstream
@@ -50,45 +58,29 @@ class RawServer:
         self.server.close()
 
 
-async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
-    """One request: its head and its body (by Content-Length or chunks)."""
-    head = await reader.readuntil(b"\r\n\r\n")
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return head, body
-            body += chunk[:-2]
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            return head, await reader.readexactly(int(line.split(b":")[1]))
-    return head, b""
-
-
-def answer(body: bytes, *headers: bytes, status: bytes = b"200 OK") -> bytes:
-    lines = [b"HTTP/1.1 " + status, b"content-length: %d" % len(body), *headers]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
-
-
-async def exchange(pool: upstream.Pool, origin: upstream.Origin, body: bytes = b"{}", **kw: object) -> bytes:
+async def exchange(
+    pool: upstream.Pool,
+    origin: upstream.Origin,
+    body: bytes | AsyncIterator[bytes] = b"{}",
+    *,
+    method: str = "POST",
+    target: bytes = b"/mcp",
+    timeout: float = 5,
+) -> bytes:
     response = await pool.request(
-        str(kw.get("method", "POST")),
-        origin,
-        b"/mcp",
-        [(b"content-type", b"application/json")],
-        body,
-        float(kw.get("timeout", 5)),  # type: ignore[arg-type]
+        method, origin, target, [(b"content-type", b"application/json")], body, timeout
     )
     try:
-        chunks = []
-        while chunk := await response.read(5):
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_all(response)
     finally:
         response.close()
+
+
+async def read_all(response: upstream.Response) -> bytes:
+    chunks = []
+    while chunk := await response.read(5):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def test_keep_alive_reuses_one_connection_and_sends_the_headers_given() -> None:
@@ -174,7 +166,7 @@ async def test_a_streamed_body_goes_chunked_and_a_large_one_whole() -> None:
     big = b"x" * 3_000_000
     async with RawServer(handler) as server:
         pool = upstream.Pool(5)
-        assert await exchange(pool, server.origin, parts()) == b"500000"  # type: ignore[arg-type]
+        assert await exchange(pool, server.origin, parts()) == b"500000"
         assert await exchange(pool, server.origin, big) == b"3000000"
         pool.close()
     assert b"transfer-encoding: chunked" in received[0][0]
@@ -322,3 +314,196 @@ async def test_connections_idle_too_long_are_not_reused(monkeypatch: pytest.Monk
         await exchange(pool, server.origin)
         assert server.connections == 2
         pool.close()
+
+
+# -- A hostile upstream (tests/peers/hostile_upstream.py): each way it could exhaust the proxy.
+
+
+def origin_of(peer: HostileUpstream) -> upstream.Origin:
+    return upstream.Origin("http", "127.0.0.1", peer.port)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["endless-headers", "endless-header-value"])
+async def test_an_endless_head_is_refused_at_64_kib_and_its_connection_closed(mode: str) -> None:
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        with pytest.raises(upstream.InvalidResponse, match="more than 64 KiB of headers"):
+            await exchange(pool, origin_of(peer), target=b"/" + mode.encode())
+        await until(lambda: peer.ended == 1, "the client hung up")
+        assert peer.flooded < FLOOD_BYTES
+        assert pool.idle_count(origin_of(peer)) == 0
+        pool.close()
+
+
+async def test_a_flood_of_interim_answers_is_refused() -> None:
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        with pytest.raises(upstream.InvalidResponse, match="interim answers"):
+            await exchange(pool, origin_of(peer), target=b"/interim-flood")
+        await until(lambda: peer.ended == 1, "the client hung up")
+        assert peer.flooded < FLOOD_BYTES
+        pool.close()
+
+
+async def test_interim_answers_up_to_the_limit_are_skipped() -> None:
+    interim = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+    final = answer(b"final", b"connection: close")  # as the raw mode closes after it
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        peer.raw = [interim * upstream.MAX_INTERIM + final]
+        assert await exchange(pool, origin_of(peer), target=b"/raw") == b"final"
+        peer.raw = [interim * (upstream.MAX_INTERIM + 1) + final]
+        with pytest.raises(upstream.InvalidResponse, match="interim"):
+            await exchange(pool, origin_of(peer), target=b"/raw")
+        pool.close()
+
+
+@pytest.mark.parametrize("mode", ["trailing-bytes", "late-trailing-bytes"])
+async def test_bytes_after_a_complete_answer_are_not_part_of_it_and_end_its_connection(mode: str) -> None:
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        response = await pool.request("GET", origin_of(peer), b"/" + mode.encode(), [], b"", 5)
+        # The second head arrives while the first answer is still held.
+        await until(lambda: peer.trailing_sent == 1, "the second head sent")
+        await asyncio.sleep(0.05)
+        assert response.header_values(b"content-length") == [str(len(OK_BODY))]
+        assert await read_all(response) == OK_BODY
+        response.close()
+        assert pool.idle_count(origin_of(peer)) == 0
+        assert await exchange(pool, origin_of(peer), target=b"/ok") == OK_BODY
+        assert peer.connections == 2  # the second request did not go to the spoilt connection
+        pool.close()
+
+
+@pytest.mark.parametrize("mode", ["cut-chunked", "cut-event-stream", "short-length"])
+async def test_a_body_cut_short_is_an_error_for_the_reader_never_its_end(mode: str) -> None:
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        response = await pool.request("GET", origin_of(peer), b"/" + mode.encode(), [], b"", 5)
+        assert response.status == 200
+        got = b""
+        with pytest.raises(upstream.Disconnected, match="closed the connection"):
+            while chunk := await response.read(5):
+                got += chunk
+        response.close()
+        assert got.startswith((b"data: ", b'{"part"'))
+        pool.close()
+
+
+async def open_at_once(pool: upstream.Pool, peer: HostileUpstream, count: int) -> None:
+    """`count` requests in flight together, so each has a connection of its own, then all answered."""
+    requests = [asyncio.create_task(exchange(pool, origin_of(peer), target=b"/gated")) for _ in range(count)]
+    await until(lambda: peer.connections == count, f"{count} connections open")
+    peer.gate.set()
+    assert await asyncio.gather(*requests) == [OK_BODY] * count
+
+
+async def test_idle_connections_per_origin_are_capped_and_the_rest_closed() -> None:
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        await open_at_once(pool, peer, upstream.MAX_IDLE_PER_ORIGIN + 50)
+        assert pool.idle_count(origin_of(peer)) == upstream.MAX_IDLE_PER_ORIGIN
+        await until(lambda: peer.ended == 50, "the 50 connections past the cap closed")
+        pool.close()
+
+
+async def test_a_thousand_stale_idle_connections_are_skipped_without_recursion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Past the default cap on purpose: what is tested is walking a long idle list.
+    monkeypatch.setattr(upstream, "MAX_IDLE_PER_ORIGIN", 2000)
+    async with HostileUpstream() as peer:
+        pool = upstream.Pool(5)
+        await open_at_once(pool, peer, 1200)
+        assert pool.idle_count(origin_of(peer)) == 1200
+        monkeypatch.setattr(upstream, "IDLE_SECONDS", 0.05)
+        await asyncio.sleep(0.1)
+        assert await exchange(pool, origin_of(peer), target=b"/ok") == OK_BODY
+        assert pool.idle_count(origin_of(peer)) == 1
+        pool.close()
+
+
+# -- Properties of the response parser, against bytes a raw server writes.
+
+TOKEN = string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~"
+FRAMING_NAMES = {"content-length", "transfer-encoding", "connection", "proxy-connection", "upgrade"}
+header_names = st.text(TOKEN, min_size=1, max_size=20).filter(lambda n: n.lower() not in FRAMING_NAMES)
+# Neither empty nor with surrounding whitespace: llhttp trims that, and httptools drops empty values.
+header_values = st.text(string.printable[:95], min_size=1, max_size=60).map(str.strip).filter(bool)
+# Pieces of real answers, so that random bytes also reach the parser's later states.
+HTTP_FRAGMENTS = [
+    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.1 100 Continue\r\n\r\n", b"transfer-encoding: chunked\r\n",
+    b"content-length: 5\r\n", b"\r\n", b"5\r\nhello\r\n", b"0\r\n\r\n", b"x: y\r\n",
+]  # fmt: skip
+
+
+def split(message: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({0, len(message), *(c % (len(message) + 1) for c in cuts)})
+    return [message[a:b] for a, b in itertools.pairwise(points)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.one_of(st.binary(max_size=200), st.sampled_from(HTTP_FRAGMENTS)), max_size=12),
+)
+async def test_any_bytes_from_upstream_end_in_an_answer_or_an_upstream_error(pieces: list[bytes]) -> None:
+    # An exception inside the protocol's callbacks would not reach the caller:
+    # the loop reports it to its handler and drops the connection.
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: unhandled.append(context))
+    try:
+        async with HostileUpstream() as peer:
+            peer.raw = pieces
+            pool = upstream.Pool(5)
+            with contextlib.suppress(upstream.UpstreamError, TimeoutError):
+                await exchange(pool, origin_of(peer), target=b"/raw", timeout=2)
+            pool.close()
+    finally:
+        loop.set_exception_handler(previous)
+    assert unhandled == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    status=st.integers(200, 599).filter(lambda s: s not in (204, 304)),
+    headers=st.lists(st.tuples(header_names, header_values), max_size=8),
+    body=st.binary(max_size=3000),
+    framing=st.sampled_from(["length", "chunked", "close"]),
+    data=st.data(),
+)
+async def test_well_formed_answers_arrive_exactly(
+    status: int, headers: list[tuple[str, str]], body: bytes, framing: str, data: st.DataObject
+) -> None:
+    raw_headers = [(n.encode(), v.encode()) for n, v in headers]
+    if framing == "length":
+        raw_headers.append((b"content-length", b"%d" % len(body)))
+        payload = body
+    elif framing == "chunked":
+        raw_headers.append((b"transfer-encoding", b"chunked"))
+        parts = split(body, data.draw(st.lists(st.integers(0, 3000), max_size=6))) if body else []
+        payload = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+    else:
+        payload = body
+    head = b"HTTP/1.1 %d Whatever\r\n" % status + b"".join(b"%b: %b\r\n" % h for h in raw_headers)
+    message = head + b"\r\n" + payload
+    async with HostileUpstream() as peer:
+        peer.raw = split(message, data.draw(st.lists(st.integers(0, len(message)), max_size=6)))
+        pool = upstream.Pool(5)
+        response = await pool.request("GET", origin_of(peer), b"/raw", [], b"", 5)
+        try:
+            assert response.status == status
+            assert response.headers == [(n.lower(), v) for n, v in raw_headers]
+            assert await read_all(response) == body
+        finally:
+            response.close()
+            pool.close()
