@@ -240,6 +240,12 @@ class Settings:
     # are ended at once so that their clients reconnect to another replica.
     shutdown_timeout: float = 10.0
     metrics_listen: str | None = None  # HOST:PORT for /metrics on its own port
+    # Inbound connections, bounded before caller authentication can run (each
+    # per worker process): a request head's size (request line and headers),
+    # the seconds from its first byte until it is complete, open connections.
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    max_connections: int = 1000
     # Inbound caller authentication, for shared deployments.
     inbound_auth: str = "none"  # none | tokens | jwt
     jwt_jwks_url: str | None = None
@@ -302,6 +308,9 @@ SETTINGS: dict[str, tuple[str, bool]] = {
     "workers": ("int", False),
     "shutdown_timeout": ("float", False),
     "metrics_listen": ("listen", False),
+    "max_header_bytes": ("int", False),
+    "header_timeout": ("float", False),
+    "max_connections": ("int", False),
     "inbound_auth": ("inbound", False),
     "jwt_jwks_url": ("url", False),
     "jwt_issuer": ("str", False),
@@ -352,6 +361,10 @@ def load_settings(
     settings = Settings(**values)
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
+    if settings.max_header_bytes < 1024:
+        raise ConfigError("max_header_bytes", "must be at least 1024")
+    if settings.max_connections < 1:
+        raise ConfigError("max_connections", "must be at least 1")
     if not 1 <= settings.workers <= 64:
         raise ConfigError("workers", "must be between 1 and 64")
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
