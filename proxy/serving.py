@@ -113,19 +113,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
-        if self.head_bytes is None or len(data) <= self.limits.max_header_bytes - self.head_bytes:
+        limit = self.limits.max_header_bytes
+        if self.head_bytes is None or self.head_bytes + len(data) <= limit:
             if self.head_bytes is not None:
                 self.head_bytes += len(data)
             super().data_received(data)
             return
-        # Parse only what the head may still take: if the head ends within it,
-        # the rest is body or the next request, and is fed on its own.
-        room = self.limits.max_header_bytes - self.head_bytes
-        self.head_bytes += room
+        # Parse only what the head may still take. If the head ends within it,
+        # the count is reset, and the rest is body or the next request. (That
+        # next request's first bytes within `room` go uncounted: at most one limit.)
+        room = limit - self.head_bytes
+        self.head_bytes = limit
         super().data_received(data[:room])
         if self.transport.is_closing():
             return
-        if self.head_bytes is not None:
+        if self.head_bytes == limit:
             _head_too_large.note(client=self._client(), max_header_bytes=self.limits.max_header_bytes)
             self._refuse(
                 HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,

@@ -113,6 +113,12 @@ def test_a_head_ending_within_the_limit_is_served_with_its_body(
         answer = conn.getresponse()
         assert answer.status == 431
         assert json.loads(answer.read())["error"] == "header_too_large"
+    # Pipelined heads each within the limit, together over it, in one write.
+    head = b"GET /ping HTTP/1.1\r\nHost: keybearer\r\nX-Fill: %s\r\n" % (b"a" * 1400)
+    with connect(proxy) as sock:
+        sock.sendall(head + b"\r\n" + head + b"\r\n" + head + b"Connection: close\r\n\r\n")
+        answers = read_until_closed(sock)
+    assert answers.count(b"HTTP/1.1 200 ") == 3, answers[:300]
 
 
 def test_trickled_heads_are_cut_off_at_header_timeout(proxy_factory: type[ProxyProcess]) -> None:
