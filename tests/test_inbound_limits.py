@@ -86,8 +86,10 @@ def test_a_head_over_the_limit_gets_431_and_is_not_kept(proxy_factory: type[Prox
                 sock.sendall(lines)
                 sent += len(lines)
         growth = rss_bytes(proxy.proc.pid) - before
+        assert growth < 20 * MiB, (
+            f"the proxy grew by {growth / MiB:.0f} MiB holding {sent / MiB:.0f} MiB of headers"
+        )
         answer = read_until_closed(sock)
-    assert growth < 20 * MiB, f"the proxy grew by {growth / MiB:.0f} MiB holding {sent / MiB:.0f} MiB of headers"
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:300]
     assert b'"header_too_large"' in answer and b"max_header_bytes" in answer
     with closing(HTTPConnection("127.0.0.1", proxy.port, timeout=5)) as conn:
@@ -97,7 +99,9 @@ def test_a_head_over_the_limit_gets_431_and_is_not_kept(proxy_factory: type[Prox
 def test_a_head_ending_within_the_limit_is_served_with_its_body(
     proxy_factory: type[ProxyProcess], upstream: Upstream
 ) -> None:
-    proxy = proxy_factory({"max_header_bytes": 4096, "servers": {"echo": {"url": upstream.base_url + "/_echo"}}})
+    proxy = proxy_factory(
+        {"max_header_bytes": 4096, "servers": {"echo": {"url": upstream.base_url + "/_echo"}}}
+    )
     with closing(HTTPConnection("127.0.0.1", proxy.port, timeout=10)) as conn:
         # Headers of 4,000 bytes pass; the 1 MiB body in the same write is not counted as head.
         headers = {f"X-Fill-{i}": "a" * 80 for i in range(42)}
@@ -171,7 +175,10 @@ def test_connections_beyond_max_connections_are_closed_at_once(proxy_factory: ty
         conn.close()
     deadline = time.monotonic() + 5
     while True:  # the proxy notices the closes as they arrive
-        with contextlib.suppress(OSError), closing(HTTPConnection("127.0.0.1", proxy.port, timeout=5)) as conn:
+        with (
+            contextlib.suppress(OSError),
+            closing(HTTPConnection("127.0.0.1", proxy.port, timeout=5)) as conn,
+        ):
             assert get(conn) == 200
             break
         assert time.monotonic() < deadline, "no new connection accepted after the five closed"
@@ -197,7 +204,10 @@ def test_keep_alive_slow_bodies_and_event_streams_outlast_header_timeout(
 
     with connect(proxy) as sock:  # a body that takes longer than header_timeout to arrive
         body = b'{"slow": "body"}'
-        sock.sendall(b"POST /%s/echo HTTP/1.1\r\nHost: keybearer\r\nContent-Length: %d\r\n\r\n" % (USER.encode(), len(body)))
+        sock.sendall(
+            b"POST /%s/echo HTTP/1.1\r\nHost: keybearer\r\nContent-Length: %d\r\n\r\n"
+            % (USER.encode(), len(body))
+        )
         for piece in (body[:5], body[5:10], body[10:]):
             time.sleep(0.6)
             sock.sendall(piece)
