@@ -10,7 +10,8 @@ three limits in front of the app:
 - a head that is not complete `header_timeout` seconds after its first byte (or,
   for a connection's first request, after the connection opened) gets 408 and
   the connection closes; the clock stops once the head is in, so request bodies
-  and long responses such as event streams are not bound by it;
+  and long responses such as event streams are not bound by it (a request
+  pipelined behind a response in progress gets its clock when that response ends);
 - beyond `max_connections` open connections, a new one is closed at once.
 
 Idle keep-alive connections between requests are uvicorn's own
@@ -113,10 +114,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refused:
             return
+        if self.head_bytes is None:  # a request body, which the app bounds
+            super().data_received(data)
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            # The connection was idle: these are the next request's first bytes
+            # (uvicorn's keep-alive timer stops at any byte, even a lone CRLF).
+            self._start_head_clock()
         limit = self.limits.max_header_bytes
-        if self.head_bytes is None or self.head_bytes + len(data) <= limit:
-            if self.head_bytes is not None:
-                self.head_bytes += len(data)
+        if self.head_bytes + len(data) <= limit:
+            self.head_bytes += len(data)
             super().data_received(data)
             return
         # Parse only what the head may still take. If the head ends within it,
@@ -137,10 +144,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             )
             return
         self.data_received(data[room:])
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._start_head_clock()
 
     def on_headers_complete(self) -> None:
         self._stop_clock()

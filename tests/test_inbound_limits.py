@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import selectors
 import socket
 import time
@@ -154,6 +155,22 @@ def test_trickled_heads_are_cut_off_at_header_timeout(proxy_factory: type[ProxyP
 def test_a_connection_that_sends_nothing_is_closed(proxy_factory: type[ProxyProcess]) -> None:
     proxy = proxy_factory({"header_timeout": 1})
     with connect(proxy) as sock:
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+
+
+def test_line_breaks_trickled_after_a_response_are_cut_off(proxy_factory: type[ProxyProcess]) -> None:
+    # Any byte stops uvicorn's keep-alive timer, and empty lines between requests begin none.
+    proxy = proxy_factory({"header_timeout": 1})
+    with connect(proxy) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: keybearer\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        with contextlib.suppress(OSError):
+            for _ in range(20):  # 6 s at most
+                sock.sendall(b"\r\n")
+                if select.select([sock], [], [], 0.3)[0]:
+                    break
         answer = read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
 
