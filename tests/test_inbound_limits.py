@@ -23,6 +23,8 @@ import pytest
 from peers.mcp_client import Upstream, run_upstream
 from support import ProxyProcess
 
+from proxy.settings import ConfigError, load_settings
+
 MiB = 1024 * 1024
 USER = "alice"
 
@@ -255,3 +257,18 @@ def test_the_limits_hold_in_every_worker(proxy_factory: type[ProxyProcess]) -> N
         assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
     with closing(HTTPConnection("127.0.0.1", proxy.port, timeout=5)) as conn:
         assert get(conn) == 200
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("max_header_bytes", "512", "at least 1024"),
+        ("max_connections", "0", "at least 1"),
+        ("header_timeout", "0", "between 0 and 86400"),
+        ("max_connections", "many", "whole number"),
+    ],
+)
+def test_limits_out_of_range_are_refused_naming_the_setting(name: str, value: str, says: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={f"KEYBEARER_{name.upper()}": value})
+    assert info.value.key in (name, f"KEYBEARER_{name.upper()}") and says in info.value.message
