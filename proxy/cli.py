@@ -169,6 +169,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
     from proxy.app import Keybearer, check_exposure
+    from proxy.serving import http_protocol
 
     logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     check_exposure(settings)
@@ -188,7 +189,7 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
         port=settings.listen_port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http=http_protocol(settings),  # httptools, with limits on heads and connections
         lifespan="on",
         log_config=None,
         access_log=False,

@@ -248,6 +248,12 @@ class Settings:
     # are ended at once so that their clients reconnect to another replica.
     shutdown_timeout: float = setting(10.0, "float")
     metrics_listen: str | None = setting(None, "listen")  # HOST:PORT for /metrics on its own port
+    # Inbound connections, bounded before caller authentication can run (each
+    # per worker process): a request head's size (request line and headers),
+    # the seconds from its first byte until it is complete, open connections.
+    max_header_bytes: int = setting(64 * 1024, "int")
+    header_timeout: float = setting(10.0, "float")
+    max_connections: int = setting(1000, "int")
     # Inbound caller authentication, for shared deployments.
     inbound_auth: str = setting("none", "inbound")
     jwt_jwks_url: str | None = setting(None, "url")
@@ -332,6 +338,10 @@ def load_settings(
     settings = Settings(**values)
     if settings.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes", "must be at least 1024")
+    if settings.max_header_bytes < 1024:
+        raise ConfigError("max_header_bytes", "must be at least 1024")
+    if settings.max_connections < 1:
+        raise ConfigError("max_connections", "must be at least 1")
     if not 1 <= settings.workers <= 64:
         raise ConfigError("workers", "must be between 1 and 64")
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):

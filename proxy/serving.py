@@ -1,0 +1,204 @@
+"""Inbound HTTP/1.1 connections, bounded before any request reaches the app.
+
+Caller authentication runs in the app, so it only ever sees a request whose
+head (request line and headers) has been read in full. Until then uvicorn's
+httptools protocol keeps every header byte a client sends, for as long as it
+takes to send them, on as many connections as it opens. This protocol adds
+three limits in front of the app:
+
+- a request head larger than `max_header_bytes` gets 431 and the connection closes;
+- a head that is not complete `header_timeout` seconds after its first byte (or,
+  for a connection's first request, after the connection opened) gets 408 and
+  the connection closes; the clock stops once the head is in, so request bodies
+  and long responses such as event streams are not bound by it (a request
+  pipelined behind a response in progress gets its clock when that response ends);
+- beyond `max_connections` open connections, a new one is closed at once.
+
+Idle keep-alive connections between requests are uvicorn's own
+`timeout_keep_alive` (5 s). Each limit holds per worker process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, cast
+
+import structlog
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from proxy.errors import Answer, json_content
+from proxy.settings import Settings
+
+log = structlog.get_logger("keybearer.serving")
+# Refusals are logged at most this often per kind and process: a flood of them
+# must not become a flood of log lines.
+LOG_INTERVAL = 5.0
+# How long a refused connection's further bytes are read and dropped.
+LINGER = 2.0
+
+
+@dataclass(frozen=True)
+class InboundLimits:
+    max_header_bytes: int
+    header_timeout: float
+    max_connections: int
+
+
+def http_protocol(settings: Settings) -> type[asyncio.Protocol]:
+    """What `uvicorn.run(http=...)` takes: the protocol with these settings' limits.
+
+    A partial of a module-level class pickles, so it also reaches the worker
+    processes uvicorn spawns for `workers` > 1.
+    """
+    limits = InboundLimits(settings.max_header_bytes, settings.header_timeout, settings.max_connections)
+    # uvicorn only calls it with keyword arguments, as it would a class.
+    return cast(type[asyncio.Protocol], functools.partial(LimitedHttpToolsProtocol, limits=limits))
+
+
+class _Throttled:
+    """One warning per LOG_INTERVAL, saying how many events it stands for."""
+
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.count = 0
+        self.logged_at = -math.inf
+
+    def note(self, **fields: Any) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.logged_at >= LOG_INTERVAL:
+            log.warning(self.event, count=self.count, **fields)
+            self.count, self.logged_at = 0, now
+
+
+_refused = _Throttled("connections_refused")
+_head_too_large = _Throttled("request_head_too_large")
+_head_too_slow = _Throttled("request_head_too_slow")
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    def __init__(self, *args: Any, limits: InboundLimits, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        # Bytes received towards the next request head; None while a request's
+        # body is being read, which the app bounds itself.
+        self.head_bytes: int | None = 0
+        # The connection's one timer: its head's deadline, or the end of its
+        # lingering once refused.
+        self.deadline: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            _refused.note(
+                max_connections=self.limits.max_connections,
+                hint="raise max_connections, add replicas, or cap connections per client in front",
+            )
+            transport.close()
+            return
+        super().connection_made(transport)
+        # A connection that never sends a byte must not hold its place either.
+        self._start_head_clock()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:  # refused in connection_made
+            return
+        self._stop_clock()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.head_bytes is None:  # a request body, which the app bounds
+            super().data_received(data)
+            return
+        if self.cycle is None or self.cycle.response_complete:
+            # The connection was idle: these are the next request's first bytes
+            # (uvicorn's keep-alive timer stops at any byte, even a lone CRLF).
+            self._start_head_clock()
+        limit = self.limits.max_header_bytes
+        if self.head_bytes + len(data) <= limit:
+            self.head_bytes += len(data)
+            super().data_received(data)
+            return
+        # Parse only what the head may still take. If the head ends within it,
+        # the count is reset, and the rest is body or the next request. (That
+        # next request's first bytes within `room` go uncounted: at most one limit.)
+        room = limit - self.head_bytes
+        self.head_bytes = limit
+        super().data_received(data[:room])
+        if self.transport.is_closing():
+            return
+        if self.head_bytes == limit:
+            _head_too_large.note(client=self._client(), max_header_bytes=self.limits.max_header_bytes)
+            self._refuse(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header_too_large",
+                f"the request line and headers are larger than the proxy's limit of "
+                f"{self.limits.max_header_bytes} bytes (setting max_header_bytes); send fewer or shorter headers",
+            )
+            return
+        self.data_received(data[room:])
+
+    def on_headers_complete(self) -> None:
+        self._stop_clock()
+        self.head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_bytes = 0
+
+    def _start_head_clock(self) -> None:
+        if self.deadline is None:
+            self.deadline = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def _stop_clock(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _head_timed_out(self) -> None:
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        _head_too_slow.note(client=self._client(), header_timeout=self.limits.header_timeout)
+        self._refuse(
+            HTTPStatus.REQUEST_TIMEOUT,
+            "header_timeout",
+            f"the request line and headers did not arrive within {self.limits.header_timeout:g} s "
+            "(setting header_timeout); send them at once, then the body",
+        )
+
+    def _refuse(self, status: HTTPStatus, code: str, message: str) -> None:
+        """Answer `status` and close, unless another response is under way (pipelining): then just close."""
+        self._stop_clock()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()
+            return
+        _, body = json_content(Answer(status, code, message))
+        self.transport.write(
+            b"".join(
+                [
+                    STATUS_LINE[status],
+                    b"content-type: application/json\r\n",
+                    b"content-length: %d\r\n" % len(body),
+                    b"connection: close\r\n\r\n",
+                    body,
+                ]
+            )
+        )
+        # Closing with the client's bytes unread would reset the connection, and
+        # a client still sending would never read the answer: half-close, and drop
+        # what it sends for a moment.
+        self.transport.write_eof()
+        self.refused = True
+        self.deadline = self.loop.call_later(LINGER, self.transport.close)
+
+    def _client(self) -> str | None:
+        return self.client[0] if self.client else None
