@@ -8,7 +8,6 @@ unknown fields refused before anything is stored.
 from __future__ import annotations
 
 import hmac
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy.crypto import DecryptError
+from proxy.jsonbody import JSONBodyError, parse_json
 from proxy.management import Conflict, Management, NotFound
 from proxy.registry import RegistryError
 from proxy.routing import RouteError
@@ -117,9 +117,9 @@ async def body(request: Request) -> Any:
         if len(raw) > MAX_BODY:
             raise TooLarge
     try:
-        return json.loads(raw)
-    except ValueError:
-        raise BadRequest("the body must be JSON") from None
+        return parse_json(raw)
+    except JSONBodyError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def path_param(request: Request, name: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from proxy import credentials, inbound, legacy_sse, links, logs, metrics, responses, routing, upstream
 from proxy.inbound import InboundAuth
+from proxy.jsonbody import parse_json
 from proxy.oauth.connector import Connector
 from proxy.oauth.discovery import parse_www_authenticate
 from proxy.oauth.lifecycle import NeedsConsent, TemporarilyUnavailable
@@ -585,7 +585,7 @@ def _mcp_method(scope: Scope, body: bytes | None) -> str | None:
             return value.decode("latin-1")[:64]
     if body and body[:1] == b"{":
         try:
-            method = json.loads(body).get("method")
+            method = parse_json(body).get("method")
         except (ValueError, AttributeError):
             return None
         return method[:64] if isinstance(method, str) else None

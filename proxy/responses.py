@@ -15,6 +15,8 @@ from typing import Any
 
 from starlette.types import Send
 
+from proxy.jsonbody import parse_json
+
 # JSON-RPC codes: -32000 is the implementation-defined server error range.
 RPC_SERVER_ERROR = -32000
 RPC_INVALID_REQUEST = -32600
@@ -26,7 +28,7 @@ def jsonrpc_id(body: bytes | None) -> tuple[bool, Any]:
     if not body or body[:1] not in (b"{", b"["):
         return False, None
     try:
-        message = json.loads(body)
+        message = parse_json(body)
     except ValueError:
         return False, None
     if isinstance(message, list):
