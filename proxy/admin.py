@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from proxy import errors
 from proxy.errors import Answer, InvalidInput, KeybearerError, NotFound, TooLarge
+from proxy.jsonbody import JSONBodyError, parse_json
 from proxy.management import Management
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ConfigError
 from proxy.stores import StoreUnavailable
@@ -110,12 +111,10 @@ async def body(request: Request) -> Any:
         raw += chunk
         if len(raw) > MAX_BODY:
             raise _too_large()
-    parsed = errors.parse_json(raw)
-    if parsed is None and raw.strip() != b"null":
-        raise BadRequest(
-            "the body must be JSON", next_step=f"nested at most {errors.MAX_JSON_DEPTH} levels deep"
-        )
-    return parsed
+    try:
+        return parse_json(raw)
+    except JSONBodyError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def path_param(request: Request, name: str) -> str:

@@ -108,10 +108,14 @@ class Keyring:
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
     def verify(self, purpose: str, message: bytes, signature: str) -> bool:
+        # A signature is base64url: anything else is simply wrong (and
+        # compare_digest refuses non-ASCII str with a TypeError).
+        if not signature.isascii():
+            return False
+        presented = signature.encode("ascii")
         for gen in self.generations:
             mac = hmac.new(gen.keys[purpose], message, hashlib.sha256).digest()
-            expected = base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
-            if hmac.compare_digest(expected, signature):
+            if hmac.compare_digest(base64.urlsafe_b64encode(mac).rstrip(b"="), presented):
                 return True
         return False
 

@@ -26,14 +26,11 @@ from typing import Any
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Send
 
-from proxy import pages
+from proxy import jsonbody, pages
 
 # JSON-RPC codes: -32000 is the implementation-defined server error range.
 RPC_SERVER_ERROR = -32000
 URL_ELICITATION_REQUIRED = -32042
-# Deeper JSON is not looked into for a JSON-RPC id: a hostile body must not
-# exhaust the parser's stack before the request is even authorized.
-MAX_JSON_DEPTH = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,27 +152,10 @@ def jsonrpc_id(body: bytes | None) -> tuple[bool, Any]:
 
 def parse_json(body: bytes) -> Any:
     """The JSON value, or None when it is not JSON or nests too deeply."""
-    if nesting_depth(body) > MAX_JSON_DEPTH:
-        return None
     try:
-        return json.loads(body)
-    except ValueError:
+        return jsonbody.parse_json(body)
+    except jsonbody.JSONBodyError:
         return None
-
-
-def nesting_depth(body: bytes) -> int:
-    """The deepest bracket nesting, an upper bound: brackets inside strings count too,
-    which only makes the cap stricter for odd bodies and keeps this a byte count."""
-    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:
-        return 0
-    depth = deepest = 0
-    for byte in body:
-        if byte in (0x5B, 0x7B):
-            depth += 1
-            deepest = max(deepest, depth)
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
-    return deepest
 
 
 def json_content(answer: Answer, request_body: bytes | None = None) -> tuple[int, bytes]:

@@ -74,10 +74,13 @@ class EndpointRewriter:
         self._buffer += chunk
         out = b""
         while not self.done:
-            match = _EVENT_END.search(self._buffer)
+            # Only the first MAX_FIRST_EVENT bytes of an event are looked at, so
+            # that the outcome does not depend on how the stream was chunked.
+            match = _EVENT_END.search(self._buffer, 0, MAX_FIRST_EVENT)
             if match is None:
-                if len(self._buffer) > MAX_FIRST_EVENT:
-                    self.done = True  # not an endpoint event worth parsing
+                if len(self._buffer) >= MAX_FIRST_EVENT:
+                    self._refuse_long_endpoint()
+                    self.done = True  # too long to be parsed: relayed as it is
                     out, self._buffer = out + self._buffer, b""
                 return out
             block, self._buffer = self._buffer[: match.end()], self._buffer[match.end() :]
@@ -99,8 +102,22 @@ class EndpointRewriter:
         comments = "".join(line + "\n" for line in lines if line.startswith(":"))
         return f"{comments}event: endpoint\ndata: {self.rewrite(data)}\n\n".encode()
 
+    def _refuse_long_endpoint(self) -> None:
+        head = self._buffer[:MAX_FIRST_EVENT].decode("utf-8", errors="replace")
+        lines = _LINE_END.split(head)[:-1]  # the last one may be cut short
+        if any(line.split(":", 1)[0] == "event" and _value(line) == "endpoint" for line in lines):
+            raise ForeignEndpoint(
+                f"server {self.server.id!r} announced its message endpoint in an event longer than "
+                f"{MAX_FIRST_EVENT} bytes; refused"
+            )
+
     def rewrite(self, announced: str) -> str:
-        target = urlsplit(urljoin(self.upstream_url, announced.strip()))
+        try:
+            target = urlsplit(urljoin(self.upstream_url, announced.strip()))
+        except ValueError:  # such as an unclosed IPv6 bracket
+            raise ForeignEndpoint(
+                f"server {self.server.id!r} announced a message endpoint that is not a URL"
+            ) from None
         if f"{target.scheme}://{target.netloc}" != self.server.origin:
             raise ForeignEndpoint(
                 f"server {self.server.id!r} announced a message endpoint on another origin "

@@ -7,12 +7,16 @@ when the link is opened (see connect/routes.py).
 
 from __future__ import annotations
 
+import re
 import time
 from urllib.parse import quote, urlencode
 
 from proxy.crypto import Keyring
 from proxy.errors import Forbidden
 from proxy.names import LINK
+
+# Seconds since 1970, in ASCII digits (str.isdigit also takes "²", which int() refuses).
+_EXPIRES = re.compile(r"[0-9]{1,16}")
 
 
 class LinkError(Forbidden):
@@ -54,7 +58,7 @@ def connections_url(public_url: str, keyring: Keyring, user: str, ttl: float) ->
 def verify(keyring: Keyring, kind: str, user: str, server: str, params: dict[str, str]) -> tuple[str, ...]:
     """Check a link's signature and expiry; return the scopes it asks for."""
     expires_raw, sig, scope = params.get("expires", ""), params.get("sig", ""), params.get("scope", "")
-    if not expires_raw.isdigit() or not sig:
+    if not _EXPIRES.fullmatch(expires_raw) or not sig:
         raise LinkError("This link is incomplete. Ask your agent for a fresh one.")
     if not keyring.verify(LINK, _message(kind, user, server, int(expires_raw), scope), sig):
         raise LinkError("This link is not valid: it was changed or was not made by this proxy.")

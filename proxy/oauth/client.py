@@ -40,6 +40,11 @@ PROTOCOL_PARAMS = frozenset(
     }
 )  # fmt: skip
 _ERROR_CODE = re.compile(r"[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}")
+# RFC 6749 A.12 and A.17: a token is printable ASCII. Anything else (a line
+# break above all) cannot be sent in an Authorization header.
+_TOKEN_CHARS = re.compile(r"[\x20-\x7E]+")
+# A lifetime in seconds; longer than 10**12 s (30,000 years) means "unknown".
+_SECONDS = re.compile(r"[0-9]{1,12}")
 
 
 class OAuthError(OAuthProtocolError):
@@ -402,6 +407,7 @@ def parse_token_response(answer: Mapping[str, Any], status: int = 200) -> TokenR
     access_token = answer.get("access_token")
     if not isinstance(access_token, str) or not access_token:
         raise OAuthError("invalid_response", "the token response has no access_token", status)
+    _check_token_chars("access_token", access_token, status)
     token_type = answer.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":
         shown = token_type[:32] if isinstance(token_type, str) else token_type
@@ -409,22 +415,35 @@ def parse_token_response(answer: Mapping[str, Any], status: int = 200) -> TokenR
             "invalid_response", f"the token response's token_type is {shown!r}, not Bearer", status
         )
     expires_in = answer.get("expires_in")
-    if isinstance(expires_in, str) and expires_in.strip().isdigit():
+    if isinstance(expires_in, str) and _SECONDS.fullmatch(expires_in.strip()):
         expires_in = int(expires_in)
     elif isinstance(expires_in, float) and expires_in == expires_in and abs(expires_in) < 1e12:
         expires_in = int(expires_in)
-    if not isinstance(expires_in, int) or isinstance(expires_in, bool) or expires_in < 0:
+    if not isinstance(expires_in, int) or isinstance(expires_in, bool) or not 0 <= expires_in < 10**12:
         expires_in = None
     refresh_token = answer.get("refresh_token")
+    refresh_token = refresh_token if isinstance(refresh_token, str) and refresh_token else None
+    if refresh_token is not None:
+        _check_token_chars("refresh_token", refresh_token, status)
     scope = answer.get("scope")
     return TokenResponse(
         access_token=access_token,
         token_type="Bearer",
         expires_in=expires_in,
-        refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
+        refresh_token=refresh_token,
         scope=tuple(scope.split()) if isinstance(scope, str) else None,
         raw=dict(answer),
     )
+
+
+def _check_token_chars(name: str, token: str, status: int) -> None:
+    if not _TOKEN_CHARS.fullmatch(token):
+        raise OAuthError(
+            "invalid_response",
+            f"the token response's {name} contains control or non-ASCII characters, which a token "
+            "may not have (RFC 6749); the authorization server is at fault",
+            status,
+        )
 
 
 def _authenticate(
