@@ -20,7 +20,8 @@ import redis.asyncio as redis
 from redis.asyncio.sentinel import SentinelConnectionPool
 from services import REDIS_URL
 
-from proxy.settings import ServerConfig, Settings, parse_server
+from proxy.errors import InvalidInput
+from proxy.settings import ConfigError, ServerConfig, Settings, parse_server
 from proxy.stores import Connection, Store, TokenStore
 from proxy.stores.base import migrations, open_store, open_token_store
 from proxy.stores.postgres import PostgresStore
@@ -447,7 +448,7 @@ async def test_redis_key_layout(redis_prefix: str) -> None:
         await tokens.cache_set("k", "v", ttl=60)
         assert 0 < await raw.pttl(f"{prefix}:cache:k") <= 60_000
 
-        with pytest.raises(ValueError, match="':'"):
+        with pytest.raises(InvalidInput, match="':'"):
             await tokens.get_connection("a:b", "linear")
     finally:
         await tokens.close()
@@ -480,7 +481,7 @@ def test_redis_urls_pick_the_right_client() -> None:
     assert sorted(cluster.nodes_manager.startup_nodes) == ["n1:7000", "n2:6379"]
 
     for bad in ("http://x", "redis+sentinel://h:1", "redis+cluster://h:1/3", "redis+sentinel://h/m?x=1"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ConfigError):
             redis_client_from_url(bad)
 
 
@@ -499,7 +500,7 @@ def test_open_picks_the_backend(tmp_path: Path) -> None:
     assert isinstance(pg, PostgresStore) and pg.pool_size == 3 and pg.statement_cache
     pg = open_store(Settings(database_url="postgresql://u@h/db", postgres_statement_cache=False))
     assert isinstance(pg, PostgresStore) and not pg.statement_cache
-    with pytest.raises(ValueError, match="database_url"):
+    with pytest.raises(ConfigError, match="database_url"):
         open_store(Settings(database_url="mysql://h/db"))
 
     assert open_token_store(Settings(database_url=sqlite_url), store) is store
@@ -507,5 +508,5 @@ def test_open_picks_the_backend(tmp_path: Path) -> None:
     with_redis = Settings(database_url="postgresql://h/db", redis_url=REDIS_URL, redis_prefix="p")
     redis_tokens = open_token_store(with_redis)
     assert isinstance(redis_tokens, RedisTokenStore) and redis_tokens.prefix == "p"
-    with pytest.raises(ValueError, match="KEYBEARER_REDIS_URL"):
+    with pytest.raises(ConfigError, match="KEYBEARER_REDIS_URL"):
         open_token_store(Settings(database_url="postgresql://h/db"))
