@@ -30,6 +30,7 @@ from proxy.oauth.connector import Connector
 from proxy.registry import Registry
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import StoreUnavailable, open_store, open_token_store
+from proxy.upstream_policy import UpstreamPolicy
 
 log = structlog.get_logger("keybearer")
 
@@ -44,7 +45,7 @@ class Keybearer:
         self.connector = Connector(settings, self.keyring, self.registry, self.tokens)
         # Token changes made on any replica reach this one's token memory and waiters.
         self.registry.listeners.append(self.connector.lifecycle.on_event)
-        self.management = Management(self.registry, self.tokens)
+        self.management = Management(self.registry, self.tokens, UpstreamPolicy.from_settings(settings))
         self.forwarder = Forwarder(settings, self.registry, self.connector)
         self.web = Starlette(
             routes=[

@@ -23,6 +23,7 @@ from proxy.management import Conflict, Management, NotFound
 from proxy.registry import Registry, RegistryError
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import StoreUnavailable, open_store, open_token_store
+from proxy.upstream_policy import UpstreamPolicy
 
 
 class Failure(Exception):
@@ -247,7 +248,8 @@ def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings],
                 try:
                     registry = Registry(settings.servers, store, keyring)
                     await registry.load()
-                    return int(await fn(args, Management(registry, tokens)) or 0)
+                    policy = UpstreamPolicy.from_settings(settings)
+                    return int(await fn(args, Management(registry, tokens, policy)) or 0)
                 finally:
                     await tokens.close()
             finally:

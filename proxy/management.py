@@ -18,6 +18,7 @@ from proxy.oauth.lifecycle import connection_changed
 from proxy.registry import Registry, RegistryError
 from proxy.settings import ConfigError, ServerConfig, parse_server
 from proxy.stores import Connection, StoreUnavailable, TokenStore
+from proxy.upstream_policy import UpstreamPolicy
 
 log = structlog.get_logger("keybearer.management")
 
@@ -35,9 +36,10 @@ class Conflict(ValueError):
 
 
 class Management:
-    def __init__(self, registry: Registry, tokens: TokenStore) -> None:
+    def __init__(self, registry: Registry, tokens: TokenStore, policy: UpstreamPolicy) -> None:
         self.registry = registry
         self.tokens = tokens
+        self.policy = policy
 
     # -- servers -----------------------------------------------------------------
 
@@ -68,6 +70,7 @@ class Management:
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         if existing is not None:
             raise Conflict(f"server {server_id!r} exists; update it with PUT instead")
+        await self.policy.check(server.url, key="server.url")
         await self.registry.put_server(server)
         await self._changed()
         return server
@@ -77,6 +80,7 @@ class Management:
         if current.source == "config":
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         server = parse_server(server_id, definition, key="server", source="store")
+        await self.policy.check(server.url, key="server.url")
         if server.url != current.url or server.auth != current.auth:
             # Tokens were issued for the old resource: they must not reach the new
             # one, so they go first; a failure then leaves the old definition.
