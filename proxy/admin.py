@@ -117,9 +117,15 @@ async def body(request: Request) -> Any:
         if len(raw) > MAX_BODY:
             raise TooLarge
     try:
-        return json.loads(raw)
+        data = json.loads(raw)
+        # A lone surrogate escape ("\ud800") is valid JSON but not text: stored,
+        # it would break every later answer that shows it.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("the body holds a lone surrogate escape such as \\ud800: send text") from None
     except ValueError:
         raise BadRequest("the body must be JSON") from None
+    return data
 
 
 def path_param(request: Request, name: str) -> str:

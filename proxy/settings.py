@@ -213,6 +213,10 @@ def _upstream_url(raw: Any, *, key: str) -> str:
         raise ConfigError(key, f"must be an absolute http:// or https:// URL (got {raw!r})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"must be an absolute http:// or https:// URL (got {raw!r})")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ConfigError(key, f"{parts.hostname!r} is not a valid host name") from None
     if parts.username or parts.password:
         raise ConfigError(key, "must not carry credentials; use auth: api_key or oauth")
     if parts.fragment:
