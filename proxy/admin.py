@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from proxy.crypto import DecryptError
 from proxy.management import Conflict, Management, NotFound
+from proxy.openapi import DOCUMENT
 from proxy.registry import RegistryError
 from proxy.routing import RouteError
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ConfigError
@@ -31,12 +32,14 @@ Handler = Callable[[Request, Management], Awaitable[Response]]
 
 
 def routes(admin_token: str | None, management: Callable[[], Management]) -> list[Route]:
+    async def openapi(request: Request) -> Response:
+        # Served without the token: it describes the API and holds no secret.
+        return JSONResponse(DOCUMENT) if admin_token else disabled()
+
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not admin_token:
-                return error(
-                    404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on"
-                )
+                return disabled()
             refused = check_token(request, admin_token)
             if refused is not None:
                 return refused
@@ -77,6 +80,7 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
         Route("/admin/tokens", guarded(list_tokens), methods=["GET"]),
         Route("/admin/tokens", guarded(create_token), methods=["POST"]),
         Route("/admin/tokens/{token}", guarded(revoke_token), methods=["DELETE"]),
+        Route("/admin/openapi.json", openapi, methods=["GET"]),
         Route("/admin/{rest:path}", guarded(unknown), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
 
@@ -93,6 +97,10 @@ def check_token(request: Request, expected: str) -> Response | None:
         )
         return error(403, "forbidden", "the admin token is wrong")
     return None
+
+
+def disabled() -> Response:
+    return error(404, "admin_disabled", "the admin API is off: set KEYBEARER_ADMIN_TOKEN to turn it on")
 
 
 def error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
