@@ -8,6 +8,7 @@ unknown fields refused before anything is stored.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -21,6 +22,7 @@ from proxy import errors
 from proxy.errors import Answer, InvalidInput, KeybearerError, NotFound, TooLarge
 from proxy.jsonbody import JSONBodyError, parse_json
 from proxy.management import Management
+from proxy.openapi import DOCUMENT
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ConfigError
 from proxy.stores import StoreUnavailable
 
@@ -31,12 +33,14 @@ Handler = Callable[[Request, Management], Awaitable[Response]]
 
 
 def routes(admin_token: str | None, management: Callable[[], Management]) -> list[Route]:
+    async def openapi(request: Request) -> Response:
+        # Served without the token: it describes the API and holds no secret.
+        return JSONResponse(DOCUMENT) if admin_token else disabled()
+
     def guarded(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             if not admin_token:
-                return errors.json_response(Answer(
-                    404, "admin_disabled", "the admin API is off", "set KEYBEARER_ADMIN_TOKEN to turn it on"
-                ))  # fmt: skip
+                return disabled()
             refused = check_token(request, admin_token)
             if refused is not None:
                 return refused
@@ -73,6 +77,7 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
         Route("/admin/tokens", guarded(list_tokens), methods=["GET"]),
         Route("/admin/tokens", guarded(create_token), methods=["POST"]),
         Route("/admin/tokens/{token}", guarded(revoke_token), methods=["DELETE"]),
+        Route("/admin/openapi.json", openapi, methods=["GET"]),
         Route("/admin/{rest:path}", guarded(unknown), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
 
@@ -94,6 +99,12 @@ def check_token(request: Request, expected: str) -> Response | None:
     return None
 
 
+def disabled() -> Response:
+    return errors.json_response(
+        Answer(404, "admin_disabled", "the admin API is off", "set KEYBEARER_ADMIN_TOKEN to turn it on")
+    )
+
+
 class BadRequest(InvalidInput):
     pass
 
@@ -112,9 +123,15 @@ async def body(request: Request) -> Any:
         if len(raw) > MAX_BODY:
             raise _too_large()
     try:
-        return parse_json(raw)
+        data = parse_json(raw)
+        # A lone surrogate escape ("\ud800") is valid JSON but not text: stored,
+        # it would break every later answer that shows it.
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise BadRequest("the body holds a lone surrogate escape such as \\ud800: send text") from None
     except JSONBodyError as exc:
         raise BadRequest(str(exc)) from None
+    return data
 
 
 def path_param(request: Request, name: str) -> str:

@@ -48,6 +48,7 @@ from proxy.registry import Registry
 from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import Store, StoreUnavailable, TokenStore, open_store, open_token_store
+from proxy.upstream_policy import UpstreamPolicy
 
 log = structlog.get_logger("keybearer")
 
@@ -110,7 +111,7 @@ def compose(settings: Settings) -> Components:
     # Each cache hears of the changes that make it stale, on every replica.
     for listener in (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event):
         feed.subscribe(listener)
-    management = Management(registry, store, secrets, tokens, feed)
+    management = Management(registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings))
     return Components(
         settings, keyring, store, tokens, secrets, registry, feed, fetcher, inbound, clients, lifecycle, flow,
         sources, management,

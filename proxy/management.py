@@ -21,19 +21,27 @@ from proxy.registry import Registry
 from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, ServerConfig, parse_server
 from proxy.stores import Connection, Store, TokenStore
+from proxy.upstream_policy import UpstreamPolicy
 
 log = structlog.get_logger("keybearer.management")
 
 
 class Management:
     def __init__(
-        self, registry: Registry, store: Store, secrets: SealedSecrets, tokens: TokenStore, feed: ChangeFeed
+        self,
+        registry: Registry,
+        store: Store,
+        secrets: SealedSecrets,
+        tokens: TokenStore,
+        feed: ChangeFeed,
+        policy: UpstreamPolicy,
     ) -> None:
         self.registry = registry
         self.store = store
         self.secrets = secrets
         self.tokens = tokens
         self.feed = feed
+        self.policy = policy
 
     # -- servers -----------------------------------------------------------------
 
@@ -74,6 +82,7 @@ class Management:
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
         if existing is not None:
             raise Conflict(f"server {server_id!r} exists; update it with PUT instead")
+        await self.policy.check(server.url, key="server.url")
         await self.store.put_server(server)
         await self._changed()
         return server
@@ -81,6 +90,7 @@ class Management:
     async def update_server(self, server_id: str, definition: Any) -> ServerConfig:
         current = self.stored_server(server_id)
         server = parse_server(server_id, definition, key="server", source="store")
+        await self.policy.check(server.url, key="server.url")
         if server.url != current.url or server.auth != current.auth:
             # Tokens were issued for the old resource: they must not reach the new
             # one, so they go first; a failure then leaves the old definition.

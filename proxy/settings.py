@@ -34,6 +34,15 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # First path segments a configurable proxy path may use (they are reserved as user ids).
 RESERVED_FOR_PATHS = frozenset({"oauth", "oauth2", "callback", "connect", "keybearer"})
 UPSTREAM_PATH_PATTERN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,1023}")
+# Headers that frame or route a request, or belong to one hop: a key sent in one
+# would change what the upstream (or anything in between) reads as the request.
+FRAMING_HEADERS = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+     "upgrade", "cookie", "expect"}
+)  # fmt: skip
+# Secrets read from this machine's environment or files: only the operator's
+# config file may name them, never a server added through the admin API or CLI.
+OPERATOR_ONLY_KEYS = ("api_key_env", "api_key_file", "client_secret_env", "client_secret_file")
 
 
 class ConfigError(InvalidInput):
@@ -105,6 +114,10 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
     unknown = sorted(set(raw) - _SERVER_KEYS)
     if unknown:
         raise ConfigError(f"{key}.{unknown[0]}", f"unknown key (known: {', '.join(sorted(_SERVER_KEYS))})")
+    if source != "config":
+        for name in OPERATOR_ONLY_KEYS:
+            if name in raw:
+                raise ConfigError(f"{key}.{name}", _operator_only(name, server_id))
     if "url" not in raw:
         raise ConfigError(f"{key}.url", "required")
     url = _upstream_url(raw["url"], key=f"{key}.url")
@@ -121,9 +134,7 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
         if name in raw:
             values[name] = _string(raw[name], f"{key}.{name}")
     if "api_key_header" in raw:
-        values["api_key_header"] = _string(
-            raw["api_key_header"], f"{key}.api_key_header", HEADER_NAME_PATTERN, "an HTTP header name"
-        )
+        values["api_key_header"] = _key_header(raw["api_key_header"], f"{key}.api_key_header")
     if "api_key_scheme" in raw:
         scheme = raw["api_key_scheme"]
         if scheme is None:
@@ -169,12 +180,44 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
     return ServerConfig(**values)
 
 
+def _operator_only(name: str, server_id: str) -> str:
+    stored = (
+        f"PUT /admin/servers/{server_id}/api-key or `keybearer api-key set {server_id}`"
+        if name.startswith("api_key")
+        else f"PUT /admin/servers/{server_id}/oauth-client or `keybearer oauth-client set {server_id}`"
+    )
+    return (
+        "environment variables and files are named only in the config file (the operator's), never "
+        f"through the admin API or `keybearer servers add`: define this server in the config file, "
+        f"or store the secret itself with {stored}"
+    )
+
+
+def _key_header(raw: Any, key: str) -> str:
+    name = _string(raw, key, HEADER_NAME_PATTERN, "an HTTP header name")
+    if name.lower() in FRAMING_HEADERS or name.lower().startswith("proxy-"):
+        raise ConfigError(
+            key,
+            f"{name} frames or routes the request (or is a hop-by-hop or cookie header) and cannot carry "
+            "an API key; use Authorization (the default) or a header such as X-API-Key",
+        )
+    return name
+
+
 def _upstream_url(raw: Any, *, key: str) -> str:
     if not isinstance(raw, str) or len(raw) > 2048:
         raise ConfigError(key, "must be an http(s) URL of at most 2048 characters")
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018  (raises on a port that is not a number of 0-65535)
+    except ValueError:
+        raise ConfigError(key, f"must be an absolute http:// or https:// URL (got {raw!r})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"must be an absolute http:// or https:// URL (got {raw!r})")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ConfigError(key, f"{parts.hostname!r} is not a valid host name") from None
     if parts.username or parts.password:
         raise ConfigError(key, "must not carry credentials; use auth: api_key or oauth")
     if parts.fragment:
@@ -242,6 +285,9 @@ class Settings:
     oauth_allow_http_loopback: bool = setting(False, "bool")
     # Private (RFC 1918 and the like) addresses, for authorization servers inside the cluster.
     oauth_allow_private_addresses: bool = setting(False, "bool")
+    # Loopback and private networks (CIDR) that servers added through the admin
+    # API or `keybearer servers add` may point at; config-file servers may point anywhere.
+    api_servers_allowed_networks: tuple[str, ...] = setting((), "list")
     # Serving.
     workers: int = setting(1, "int")
     # Seconds in-flight requests get to finish on SIGTERM; open event streams
@@ -344,6 +390,13 @@ def load_settings(
         raise ConfigError("max_connections", "must be at least 1")
     if not 1 <= settings.workers <= 64:
         raise ConfigError("workers", "must be between 1 and 64")
+    for network in settings.api_servers_allowed_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(
+                "api_servers_allowed_networks", f"{network!r} is not a network such as 10.0.0.0/8 or ::1/128"
+            ) from None
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
         raise ConfigError("jwt_jwks_url", "inbound_auth: jwt needs jwt_jwks_url and jwt_issuer")
     if settings.inbound_auth == "jwt" and not settings.jwt_audience:

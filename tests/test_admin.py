@@ -24,6 +24,9 @@ TOKEN = "admin-token-3f9c1b7e5d2a4c6e8f0a1b2c"
 UPSTREAM_KEY = "sk-admin-test-0a1b2c3d4e5f6789"
 CLIENT_SECRET = "cs-admin-test-99887766554433221100"
 FIXED = "fixed"  # a config-file server: read-only at run time
+# Servers added at run time must resolve to an allowed address: OAuth servers these
+# tests never reach sit on a loopback port nothing listens on.
+OAUTH_URL = "https://127.0.0.1:9/mcp"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,10 @@ def upstream() -> Iterator[Upstream]:
 @pytest.fixture(scope="module")
 def proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, salt: str) -> Iterator[ProxyProcess]:
     proc = ProxyProcess(
-        {"servers": {FIXED: {"url": upstream.mcp_url, "auth": "none"}}},
+        {
+            "servers": {FIXED: {"url": upstream.mcp_url, "auth": "none"}},
+            "api_servers_allowed_networks": ["127.0.0.0/8"],
+        },
         tmp_path_factory.mktemp("admin"),
         {"KEYBEARER_SALT": salt, "KEYBEARER_ADMIN_TOKEN": TOKEN},
     )
@@ -209,6 +215,22 @@ REFUSED: list[tuple[str, str, str, dict[str, Any], int, str, str | None]] = [
      {"json": {"id": "n1", "url": "ftp://x.example/mcp", "auth": "none"}}, 400, "invalid_request", "url"),
     ("url-with-credentials", "POST", "/admin/servers",
      {"json": {"id": "n1", "url": "https://u:p@x.example/mcp", "auth": "none"}}, 400, "invalid_request", "url"),
+    ("port-out-of-range", "POST", "/admin/servers",
+     {"json": {"id": "n1", "url": "https://x.example:99999/mcp", "auth": "none"}}, 400, "invalid_request", "url"),
+    ("environment-through-the-api", "POST", "/admin/servers",
+     {"json": {"id": "n1", "url": OAUTH_URL, "auth": "api_key", "api_key_env": "KEYBEARER_SALT"}}, 400, "invalid_request", "config file"),
+    ("update-to-metadata-address", "PUT", "/admin/servers/base-none",
+     {"json": {"url": "http://169.254.169.254/latest", "auth": "none"}}, 400, "invalid_request", "metadata"),
+    ("host-not-a-host-name", "POST", "/admin/servers",
+     {"json": {"id": "n1", "url": "https://" + "a" * 64 + ".example/mcp", "auth": "none"}}, 400, "invalid_request", "host name"),
+    ("host-with-empty-label", "PUT", "/admin/servers/base-none",
+     {"json": {"url": "http://127..1/mcp", "auth": "none"}}, 400, "invalid_request", "host name"),
+    ("lone-surrogate-in-api-key", "PUT", "/admin/servers/base-key/api-key",
+     {"content": b'{"api_key": "\\ud800-0123456789abcdef"}'}, 400, "invalid_request", "surrogate"),
+    ("lone-surrogate-in-definition", "POST", "/admin/servers",
+     {"content": b'{"id": "n1", "url": "https://127.0.0.1:9/mcp", "auth": "oauth", "client_id": "\\udfff"}'}, 400, "invalid_request", "surrogate"),
+    ("lone-surrogate-in-token-label", "POST", "/admin/tokens",
+     {"content": b'{"users": ["alice"], "label": "\\ud800"}'}, 400, "invalid_request", "surrogate"),
     ("missing-url", "POST", "/admin/servers", {"json": {"id": "n1", "auth": "none"}}, 400, "invalid_request", "url"),
     ("bad-auth", "POST", "/admin/servers",
      {"json": {"id": "n1", "url": "https://x.example/mcp", "auth": "magic"}}, 400, "invalid_request", "auth"),
@@ -284,7 +306,7 @@ async def baseline(proxy: ProxyProcess, upstream: Upstream, keyring: Keyring) ->
     async with httpx.AsyncClient(base_url=proxy.url, headers={"Authorization": f"Bearer {TOKEN}"}) as admin:
         await create(admin, "base-none", url=upstream.mcp_url, auth="none")
         await create(admin, "base-key", url=upstream.mcp_url, auth="api_key")
-        await create(admin, "base-oauth", url="https://oauth.example/mcp", auth="oauth")
+        await create(admin, "base-oauth", url=OAUTH_URL, auth="oauth")
         key = await admin.put("/admin/servers/base-key/api-key", json={"api_key": UPSTREAM_KEY})
         assert key.status_code == 204
         client = await admin.put(
@@ -418,7 +440,7 @@ async def test_api_key_in_a_custom_header(
 
 
 async def test_static_oauth_client(admin: httpx.AsyncClient, store: SQLiteStore) -> None:
-    await create(admin, "oa-client", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "oa-client", url=OAUTH_URL, auth="oauth")
     assert (await admin.get("/admin/servers/oa-client/oauth-client")).json() == {
         "server": "oa-client",
         "set": False,
@@ -461,7 +483,7 @@ async def test_static_oauth_client(admin: httpx.AsyncClient, store: SQLiteStore)
 async def test_connections_list_and_delete(
     admin: httpx.AsyncClient, store: SQLiteStore, keyring: Keyring
 ) -> None:
-    await create(admin, "oa-conn", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "oa-conn", url=OAUTH_URL, auth="oauth")
     assert (await admin.get("/admin/servers/oa-conn/connections")).json() == {
         "server": "oa-conn",
         "connections": [],
@@ -494,7 +516,7 @@ async def test_reset_wipes_oauth_state(
     admin: httpx.AsyncClient, store: SQLiteStore, keyring: Keyring
 ) -> None:
     for sid in ("oa-reset", "oa-reset-2"):
-        await create(admin, sid, url="https://oauth.example/mcp", auth="oauth")
+        await create(admin, sid, url=OAUTH_URL, auth="oauth")
     # (setting a static client drops registrations: it comes first)
     client = await admin.put("/admin/servers/oa-reset/oauth-client", json={"client_id": "kept"})
     assert client.status_code == 200
@@ -530,7 +552,7 @@ async def test_reset_wipes_oauth_state(
 async def test_deleting_a_server_removes_its_secrets_and_tokens(
     admin: httpx.AsyncClient, store: SQLiteStore, keyring: Keyring, upstream: Upstream
 ) -> None:
-    await create(admin, "doomed", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "doomed", url=OAUTH_URL, auth="oauth")
     await create(admin, "doomed-key", url=upstream.mcp_url, auth="api_key")
     await admin.put("/admin/servers/doomed-key/api-key", json={"api_key": UPSTREAM_KEY})
     await admin.put("/admin/servers/doomed/oauth-client", json={"client_id": "c", "client_secret": "s" * 20})
@@ -538,7 +560,7 @@ async def test_deleting_a_server_removes_its_secrets_and_tokens(
     for user in ("alice", "bob", "carol"):
         await seed_connection(store, keyring, user, "doomed")
     await store.cache_set("oauth:doomed:discovery", "{}", 3600)
-    await create(admin, "doomed-2", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "doomed-2", url=OAUTH_URL, auth="oauth")
     await seed_connection(store, keyring, "alice", "doomed-2")
 
     assert (await admin.delete("/admin/servers/doomed")).status_code == 204
@@ -555,7 +577,7 @@ async def test_deleting_a_server_removes_its_secrets_and_tokens(
     # the id can be used again, and nothing of the old server comes back
     await create(admin, "doomed-key", url=upstream.mcp_url, auth="api_key")
     assert (await admin.get("/admin/servers/doomed-key/api-key")).json()["set"] is False
-    await create(admin, "doomed", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "doomed", url=OAUTH_URL, auth="oauth")
     assert (await admin.get("/admin/servers/doomed/connections")).json()["connections"] == []
     assert (await admin.get("/admin/servers/doomed/oauth-client")).json()["set"] is False
     for sid in ("doomed", "doomed-key", "doomed-2"):
@@ -565,16 +587,12 @@ async def test_deleting_a_server_removes_its_secrets_and_tokens(
 async def test_changing_url_drops_tokens_issued_for_the_old_one(
     admin: httpx.AsyncClient, store: SQLiteStore, keyring: Keyring
 ) -> None:
-    await create(admin, "moving", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "moving", url=OAUTH_URL, auth="oauth")
     await seed_connection(store, keyring, "alice", "moving")
-    same = await admin.put(
-        "/admin/servers/moving", json={"url": "https://oauth.example/mcp", "auth": "oauth"}
-    )
+    same = await admin.put("/admin/servers/moving", json={"url": OAUTH_URL, "auth": "oauth"})
     assert same.status_code == 200
     assert [c.user for c in await store.list_connections("moving")] == ["alice"]
-    moved = await admin.put(
-        "/admin/servers/moving", json={"url": "https://elsewhere.example/mcp", "auth": "oauth"}
-    )
+    moved = await admin.put("/admin/servers/moving", json={"url": "https://127.0.0.2:9/mcp", "auth": "oauth"})
     assert moved.status_code == 200
     assert await store.list_connections("moving") == []
     assert (await admin.delete("/admin/servers/moving")).status_code == 204
@@ -673,7 +691,7 @@ async def test_cli_servers_and_keys(
 async def test_cli_connections_reset_and_tokens(
     proxy: ProxyProcess, admin: httpx.AsyncClient, store: SQLiteStore, keyring: Keyring
 ) -> None:
-    await create(admin, "cli-oauth", url="https://oauth.example/mcp", auth="oauth")
+    await create(admin, "cli-oauth", url=OAUTH_URL, auth="oauth")
     for user in ("alice", "bob"):
         await seed_connection(store, keyring, user, "cli-oauth")
     await seed_registration(store, keyring, "cli-oauth")

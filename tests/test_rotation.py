@@ -81,6 +81,8 @@ def replicas(database_url: str, prefix: str, tmp_path: Path) -> Iterator[list[Pr
         "redis_prefix": prefix,
         "migrate_on_start": True,
         "admin_token": ADMIN_TOKEN,
+        # The upstream the servers added at run time point at listens on loopback.
+        "api_servers_allowed_networks": ["127.0.0.0/8"],
     }
     for i in range(2):
         (tmp_path / f"r{i}").mkdir()

@@ -64,6 +64,8 @@ def replica_config(database_url: str, redis_url: str, prefix: str, **extra: Any)
         "redis_prefix": prefix,
         "migrate_on_start": True,
         "admin_token": ADMIN_TOKEN,
+        # The upstreams servers are added for at run time listen on loopback.
+        "api_servers_allowed_networks": ["127.0.0.0/8"],
         **extra,
     }
 

@@ -16,7 +16,7 @@ from importlib import resources
 import structlog
 
 from proxy.errors import Unavailable
-from proxy.settings import ConfigError, ServerConfig, Settings, parse_server
+from proxy.settings import OPERATOR_ONLY_KEYS, ConfigError, ServerConfig, Settings, parse_server
 
 log = structlog.get_logger("keybearer.store")
 
@@ -27,11 +27,8 @@ def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
     servers = []
     for server_id, definition in rows:
         try:
-            servers.append(
-                parse_server(
-                    server_id, json.loads(definition), key=f"store:servers.{server_id}", source="store"
-                )
-            )
+            raw = without_operator_keys(server_id, json.loads(definition))
+            servers.append(parse_server(server_id, raw, key=f"store:servers.{server_id}", source="store"))
         except (ConfigError, ValueError, TypeError) as exc:
             log.error(
                 "stored server skipped",
@@ -41,6 +38,24 @@ def stored_servers(rows: Iterable[tuple[str, str]]) -> list[ServerConfig]:
                 f"delete it with `keybearer servers remove {server_id}`",
             )
     return servers
+
+
+def without_operator_keys(server_id: str, raw: object) -> object:
+    """A stored row stripped of the environment and file names only the config
+    file may give (rows stored before that rule): the server stays, and stays
+    manageable, but nothing of this machine is read for it."""
+    if not isinstance(raw, dict):
+        return raw
+    named = [k for k in OPERATOR_ONLY_KEYS if k in raw]
+    if named:
+        log.error(
+            "stored server names environment variables or files; ignored",
+            server=server_id,
+            keys=named,
+            fix="only the config file may name them: move the server there, or store the secret "
+            f"with `keybearer api-key set {server_id}` / `keybearer oauth-client set {server_id}`",
+        )
+    return {k: v for k, v in raw.items() if k not in OPERATOR_ONLY_KEYS}
 
 
 class StoreUnavailable(Unavailable):
