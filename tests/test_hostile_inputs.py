@@ -36,7 +36,7 @@ def proxy(upstream: Upstream, tmp_path_factory: pytest.TempPathFactory, salt: st
         "linear": {"url": f"http://127.0.0.1:{free_port()}/mcp", "auth": "oauth"},
     }
     proc = ProxyProcess(
-        {"servers": servers},
+        {"servers": servers, "api_servers_allowed_networks": ["127.0.0.0/8"]},
         tmp_path_factory.mktemp("hostile"),
         {"KEYBEARER_SALT": salt, "KEYBEARER_ADMIN_TOKEN": ADMIN_TOKEN},
     )

@@ -135,7 +135,11 @@ async def test_tokens_never_follow_a_server_to_a_new_url_through_the_admin_api(
     upstreams: tuple[Upstream, Upstream], tmp_path: Path, salt: str
 ) -> None:
     a, b = upstreams
-    proxy = ProxyProcess({}, tmp_path, {"KEYBEARER_SALT": salt, "KEYBEARER_ADMIN_TOKEN": ADMIN})
+    proxy = ProxyProcess(
+        {"api_servers_allowed_networks": ["127.0.0.0/8"]},
+        tmp_path,
+        {"KEYBEARER_SALT": salt, "KEYBEARER_ADMIN_TOKEN": ADMIN},
+    )
     try:
         admin = {"Authorization": f"Bearer {ADMIN}"}
         async with httpx.AsyncClient(base_url=proxy.url, headers=admin) as client:
