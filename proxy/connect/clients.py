@@ -10,6 +10,7 @@ it uses neither.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -18,7 +19,7 @@ from dataclasses import asdict, replace
 import structlog
 
 from proxy.crypto import DecryptError
-from proxy.names import ALL_USERS, RESYNC, Event, SecretKind
+from proxy.names import ALL_USERS, RESYNC, Event, SecretKind, secret_owned_by
 from proxy.oauth import client as oauth_client
 from proxy.oauth.client import AuthServerUnavailable, ClientRegistration, OAuthError, TokenResponse
 from proxy.oauth.discovery import AuthServer, Discovery, DiscoveryError, discover, probe_challenge
@@ -32,6 +33,8 @@ log = structlog.get_logger("keybearer.oauth")
 
 CLIENT_METADATA_PATH = "/oauth/client-metadata.json"
 CLIENT_NAME = "Keybearer MCP proxy"
+# How long a replica waits for another one's dynamic registration.
+REGISTRATION_WAIT = 15.0
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -105,17 +108,56 @@ class OAuthClients:
             return oauth_client.cimd_registration(
                 self.client_id_url, auth_server, self.redirect_uri, loopback_ok
             )
+        return await self._registered(server, auth_server)
+
+    async def _registered(self, server: ServerConfig, auth_server: AuthServer) -> ClientRegistration:
+        """The stored dynamic registration, made once: replicas that start at once wait
+        for the one that registers instead of each registering a client of its own
+        (the connections made with a client overwritten in the store could not refresh)."""
         name = self._registration_name(server, auth_server)
-        stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
-        if stored:
-            return ClientRegistration(**{**json.loads(stored), "raw": {}})
-        registration = await oauth_client.register_client(
-            self.fetcher, auth_server, self.redirect_uri, CLIENT_NAME, server.scopes
-        )
-        record = {k: v for k, v in asdict(registration).items() if k != "raw"}
-        await self.secrets.put(SecretKind.CLIENT_REGISTRATION, name, json.dumps(record))
-        log.info("registered OAuth client", server=server.id, issuer=auth_server.issuer)
-        return registration
+        deadline = time.monotonic() + REGISTRATION_WAIT
+        while True:
+            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+            if stored:
+                return _registration_from_json(stored)
+            lock = await self.tokens.acquire_lock(f"register:{name}", REGISTRATION_WAIT)
+            if lock is not None:
+                break
+            if time.monotonic() > deadline:
+                raise AuthServerUnavailable(
+                    f"another replica is registering with {auth_server.issuer}; retry"
+                )
+            await asyncio.sleep(0.2)
+        try:
+            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+            if stored:
+                return _registration_from_json(stored)
+            registration = await oauth_client.register_client(
+                self.fetcher, auth_server, self.redirect_uri, CLIENT_NAME, server.scopes
+            )
+            record = {k: v for k, v in asdict(registration).items() if k != "raw"}
+            await self.secrets.put(SecretKind.CLIENT_REGISTRATION, name, json.dumps(record))
+            log.info("registered OAuth client", server=server.id, issuer=auth_server.issuer)
+            return registration
+        finally:
+            await self.tokens.release_lock(f"register:{name}", lock)
+
+    async def client_for_connection(
+        self, server: ServerConfig, auth_server: AuthServer, conn: Connection
+    ) -> ClientRegistration:
+        """The client the connection's tokens were issued to. A refresh by any other
+        client fails (`invalid_grant`): after a new public_url (a new redirect URI,
+        so a new registration) or a re-registration, earlier connections refresh
+        with the registration they were made with, while it is still stored."""
+        current = await self.client_for(server, auth_server)
+        if not conn.client_id or current.client_id == conn.client_id:
+            return current
+        for name, raw in (await self.secrets.all(SecretKind.CLIENT_REGISTRATION)).items():
+            if secret_owned_by(name, server.id):
+                earlier = _registration_from_json(raw)
+                if earlier.client_id == conn.client_id and earlier.issuer == auth_server.issuer:
+                    return earlier
+        return current  # the authorization server decides
 
     async def forget_registration(self, server: ServerConfig, auth_server: AuthServer) -> None:
         await self.secrets.delete(
@@ -140,7 +182,7 @@ class OAuthClients:
         """The refresh call for a stored connection (the lifecycle's refresher)."""
         try:
             found = await self.discovery(server)
-            registration = await self.client_for(server, found.auth_server)
+            registration = await self.client_for_connection(server, found.auth_server, conn)
         except (DiscoveryError, UnsafeURL, FetchError) as exc:
             raise AuthServerUnavailable(str(exc)) from None
         if conn.issuer and found.auth_server.issuer != conn.issuer:
@@ -171,6 +213,10 @@ class OAuthClients:
             AuthServerUnavailable,
         ) as exc:
             log.warning("revocation failed; tokens deleted anyway", server=server.id, reason=str(exc))
+
+
+def _registration_from_json(raw: str) -> ClientRegistration:
+    return ClientRegistration(**{**json.loads(raw), "raw": {}})
 
 
 def _discovery_to_json(found: Discovery) -> str:

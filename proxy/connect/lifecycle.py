@@ -34,10 +34,13 @@ log = structlog.get_logger("keybearer.oauth")
 
 CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
-# Errors that mean the grant is gone: only the user can fix it, by reconnecting.
+# Seconds a process remembers a user's opened access token.
 RECENT_TTL = 1.0
+# The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
+LIFETIME_FRACTION = 0.25
 # While another replica refreshes, look at the store this often even without an event.
 WAIT_POLL = 0.25
+# Errors that mean the grant is gone: only the user can fix it, by reconnecting.
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
 
@@ -226,13 +229,23 @@ class TokenLifecycle:
         """The token, and the seconds until its refresh is due."""
         conn = await self._load(server, user)
         tokens = self._open(conn, server)
-        if conn.expires_at is not None and conn.expires_at - self.skew <= time.time():
+        if conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time():
             conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is None:
             return tokens.access_token, float("inf")
         remaining = conn.expires_at - time.time()
         metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return tokens.access_token, remaining - self.skew
+        return tokens.access_token, remaining - self.ahead(conn)
+
+    def ahead(self, conn: Connection) -> float:
+        """How long before expiry a refresh is due: `refresh_skew`, but never more
+        than a quarter of the token's own lifetime. A token that lives shorter than
+        the skew would otherwise be due from the moment it arrives, and refreshed
+        on every request."""
+        if conn.expires_at is None:
+            return 0.0
+        lifetime = conn.expires_at - conn.obtained_at
+        return min(self.skew, max(0.0, lifetime) * LIFETIME_FRACTION)
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The upstream refused the access token before its expiry (revoked,
