@@ -49,6 +49,7 @@ from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import Store, StoreUnavailable, TokenStore, open_store, open_token_store
 from proxy.upstream_policy import UpstreamPolicy
+from proxy.web_origin import WebOriginGuard
 
 log = structlog.get_logger("keybearer")
 
@@ -71,6 +72,7 @@ class Components:
     flow: ConnectFlow
     sources: Mapping[str, CredentialSource]
     management: Management
+    web_origin: WebOriginGuard
 
     @contextlib.asynccontextmanager
     async def opened(self) -> AsyncIterator[None]:
@@ -112,9 +114,10 @@ def compose(settings: Settings) -> Components:
     for listener in (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event):
         feed.subscribe(listener)
     management = Management(registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings))
+    web_origin = WebOriginGuard(settings.public_url, settings.allowed_origins, settings.allowed_hosts)
     return Components(
         settings, keyring, store, tokens, secrets, registry, feed, fetcher, inbound, clients, lifecycle, flow,
-        sources, management,
+        sources, management, web_origin,
     )  # fmt: skip
 
 
@@ -122,7 +125,8 @@ class Keybearer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.parts = compose(settings)
-        self.forwarder = Forwarder(settings, self.parts.registry, self.parts.inbound, self.parts.sources)
+        parts = self.parts
+        self.forwarder = Forwarder(settings, parts.registry, parts.inbound, parts.sources, parts.web_origin)
         self.web = Starlette(
             routes=[
                 Route("/", self.index),
@@ -144,7 +148,7 @@ class Keybearer:
             return await self.forwarder(scope, receive, send)
         if first in _BROWSER or scope["path"] == self.settings.callback_path:
             # People's pages, too, answer only to names a rebinding page cannot take.
-            refusal = self.forwarder.web_origin.refusal(scope["headers"], origin=False)
+            refusal = self.parts.web_origin.refusal(scope["headers"], origin=False)
             if refusal is not None:
                 return await errors.page_response(refusal)(scope, receive, send)
         await self.web(scope, receive, send)

@@ -91,14 +91,13 @@ class Forwarder:
         registry: Registry,
         inbound: InboundAuth,
         sources: Mapping[str, CredentialSource],
+        web_origin: WebOriginGuard,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.inbound = inbound
         self.sources = sources
-        self.web_origin = WebOriginGuard(
-            settings.public_url, settings.allowed_origins, settings.allowed_hosts
-        )
+        self.web_origin = web_origin
         self.announced = legacy_sse.AnnouncedPaths()
         self.pool = upstream.Pool(settings.upstream_connect_timeout)
         self.draining = False

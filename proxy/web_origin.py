@@ -22,6 +22,8 @@ from urllib.parse import urlsplit
 
 from proxy.errors import Answer
 
+MAX_JUDGED = 256
+
 
 def _origin(url: str) -> str:
     parts = urlsplit(url.strip().lower())
@@ -52,6 +54,8 @@ class WebOriginGuard:
         hosts = {_host_name(h) for h in allowed_hosts}
         self.any_host = "*" in hosts
         self.hosts = frozenset({urlsplit(public_url).hostname or "", "localhost", *hosts}) - {""}
+        # Host values seen, judged once: an agent sends the same one on every request.
+        self._judged: dict[bytes, bool] = {}
 
     def refusal(self, headers: Iterable[tuple[bytes, bytes]], *, origin: bool = True) -> Answer | None:
         """The 403 for a request a web page could have sent, or None. People's own
@@ -67,7 +71,7 @@ class WebOriginGuard:
                     "browser must not use a person's MCP credentials",
                     "an MCP client that runs in a browser needs its origin in the proxy's allowed_origins",
                 )
-            if name == b"host" and not self.host_allowed(value.decode("latin-1")):
+            if name == b"host" and not self._host_ok(value):
                 return Answer(
                     403,
                     "foreign_host",
@@ -76,6 +80,14 @@ class WebOriginGuard:
                     "to allowed_hosts",
                 )
         return None
+
+    def _host_ok(self, value: bytes) -> bool:
+        judged = self._judged.get(value)
+        if judged is None:
+            if len(self._judged) >= MAX_JUDGED:
+                self._judged.clear()
+            judged = self._judged[value] = self.host_allowed(value.decode("latin-1"))
+        return judged
 
     def host_allowed(self, host: str) -> bool:
         if self.any_host:
