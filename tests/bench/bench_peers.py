@@ -194,7 +194,7 @@ def asgi_floor_app(upstream: str) -> Any:
 # --------------------------------------------------------------------------- OAuth peer
 
 
-def run_oauth_peer(port: int, token_delay: float) -> None:
+def run_oauth_peer(port: int, token_delay: float, expires_in: int = 3600) -> None:
     import uvloop
     from aiohttp import web
 
@@ -261,7 +261,7 @@ def run_oauth_peer(port: int, token_delay: float) -> None:
             {
                 "access_token": access,
                 "token_type": "Bearer",
-                "expires_in": 3600,
+                "expires_in": expires_in,
                 "refresh_token": state["refresh"],
                 "scope": "mcp",
             },
@@ -441,6 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("oauth")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--token-delay-ms", type=float, default=50)
+    p.add_argument("--expires-in", type=int, default=3600, help="lifetime of the access tokens it issues")
     p = sub.add_parser("sse")
     p.add_argument("--url", required=True)
     p.add_argument("--streams", type=int, default=10)
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.role == "asgi-floor":
         serve(asgi_floor_app(args.upstream), args.port)
     elif args.role == "oauth":
-        run_oauth_peer(args.port, args.token_delay_ms / 1000)
+        run_oauth_peer(args.port, args.token_delay_ms / 1000, args.expires_in)
     else:
         import uvloop
 

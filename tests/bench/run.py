@@ -852,55 +852,11 @@ def section_streams(s: Setup, kb: Proc, kb_port: int) -> None:
 
 
 def section_storm(s: Setup) -> None:
-    assert s.shared is not None
+    """One expired token, a burst over every replica: exactly one token request. Then
+    tokens that live shorter than refresh_skew, under steady load: one token request
+    per lifetime, never one per request."""
+    storm, fresh, refreshes, stats = run_storm(s, expires_in=3600, bursts=2, pause=0.5)
     args = s.args
-    peer_port = free_port()
-    peer = s.procs.start(
-        "oauth-peer",
-        [
-            sys.executable,
-            PEERS,
-            "oauth",
-            "--port",
-            str(peer_port),
-            "--token-delay-ms",
-            str(args.token_delay_ms),
-        ],
-        LOAD_CPU,
-    )
-    peer_base = f"http://{HOST}:{peer_port}"
-    wait_until(lambda: get(f"{peer_base}/stats") is not None, peer, "oauth peer")
-    config = s.shared.config(shared_servers(s, peer_port))
-    config_path = s.workdir / "storm-seed.yaml"
-    import yaml
-
-    config_path.write_text(yaml.safe_dump({"listen": f"{HOST}:1", **config}))
-    s.shared.seed(
-        config_path,
-        s.salt,
-        [
-            {
-                "user": "storm",
-                "server": "guarded",
-                "access": "at-0-expired",
-                "refresh": "rt-0",
-                "issuer": peer_base,
-                "expires_at": time.time() - 60,
-            },
-        ],
-    )
-    replicas = []
-    for i in range(args.replicas):
-        proc, port = s.start_keybearer(f"kb-replica-{i}", config, PROXY_CPU)
-        replicas.append((proc, port))
-    bases = [f"http://{HOST}:{port}" for _, port in replicas]
-    result = run_client(
-        s, "burst", "--bases", *bases, "--path", "/storm/guarded", "-n", str(args.storm), "--repeat", "2"
-    )
-    stats = json.loads(get(f"{peer_base}/stats"))
-    s.say(f"  [3] storm: {result}; authorization server: {stats}")
-    storm, fresh = result["bursts"]
-    refreshes = stats.get("token_requests", 0)
     all_ok = storm["body_ok"] == args.storm
     ok = refreshes == 1 and stats.get("refresh_reused", 0) == 0 and all_ok
     failed = args.storm - storm["body_ok"]
@@ -933,9 +889,86 @@ def section_storm(s: Setup) -> None:
             detail=f"all done in {fresh['all_done_ms']:.0f} ms; statuses {fresh['statuses']}",
         )
     )
+    lifetime, bursts, pause = SHORT_TOKEN_SECONDS, 12, 1.0
+    first, *rest, refreshes, stats = run_storm(s, expires_in=lifetime, bursts=bursts, pause=pause)
+    last = rest[-1] if rest else first
+    # Due a quarter of a lifetime before expiry: one request per 3/4 of it, plus the first.
+    span = bursts * pause + sum(b["all_done_ms"] for b in (first, *rest)) / 1000
+    expected = int(span // (lifetime * 0.75)) + 1
+    forwarded = sum(b["body_ok"] for b in (first, *rest))
+    ok = (
+        refreshes <= expected + 1 and stats.get("refresh_reused", 0) == 0 and forwarded == args.storm * bursts
+    )
+    s.rows.append(
+        Row(
+            "3",
+            f"{lifetime} s tokens (< refresh_skew), {args.replicas} replicas",
+            str(args.storm),
+            "",
+            ms(last["p50_ms"]),
+            ms(last["p99_ms"]),
+            target=f"<= {expected + 1} token requests",
+            result=verdict(ok, str(refreshes)),
+            detail=f"{bursts} bursts over {span:.1f} s, {forwarded}/{args.storm * bursts} forwarded; "
+            f"{stats.get('refresh_reused', 0)} refresh tokens reused",
+        )
+    )
+
+
+# Shorter than refresh_skew's default (60 s): before, every request refreshed.
+SHORT_TOKEN_SECONDS = 4
+
+
+def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
+    """Bursts of concurrent requests over the replicas for one seeded, expired connection;
+    returns each burst's figures, then the token requests and the peer's stats."""
+    assert s.shared is not None
+    args = s.args
+    peer_port = free_port()
+    peer = s.procs.start(
+        "oauth-peer",
+        [
+            sys.executable, PEERS, "oauth", "--port", str(peer_port),
+            "--token-delay-ms", str(args.token_delay_ms), "--expires-in", str(expires_in),
+        ],
+        LOAD_CPU,
+    )  # fmt: skip
+    peer_base = f"http://{HOST}:{peer_port}"
+    wait_until(lambda: get(f"{peer_base}/stats") is not None, peer, "oauth peer")
+    config = s.shared.config(shared_servers(s, peer_port))
+    config_path = s.workdir / "storm-seed.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump({"listen": f"{HOST}:1", **config}))
+    s.shared.seed(
+        config_path,
+        s.salt,
+        [
+            {
+                "user": "storm",
+                "server": "guarded",
+                "access": "at-0-expired",
+                "refresh": "rt-0",
+                "issuer": peer_base,
+                "expires_at": time.time() - 60,
+            },
+        ],
+    )
+    replicas = []
+    for i in range(args.replicas):
+        proc, port = s.start_keybearer(f"kb-replica-{i}", config, PROXY_CPU)
+        replicas.append((proc, port))
+    bases = [f"http://{HOST}:{port}" for _, port in replicas]
+    result = run_client(
+        s, "burst", "--bases", *bases, "--path", "/storm/guarded", "-n", str(args.storm),
+        "--repeat", str(bursts), "--pause", str(pause),
+    )  # fmt: skip
+    stats = json.loads(get(f"{peer_base}/stats"))
+    s.say(f"  [3] storm ({expires_in} s tokens): {result}; authorization server: {stats}")
     for proc, _ in replicas:
         s.procs.stop(proc)
     s.procs.stop(peer)
+    return (*result["bursts"], stats.get("token_requests", 0), stats)
 
 
 # --------------------------------------------------------------------------- 4. workers
