@@ -34,6 +34,8 @@ ENV_NAME_PATTERN = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # First path segments a configurable proxy path may use (they are reserved as user ids).
 RESERVED_FOR_PATHS = frozenset({"oauth", "oauth2", "callback", "connect", "keybearer"})
 UPSTREAM_PATH_PATTERN = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]{0,1023}")
+# /<user>/<server>/mcp is the MCP endpoint too (routing.py), so it is never an upstream path.
+MCP_ALIAS = "/mcp"
 
 
 class ConfigError(InvalidInput):
@@ -142,6 +144,13 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
         for i, p in enumerate(values["paths"]):
             if any(seg in (".", "..") for seg in p.split("/")):
                 raise ConfigError(f"{key}.paths[{i}]", "dot segments are not allowed")
+            if p == MCP_ALIAS:
+                raise ConfigError(
+                    f"{key}.paths[{i}]",
+                    "/mcp cannot be opened: /<user>/<server>/mcp is the server's MCP endpoint "
+                    "(for clients that insist on /mcp); to reach the upstream's /mcp, define it as "
+                    "a server of its own with url: <origin>/mcp",
+                )
     if "scopes" in raw:
         values["scopes"] = tuple(
             _string(s, f"{key}.scopes[{i}]", re.compile(r"[!#-\[\]-~]{1,256}"), "a scope token")
