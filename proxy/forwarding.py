@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from proxy import errors, legacy_sse, logs, metrics, routing, upstream
 from proxy.credentials import Credential, CredentialSource, Refusal
+from proxy.egress import Egress
 from proxy.errors import Answer, KeybearerError, TooLarge
 from proxy.inbound import InboundAuth
 from proxy.registry import Registry
@@ -91,6 +92,7 @@ class Forwarder:
         registry: Registry,
         inbound: InboundAuth,
         sources: Mapping[str, CredentialSource],
+        egress: Egress | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -100,7 +102,7 @@ class Forwarder:
             settings.public_url, settings.allowed_origins, settings.allowed_hosts
         )
         self.announced = legacy_sse.AnnouncedPaths()
-        self.pool = upstream.Pool(settings.upstream_connect_timeout)
+        self.pool = upstream.Pool(settings.upstream_connect_timeout, egress=egress)
         self.draining = False
         self._streams: set[asyncio.Task[Any]] = set()
 

@@ -70,7 +70,9 @@ def test_a_raw_path_is_a_valid_route_or_a_route_error(raw: bytes) -> None:
         assert not set(route.subpath.split("/")) & {".", ".."}
     # Nothing was dropped or decoded on the way.
     rebuilt = f"/{route.user}/{route.server_id}{route.subpath}"
-    assert raw.decode() in (rebuilt, rebuilt + "/") or (not route.subpath and raw.decode() == rebuilt + "/mcp")
+    assert raw.decode() in (rebuilt, rebuilt + "/") or (
+        not route.subpath and raw.decode() == rebuilt + "/mcp"
+    )
 
 
 upstream_paths = st.from_regex(UPSTREAM_PATH_PATTERN, fullmatch=True).filter(

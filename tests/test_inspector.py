@@ -26,7 +26,9 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, salt: str) -> Iterator[Proxy
             "legacy": {"url": legacy.mcp_url, "auth": "none"},
         }
         workdir: Path = tmp_path_factory.mktemp("inspector")
-        proc = ProxyProcess({"servers": servers}, workdir, {"KEYBEARER_SALT": salt, "INSPECTOR_TEST_KEY": API_KEY})
+        proc = ProxyProcess(
+            {"servers": servers}, workdir, {"KEYBEARER_SALT": salt, "INSPECTOR_TEST_KEY": API_KEY}
+        )
         yield proc
         proc.stop()
         assert API_KEY not in proc.log()
@@ -44,7 +46,9 @@ def test_the_inspector_lists_and_calls_tools_at_the_mcp_form(proxy: ProxyProcess
     url = f"{proxy.url}/alice/{server}/mcp"
     tools = {tool["name"] for tool in inspect(url, "--method", "tools/list")["tools"]}
     assert {"echo", "headers", "notify"} <= tools
-    called = inspect(url, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "text=through the proxy")
+    called = inspect(
+        url, "--method", "tools/call", "--tool-name", "echo", "--tool-arg", "text=through the proxy"
+    )
     assert called["content"][0]["text"] == "through the proxy"
 
 

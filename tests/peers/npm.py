@@ -38,7 +38,9 @@ def ensure_installed(folder: Path, *, min_node: int = 20) -> None:
     if int(version.lstrip("v").split(".")[0] or 0) < min_node:
         raise RuntimeError(f"the test peer in {folder} needs Node.js {min_node} or newer, found {version}")
     # In the temp dir: `npm ci` deletes node_modules, and a lock file must outlive it.
-    lock_path = Path(tempfile.gettempdir()) / f"keybearer-npm-{hashlib.sha256(bytes(folder)).hexdigest()[:12]}.lock"
+    lock_path = (
+        Path(tempfile.gettempdir()) / f"keybearer-npm-{hashlib.sha256(bytes(folder)).hexdigest()[:12]}.lock"
+    )
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if stamp.exists() and stamp.read_text() == digest:
