@@ -13,8 +13,8 @@ connection, and the idle connections kept per origin are capped.
 Through an egress proxy (egress.py), decided once per origin: an https upstream
 is reached through a CONNECT tunnel with TLS to the origin inside it; an http
 upstream gets its requests in absolute form (`GET http://host/path`) on a
-connection to the proxy. Without a proxy configured, the request path pays one
-attribute check for it.
+connection to the proxy. Without a proxy configured, a request pays two
+comparisons for it.
 
 Why not aiohttp's client, which the OAuth code still uses: per request it
 costs about as much CPU as everything else the proxy does together
@@ -443,7 +443,7 @@ class Pool:
                 await connection.write(b"0\r\n\r\n", timeout)
             response.request_sent = True
             await response._wait_headers(timeout)
-            if response.status == 407 and proxy is not None:
+            if proxy is not None and response.status == 407:
                 raise ConnectFailed(
                     f"the egress proxy {proxy} refused the request (HTTP 407); {_CHECK_PROXY}"
                 )

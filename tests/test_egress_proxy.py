@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -27,7 +28,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from peers.hostile_upstream import answer, read_request
 from support import ProxyProcess, free_port, self_signed_certificate, wait_for_port
 
-from proxy import egress
+from proxy import egress, upstream
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
 from proxy.settings import ConfigError
 
@@ -413,3 +414,38 @@ async def test_the_fetcher_through_a_proxy_with_credentials(
             await f.get_json(url)
     for message in (str(down.value), str(refused.value)):
         assert PASSWORD not in message and WRONG not in message
+
+
+# -- proxies that misbehave ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "message"),
+    [
+        (b"HTTP/1.1 200 Connection established\r\n\r\nnot a TLS server hello", upstream.InvalidResponse,
+         "sent bytes into the new tunnel"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", upstream.InvalidResponse, "answer to CONNECT is not HTTP"),
+        (b"HTTP/1.1 403 Forbidden\x1b[2J\r\ncontent-length: 0\r\n\r\n", upstream.ConnectFailed,
+         "refused the tunnel to example.test:443 (HTTP 403 Forbidden?[2J)"),
+        (b"HTTP/1.1 200 OK\r\nx: " + b"y" * 70_000, upstream.InvalidResponse, "answer to CONNECT is too long"),
+        (b"", upstream.Disconnected, "closed the connection during CONNECT"),
+    ],
+)  # fmt: skip
+async def test_a_proxy_that_misbehaves_during_connect_is_refused(
+    answer: bytes, error: type[Exception], message: str
+) -> None:
+    async def fake_proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(fake_proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    pool = upstream.Pool(5, egress=egress.from_environ({"https_proxy": f"127.0.0.1:{port}"}))
+    try:
+        with pytest.raises(error, match=re.escape(message)):
+            await pool.request("GET", upstream.Origin("https", "example.test", 443), b"/mcp", [], b"", 5)
+    finally:
+        pool.close()
+        server.close()
