@@ -70,7 +70,8 @@ def test_the_environment_names_the_proxies() -> None:
     assert proxies.proxy_for("https", "mcp.example.com") is proxies.https
     assert proxies.proxy_for("http", "mcp.example.com") is proxies.http
     assert proxies.proxy_for("https", "b.example") is None
-    assert egress.from_environ({"HTTP_PROXY": "http://p"}).proxy_for("https", "x.example") is None  # type: ignore[union-attr]
+    http_only = egress.from_environ({"HTTP_PROXY": "http://p"})
+    assert http_only is not None and http_only.proxy_for("https", "x.example") is None
 
 
 def test_loopback_is_never_proxied() -> None:
