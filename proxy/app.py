@@ -1,6 +1,7 @@
 """The composition root: every long-lived object is built and wired here.
 
     settings -> keyring, stores -> sealed secrets, registry, change feed
+    environment -> egress proxies (for the fetcher and the forwarder)
              -> OAuth fetcher -> inbound auth
              -> OAuth clients -> token lifecycle (refresher: the clients) -> connect flow
              -> one credential source per auth type -> forwarder
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, errors, logs, metrics, routing
+from proxy import admin, egress, errors, logs, metrics, routing
 from proxy.connect import routes as connect_routes
 from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
@@ -65,6 +67,7 @@ class Components:
     secrets: SealedSecrets
     registry: Registry
     feed: ChangeFeed
+    egress: egress.Egress | None
     fetcher: Fetcher
     inbound: InboundAuth
     clients: OAuthClients
@@ -97,7 +100,10 @@ def compose(settings: Settings) -> Components:
     secrets = SealedSecrets(store, keyring)
     registry = Registry(settings.servers, store, secrets)
     feed = ChangeFeed(store, tokens)
-    fetcher = Fetcher(settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses)
+    proxies = egress.from_environ(os.environ)
+    fetcher = Fetcher(
+        settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses, egress=proxies
+    )
     inbound = InboundAuth(settings, secrets, fetcher)
     clients = OAuthClients(settings, registry, secrets, tokens, fetcher)
     lifecycle = TokenLifecycle(
@@ -116,8 +122,8 @@ def compose(settings: Settings) -> Components:
     management = Management(registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings))
     web_origin = WebOriginGuard(settings.public_url, settings.allowed_origins, settings.allowed_hosts)
     return Components(
-        settings, keyring, store, tokens, secrets, registry, feed, fetcher, inbound, clients, lifecycle, flow,
-        sources, management, web_origin,
+        settings, keyring, store, tokens, secrets, registry, feed, proxies, fetcher, inbound, clients,
+        lifecycle, flow, sources, management, web_origin,
     )  # fmt: skip
 
 
@@ -126,7 +132,9 @@ class Keybearer:
         self.settings = settings
         self.parts = compose(settings)
         parts = self.parts
-        self.forwarder = Forwarder(settings, parts.registry, parts.inbound, parts.sources, parts.web_origin)
+        self.forwarder = Forwarder(
+            settings, parts.registry, parts.inbound, parts.sources, parts.web_origin, parts.egress
+        )
         self.web = Starlette(
             routes=[
                 Route("/", self.index),
@@ -165,7 +173,12 @@ class Keybearer:
             stack.push_async_callback(parts.fetcher.close)
             stack.callback(self.forwarder.stop)
             stack.callback(self._drain_on_signals())
-            log.info("started", listen=self.settings.listen, servers=sorted(parts.registry.servers))
+            log.info(
+                "started",
+                listen=self.settings.listen,
+                servers=sorted(parts.registry.servers),
+                egress=str(parts.egress or "direct"),
+            )
             yield
 
     def _drain_on_signals(self) -> Callable[[], None]:

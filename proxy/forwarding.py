@@ -29,6 +29,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from proxy import errors, legacy_sse, logs, metrics, routing, upstream
 from proxy.credentials import Credential, CredentialSource, Refusal
+from proxy.egress import Egress
 from proxy.errors import Answer, KeybearerError, TooLarge
 from proxy.inbound import InboundAuth
 from proxy.registry import Registry
@@ -92,6 +93,7 @@ class Forwarder:
         inbound: InboundAuth,
         sources: Mapping[str, CredentialSource],
         web_origin: WebOriginGuard,
+        egress: Egress | None,
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -99,7 +101,7 @@ class Forwarder:
         self.sources = sources
         self.web_origin = web_origin
         self.announced = legacy_sse.AnnouncedPaths()
-        self.pool = upstream.Pool(settings.upstream_connect_timeout)
+        self.pool = upstream.Pool(settings.upstream_connect_timeout, egress=egress)
         self.draining = False
         self._streams: set[asyncio.Task[Any]] = set()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
 from proxy.errors import UpstreamFailed
-from proxy.settings import UPSTREAM_PATH_PATTERN, ServerConfig
+from proxy.settings import MCP_ALIAS, UPSTREAM_PATH_PATTERN, ServerConfig
 
 MAX_FIRST_EVENT = 64 * 1024
 # Message endpoints remembered per server: a server announces one path (plus a
@@ -128,6 +128,13 @@ class EndpointRewriter:
             raise ForeignEndpoint(f"server {self.server.id!r} announced an unusable message path {path!r}")
         if path == self.server.path:
             rewritten = self.proxy_prefix
+        elif path == MCP_ALIAS:
+            # Under the proxy, /<user>/<server>/mcp is the MCP endpoint: messages
+            # sent there would never reach this path.
+            raise ForeignEndpoint(
+                f"server {self.server.id!r} announced /mcp as its message endpoint, which the proxy "
+                "keeps for the MCP endpoint; refused"
+            )
         else:
             self.on_announce(path)
             rewritten = self.proxy_prefix + path

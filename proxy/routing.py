@@ -2,6 +2,13 @@
 
 The raw path is read, never the decoded one, so that `%2F` or `%2e%2e` can
 not smuggle a second segment or a dot segment past validation.
+
+`/<user>/<server>/mcp` is the MCP endpoint too, for clients that insist on a
+URL ending in `/mcp` (the MCP Inspector's CLI replaces any other path with
+`/mcp`). It is that and nothing else: a server cannot open an upstream `/mcp`
+in its `paths` (settings.py refuses it), and a legacy SSE server that announces
+`/mcp` as its message endpoint is refused (legacy_sse.py), so the form never
+means two things.
 """
 
 from __future__ import annotations
@@ -9,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proxy.errors import InvalidInput
-from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig
+from proxy.settings import ID_PATTERN, MCP_ALIAS, SERVER_ID_PATTERN, ServerConfig
 
 # First path segments the proxy answers itself; refused as user ids so that no
 # user's traffic can ever be confused with them.
@@ -36,7 +43,7 @@ class Route:
 
 
 def parse(raw_path: bytes) -> Route:
-    """Split and validate `/<user>/<server>[/<subpath>]`."""
+    """Split and validate `/<user>/<server>[/<subpath>]`; `/mcp` is the endpoint."""
     try:
         path = raw_path.decode("ascii")
     except UnicodeDecodeError:
@@ -67,7 +74,7 @@ def parse(raw_path: bytes) -> Route:
             "the server id must be 1-64 characters of a-z, 0-9, '-' and '_', starting with a letter or digit",
         )
     subpath = "/" + parts[3] if len(parts) == 4 else ""
-    if subpath == "/":
+    if subpath in ("/", MCP_ALIAS):
         subpath = ""
     if subpath:
         segments = subpath.split("/")

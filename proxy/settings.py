@@ -43,6 +43,8 @@ FRAMING_HEADERS = frozenset(
 # Secrets read from this machine's environment or files: only the operator's
 # config file may name them, never a server added through the admin API or CLI.
 OPERATOR_ONLY_KEYS = ("api_key_env", "api_key_file", "client_secret_env", "client_secret_file")
+# /<user>/<server>/mcp is the MCP endpoint too (routing.py), so it is never an upstream path.
+MCP_ALIAS = "/mcp"
 
 
 class ConfigError(InvalidInput):
@@ -153,6 +155,13 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
         for i, p in enumerate(values["paths"]):
             if any(seg in (".", "..") for seg in p.split("/")):
                 raise ConfigError(f"{key}.paths[{i}]", "dot segments are not allowed")
+            if p == MCP_ALIAS:
+                raise ConfigError(
+                    f"{key}.paths[{i}]",
+                    "/mcp cannot be opened: /<user>/<server>/mcp is the server's MCP endpoint "
+                    "(for clients that insist on /mcp); to reach the upstream's /mcp, define it as "
+                    "a server of its own with url: <origin>/mcp",
+                )
     if "scopes" in raw:
         values["scopes"] = tuple(
             _string(s, f"{key}.scopes[{i}]", re.compile(r"[!#-\[\]-~]{1,256}"), "a scope token")

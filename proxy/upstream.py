@@ -10,6 +10,12 @@ An upstream is not trusted to be well-behaved: an answer's head is capped in
 size, interim (1xx) answers in number, bytes after a complete answer end its
 connection, and the idle connections kept per origin are capped.
 
+Through an egress proxy (egress.py), decided once per origin: an https upstream
+is reached through a CONNECT tunnel with TLS to the origin inside it; an http
+upstream gets its requests in absolute form (`GET http://host/path`) on a
+connection to the proxy. Without a proxy configured, a request pays two
+comparisons for it.
+
 Why not aiohttp's client, which the OAuth code still uses: per request it
 costs about as much CPU as everything else the proxy does together
 (docs/performance.md); this one costs a fraction of that, measured.
@@ -29,6 +35,7 @@ from urllib.parse import quote, urlsplit
 
 import httptools
 
+from proxy.egress import Egress, ProxyServer
 from proxy.errors import UpstreamFailed
 
 # A reader that falls behind stops the upstream socket past this many buffered bytes.
@@ -82,6 +89,12 @@ class Origin:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         return (host if self.port == default else f"{host}:{self.port}").encode("idna")
+
+    @property
+    def authority(self) -> bytes:
+        """host:port, as a CONNECT request names it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}".encode("idna")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -373,9 +386,14 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 class Pool:
     """Keep-alive connections per origin, created on demand; at most MAX_IDLE_PER_ORIGIN kept idle."""
 
-    def __init__(self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, connect_timeout: float, ssl_context: ssl.SSLContext | None = None, egress: Egress | None = None
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.ssl_context = ssl_context
+        self.egress = egress
+        # Per origin, decided on first use: the proxy it is reached through, or None.
+        self._proxies: dict[Origin, ProxyServer | None] = {}
         # Per origin, oldest first: reuse takes the newest, pruning starts at the oldest.
         self._idle: dict[Origin, deque[_UpstreamSocket]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -400,8 +418,14 @@ class Pool:
         `timeout` bounds each wait: for the upstream to take more of the body,
         and for the answer's headers. The caller must `close()` the response.
         """
+        proxy = self._proxy(origin) if self.egress is not None else None
+        if proxy is not None and origin.scheme == "http":
+            # No tunnel for plain http: the proxy reads the origin from the request line.
+            target = b"http://" + origin.host_header + target
+            if proxy.authorization is not None:
+                headers = [*headers, (b"proxy-authorization", proxy.authorization)]
         head = _request_head(method, target, origin, headers, body)
-        connection = self._idle_connection(origin) or await self._connect(origin)
+        connection = self._idle_connection(origin) or await self._connect(origin, proxy)
         response = Response(self, origin, connection, method)
         connection.response = response
         try:
@@ -419,10 +443,22 @@ class Pool:
                 await connection.write(b"0\r\n\r\n", timeout)
             response.request_sent = True
             await response._wait_headers(timeout)
+            if proxy is not None and response.status == 407:
+                raise ConnectFailed(
+                    f"the egress proxy {proxy} refused the request (HTTP 407); {_CHECK_PROXY}"
+                )
         except BaseException:
             response.close()
             raise
         return response
+
+    def _proxy(self, origin: Origin) -> ProxyServer | None:
+        try:
+            return self._proxies[origin]
+        except KeyError:
+            assert self.egress is not None
+            proxy = self._proxies[origin] = self.egress.proxy_for(origin.scheme, origin.host)
+            return proxy
 
     def _idle_connection(self, origin: Origin) -> _UpstreamSocket | None:
         idle = self._idle.get(origin)
@@ -434,23 +470,55 @@ class Pool:
             connection.close()
         return None
 
-    async def _connect(self, origin: Origin) -> _UpstreamSocket:
+    async def _connect(self, origin: Origin, proxy: ProxyServer | None) -> _UpstreamSocket:
         tls = self._tls() if origin.scheme == "https" else None
+        through = f" through the egress proxy {proxy}" if proxy is not None else ""
         try:
             async with asyncio.timeout(self.connect_timeout):
+                if proxy is not None and tls is not None:
+                    return await self._tunnel(origin, proxy, tls)
                 _, connection = await self.loop.create_connection(
                     lambda: _UpstreamSocket(self.loop),
-                    origin.host,
-                    origin.port,
+                    proxy.host if proxy else origin.host,
+                    proxy.port if proxy else origin.port,
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
         except TimeoutError:
-            raise ConnectFailed(f"connection timed out after {self.connect_timeout:g} s") from None
+            raise ConnectFailed(f"connection timed out after {self.connect_timeout:g} s{through}") from None
         except ssl.SSLError as exc:
-            raise ConnectFailed(f"TLS failed: {exc.reason or exc}") from None
+            raise ConnectFailed(f"TLS failed: {exc.reason or exc}{through}") from None
         except OSError as exc:
+            if proxy is not None:
+                raise ConnectFailed(
+                    f"the egress proxy {proxy} could not be reached ({exc.strerror or exc}); {_CHECK_PROXY}"
+                ) from None
             raise ConnectFailed(f"connection failed: {exc.strerror or exc}") from None
+        return connection
+
+    async def _tunnel(self, origin: Origin, proxy: ProxyServer, tls: ssl.SSLContext) -> _UpstreamSocket:
+        """A CONNECT tunnel through the proxy, then TLS to the origin inside it."""
+        transport, handshake = await self.loop.create_connection(
+            lambda: _ProxyTunnel(self.loop), proxy.host, proxy.port
+        )
+        try:
+            lines = [b"CONNECT %b HTTP/1.1" % origin.authority, b"host: " + origin.authority]
+            if proxy.authorization is not None:
+                lines.append(b"proxy-authorization: " + proxy.authorization)
+            transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+            status, reason = await handshake.answer
+            if not 200 <= status < 300:
+                raise ConnectFailed(
+                    f"the egress proxy {proxy} refused the tunnel to {origin.authority.decode()} "
+                    f"(HTTP {status} {reason}); {_CHECK_PROXY}"
+                )
+            connection = _UpstreamSocket(self.loop)
+            tls_transport = await self.loop.start_tls(transport, connection, tls, server_hostname=origin.host)
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None
+        connection.connection_made(tls_transport)
         return connection
 
     def _tls(self) -> ssl.SSLContext:
@@ -480,6 +548,43 @@ class Pool:
             for connection in idle:
                 connection.close()
         self._idle.clear()
+
+
+_CHECK_PROXY = "check HTTPS_PROXY / HTTP_PROXY and the proxy itself"
+
+
+class _ProxyTunnel(asyncio.Protocol):
+    """The CONNECT exchange with an egress proxy: its answer's status, nothing more.
+    TLS to the origin then starts on the same socket."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answer: asyncio.Future[tuple[int, str]] = loop.create_future()
+        self._buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.answer.done():
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buffer) > MAX_HEAD_BYTES:
+                self.answer.set_exception(InvalidResponse("the egress proxy's answer to CONNECT is too long"))
+            return
+        status_line = self._buffer.split(b"\r\n", 1)[0].decode("latin-1")
+        version, _, rest = status_line.partition(" ")
+        code, _, reason = rest.partition(" ")
+        if not version.startswith("HTTP/1.") or not (code.isdigit() and len(code) == 3):
+            self.answer.set_exception(InvalidResponse("the egress proxy's answer to CONNECT is not HTTP"))
+        elif code.startswith("2") and end + 4 != len(self._buffer):
+            # The origin speaks only after our TLS hello: these bytes are the proxy's own.
+            self.answer.set_exception(InvalidResponse("the egress proxy sent bytes into the new tunnel"))
+        else:
+            shown = "".join(c if c.isprintable() else "?" for c in reason[:100])
+            self.answer.set_result((int(code), shown))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(Disconnected("the egress proxy closed the connection during CONNECT"))
 
 
 def _request_head(

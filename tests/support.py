@@ -99,8 +99,9 @@ class ProxyProcess:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
 
-def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 that is its own CA, and its key, as PEM files in folder."""
+def self_signed_certificate(folder: Path, names: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (and the host `names`) that is its own CA, and its key,
+    as PEM files in folder."""
     import datetime
     import ipaddress
 
@@ -121,7 +122,10 @@ def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), *(x509.DNSName(n) for n in names)]
+            ),
+            False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

@@ -8,7 +8,10 @@
 #
 # test:  chromium (the real browser of the OAuth tests, driven by Playwright),
 #        nodejs + npm when `node` / `npm` are not on PATH (the OAuth authorization server
-#        peer, oidc-provider, whose npm packages tests/peers/oauth installs itself).
+#        peer, oidc-provider, and the MCP Inspector's CLI, whose npm packages
+#        tests/peers/oauth and tests/peers/inspector install themselves),
+#        tinyproxy (the corporate forward proxy of tests/test_egress_proxy.py; the
+#        tests start their own on loopback, never the system service).
 # bench: wrk, nginx-light.
 set -euo pipefail
 
@@ -19,7 +22,7 @@ packages=()
 for group in "${groups[@]}"; do
   case "$group" in
     test)
-      packages+=(chromium)
+      packages+=(chromium tinyproxy)
       command -v node >/dev/null 2>&1 || packages+=(nodejs)
       command -v npm >/dev/null 2>&1 || packages+=(npm)
       ;;

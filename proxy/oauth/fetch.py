@@ -16,6 +16,13 @@ connects to is the address that was checked (no DNS-rebinding window between a
 check and a connect). Literal IP addresses never reach a resolver in aiohttp,
 so they are checked up front, which also gives the clearest message.
 
+Through an egress proxy (egress.py), the proxy would resolve the target's name
+itself, past the check. So the fetcher resolves and checks the target first and
+asks the proxy for exactly that address (`CONNECT 203.0.113.7:443`), with TLS
+verified against the host's name and `Host` naming it. The proxy's own address
+is the operator's and is not checked: it is reached through a session of its
+own whose only resolver use is the proxy's name.
+
 Redirects are never followed (a 3xx is an error), responses are capped in size
 and in time, and anything but a JSON object where one is expected is an error.
 """
@@ -27,6 +34,7 @@ import ipaddress
 import json
 import re
 import socket
+import ssl
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,6 +44,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy.egress import Egress
 from proxy.errors import UpstreamFailed
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -172,35 +181,49 @@ class Fetcher:
         max_bytes: int = 1_048_576,
         *,
         resolver: AbstractResolver | None = None,
+        egress: Egress | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.allow_http_loopback = allow_http_loopback
         self.allow_private = allow_private
         self.timeout = timeout
         self.max_bytes = max_bytes
+        self.egress = egress
         # The resolver the guard wraps; tests inject one to map names onto addresses.
         self._inner_resolver = resolver
+        # The CAs to trust instead of the system's (tests trust their own).
+        self._ssl: ssl.SSLContext | bool = ssl_context or True
+        self._guard: _GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._proxied: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         if self._session is not None:
             return
         inner = self._inner_resolver or aiohttp.ThreadedResolver()
-        resolver = _GuardedResolver(
+        self._guard = _GuardedResolver(
             inner, allow_loopback=self.allow_http_loopback, allow_private=self.allow_private
         )
-        connector = aiohttp.TCPConnector(resolver=resolver, ttl_dns_cache=60, limit=64)
-        self._session = aiohttp.ClientSession(
+        self._session = self._new_session(self._guard)
+        if self.egress is not None:
+            # Resolves only the proxy's name: every target is sent as its checked address.
+            self._proxied = self._new_session(aiohttp.ThreadedResolver())
+
+    def _new_session(self, resolver: AbstractResolver) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(resolver=resolver, ttl_dns_cache=60, limit=64, ssl=self._ssl)
+        return aiohttp.ClientSession(
             connector=connector,
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT},
-            trust_env=False,  # a proxy would resolve the target, not our resolver
+            trust_env=False,  # proxies are egress.py's to decide, with the target checked first
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._proxied):
+            if session is not None:
+                await session.close()
+        self._session = self._proxied = None
 
     async def __aenter__(self) -> Fetcher:
         await self.start()
@@ -317,12 +340,35 @@ class Fetcher:
         self.check_url(url)
         if self._session is None:
             raise RuntimeError("Fetcher.start() was not called")
+        target = URL(url)
+        assert target.host is not None  # check_url refused URLs without one
+        proxy = self.egress.proxy_for(target.scheme, target.host) if self.egress is not None else None
         try:
             async with asyncio.timeout(self.timeout):
-                async with self._session.request(
-                    method, URL(url), headers=dict(headers), data=data,
-                    allow_redirects=False,
-                ) as response:  # fmt: skip
+                if proxy is None:
+                    sending = self._session.request(
+                        method, target, headers=dict(headers), data=data, allow_redirects=False
+                    )
+                else:
+                    assert self._proxied is not None
+                    # To the checked address: the proxy would resolve a name past the check.
+                    sending = self._proxied.request(
+                        method,
+                        target.with_host(await self._checked_address(target)),
+                        headers={"Host": target.raw_authority, **headers},
+                        data=data,
+                        allow_redirects=False,
+                        proxy=proxy.url,
+                        # On the CONNECT request: only https is ever proxied here, since plain
+                        # http is allowed to loopback only, which never goes through a proxy.
+                        proxy_headers=(
+                            {"Proxy-Authorization": proxy.authorization.decode()}
+                            if proxy.authorization
+                            else None
+                        ),
+                        server_hostname=target.host,
+                    )
+                async with sending as response:
                     status = response.status
                     if 300 <= status < 400 and not redirects_ok:
                         location = response.headers.get("Location", "")
@@ -346,8 +392,24 @@ class Fetcher:
         except aiohttp.InvalidURL:
             raise UnsafeURL(f"{_shown(url)!r} is not a valid URL") from None
         except aiohttp.ClientError as exc:
+            through = f" through the egress proxy {proxy}" if proxy is not None else ""
             raise FetchError(
-                f"{_shown(url)} could not be reached ({_describe(exc)})", transient=True
+                f"{_shown(url)} could not be reached{through} ({_describe(exc)})", transient=True
+            ) from None
+
+    async def _checked_address(self, target: URL) -> str:
+        """The first address of the target's host, every one of them checked (the
+        guarded resolver raises UnsafeURL); a literal address was checked by check_url."""
+        assert self._guard is not None and target.host is not None
+        if _literal_ip(target.host) is not None:
+            return target.host
+        try:
+            results = await self._guard.resolve(target.host, target.port or 0, socket.AF_UNSPEC)
+            return results[0]["host"]
+        except (OSError, IndexError):
+            raise FetchError(
+                f"{_shown(str(target))} could not be reached (its host name could not be resolved)",
+                transient=True,
             ) from None
 
     async def _read(self, url: str, response: aiohttp.ClientResponse) -> bytes:
@@ -390,6 +452,10 @@ def _shown(url: str) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return f"the egress proxy answered HTTP {exc.status}; check HTTPS_PROXY and the proxy itself"
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        return f"the egress proxy could not be reached: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return "its host name could not be resolved"
     if isinstance(exc, aiohttp.ClientConnectorError):
