@@ -296,6 +296,15 @@ async def test_client_secret_post_stored_through_the_cli(
         missing = await call(replicas[0], "alice", "post", client)
     error = assert_operator_error(missing, "post", request_id=1)
     assert "keybearer oauth-client set post" in error["message"]
+    # A public client cannot use the grant: refused, and nothing is stored.
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    async with httpx.AsyncClient(base_url=replicas[1].url, headers=admin, timeout=30) as client:
+        public = await client.put("/admin/servers/post/oauth-client", json={"client_id": "cc-post"})
+        assert public.status_code == 400 and "client_credentials" in public.json()["message"]
+        assert (await client.get("/admin/servers/post/oauth-client")).json() == {
+            "server": "post",
+            "set": False,
+        }
     done = replicas[0].cli(
         "oauth-client", "set", "post", "--client-id", "cc-post", "--auth-method", "client_secret_post",
         input=POST_SECRET + "\n",
@@ -374,6 +383,25 @@ async def test_no_browser_connection_for_a_service_server(replicas: list[ProxyPr
         assert connect.status_code == 404
         page = await client.get(links.connections_url(replicas[0].url, keyring, "alice", 600))
     assert page.status_code == 200 and "people" in page.text and "shared" not in page.text
+
+
+async def test_embedded_store(
+    proxy_factory: type[ProxyProcess], auth: AuthorizationServer, resource: ResourceServer
+) -> None:
+    """One process on the SQLite file: locks, tokens and the cache there."""
+    proxy = proxy_factory(
+        {
+            "oauth_allow_http_loopback": True,
+            "servers": {"solo": _service(resource.mcp_url, "cc-solo", client_secret_env="CC_SOLO")},
+        },
+        env={"CC_SOLO": BASIC_SECRET},
+    )
+    auth.add_client(_client("cc-solo", "client_secret_basic", client_secret=BASIC_SECRET))
+    auth.reset_stats()
+    async with httpx.AsyncClient(timeout=30) as client:
+        answers = await asyncio.gather(*(call(proxy, user, "solo", client) for user in ("alice", "bob") * 5))
+    assert {a.status_code for a in answers} == {200}
+    assert len(client_credentials_requests(auth, "cc-solo")) == 1
 
 
 # -- configuration ------------------------------------------------------------------------

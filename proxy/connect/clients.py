@@ -178,7 +178,7 @@ class OAuthClients:
         else:
             client_id, secret, method = server.client_id or "", self._config_secret(server), None
         if not secret:
-            raise ServiceClientUnusable(_no_secret(server), retry_after=60, server=server.id)
+            raise ServiceClientUnusable(_no_secret(server), server=server.id)
         registration = oauth_client.static_registration(auth_server, client_id, secret, self.redirect_uri)
         return registration if method is None else replace(registration, auth_method=method)
 
