@@ -4,7 +4,8 @@
     environment -> egress proxies (for the fetcher and the forwarder)
              -> OAuth fetcher -> inbound auth
              -> OAuth clients -> token lifecycle (refresher: the clients) -> connect flow
-             -> one credential source per auth type -> forwarder
+                             -> service tokens (client_credentials; obtain: the clients)
+             -> one credential source per auth type (and grant) -> forwarder
              -> management (admin API, CLI), browser routes
 
 Requests whose first path segment is one of the proxy's reserved names go to
@@ -35,8 +36,10 @@ from proxy.connect import routes as connect_routes
 from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
 from proxy.connect.lifecycle import TokenLifecycle
+from proxy.connect.service import ServiceTokens
 from proxy.credentials import CredentialSource
 from proxy.credentials.api_key import ApiKeys
+from proxy.credentials.client_credentials import ClientCredentials
 from proxy.credentials.none import NoCredential
 from proxy.credentials.oauth import OAuthTokens
 from proxy.crypto import Keyring
@@ -111,13 +114,20 @@ def compose(settings: Settings) -> Components:
         settings.token_endpoint_cooldown,
     )  # fmt: skip
     flow = ConnectFlow(keyring, registry, tokens, clients, lifecycle)
+    service = ServiceTokens(
+        keyring, tokens, feed, clients.client_credentials, settings.refresh_skew, settings.refresh_lock_ttl,
+        settings.token_endpoint_cooldown,
+    )  # fmt: skip
+    # Keyed by ServerConfig.credential_kind: the auth type, and for oauth the grant.
     sources: dict[str, CredentialSource] = {
         "none": NoCredential(),
         "api_key": ApiKeys(registry),
         "oauth": OAuthTokens(lifecycle, settings, keyring),
+        "client_credentials": ClientCredentials(service),
     }
     # Each cache hears of the changes that make it stale, on every replica.
-    for listener in (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event):
+    listeners = (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event, service.on_event)
+    for listener in listeners:
         feed.subscribe(listener)
     management = Management(registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings))
     web_origin = WebOriginGuard(settings.public_url, settings.allowed_origins, settings.allowed_hosts)

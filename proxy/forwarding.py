@@ -148,7 +148,7 @@ class Forwarder:
                 )
             announced = self.announced.get(server) if route.subpath else frozenset()
             url = routing.upstream_url(server, route.subpath, scope["query_string"], announced)
-            source = self.sources[server.auth]
+            source = self.sources[server.credential_kind]
             credential = await source.credential(server, route.user)
             await self._forward(facts, server, source, route, url, credential, body, receive, send)
         except ClientGone:
@@ -183,7 +183,7 @@ class Forwarder:
                 if response.status in (401, 403):
                     refusal = Refusal(
                         response.status, response.header_values(b"www-authenticate"), credential,
-                        replayable=attempt == 1 and isinstance(body, bytes),
+                        replayable=attempt == 1 and isinstance(body, bytes), retried=attempt == 2,
                     )  # fmt: skip
                     outcome = await source.rejected(server, route.user, refusal)
                     if outcome is not None:

@@ -16,7 +16,7 @@ from proxy import inbound, logs
 from proxy.connect.clients import server_cache_prefix
 from proxy.errors import Conflict, NotFound
 from proxy.events import ChangeFeed
-from proxy.names import SERVERS_CHANGED, SecretKind, connection_changed
+from proxy.names import SERVERS_CHANGED, SERVICE_USER, SecretKind, connection_changed
 from proxy.registry import Registry
 from proxy.sealed import SealedSecrets
 from proxy.settings import ConfigError, ServerConfig, parse_server
@@ -91,7 +91,7 @@ class Management:
         current = self.stored_server(server_id)
         server = parse_server(server_id, definition, key="server", source="store")
         await self.policy.check(server.url, key="server.url")
-        if server.url != current.url or server.auth != current.auth:
+        if server.url != current.url or server.credential_kind != current.credential_kind:
             # Tokens were issued for the old resource: they must not reach the new
             # one, so they go first; a failure then leaves the old definition.
             await self.store.ping()
@@ -156,11 +156,15 @@ class Management:
             raise ConfigError("auth_method", "must be client_secret_basic, client_secret_post or none")
         if method != "none" and not secret:
             raise ConfigError("client_secret", f"is required with auth_method {method}")
+        if method == "none" and server.grant == "client_credentials":
+            raise ConfigError(
+                "client_secret", "is required: the client_credentials grant needs a confidential client"
+            )
         record = {"client_id": client_id, "client_secret": secret, "auth_method": method}
         await self.secrets.put(SecretKind.STATIC_CLIENT, server_id, json.dumps(record))
         # A new client makes earlier dynamic registrations irrelevant.
         await self.secrets.delete_owned_by(SecretKind.CLIENT_REGISTRATION, server_id)
-        await self._changed()
+        await self._client_changed(server)
         return self.oauth_client_info(server_id, record)
 
     async def oauth_client(self, server_id: str) -> dict[str, Any]:
@@ -181,10 +185,18 @@ class Management:
         }
 
     async def clear_oauth_client(self, server_id: str) -> bool:
-        self.server(server_id)
+        server = self.server(server_id)
         cleared = await self.secrets.delete(SecretKind.STATIC_CLIENT, server_id)
-        await self._changed()
+        await self._client_changed(server)
         return cleared
+
+    async def _client_changed(self, server: ServerConfig) -> None:
+        """A client_credentials server's token (or recorded refusal) belonged to
+        the old client: the next request asks as the new one, at once."""
+        if server.credential_kind != "client_credentials":
+            return await self._changed()
+        await self.tokens.delete_connection(SERVICE_USER, server.id)
+        await self._changed(SERVERS_CHANGED, connection_changed(server.id, SERVICE_USER))
 
     # -- connections ---------------------------------------------------------------
 

@@ -23,6 +23,13 @@ class SecretKind(StrEnum):
     CALLER_TOKEN = "proxy_token"
 
 
+# The user a client_credentials server's one token is stored under, in the
+# token store like a person's connection. It cannot be a person's: user ids
+# start with a letter or digit and have no '~' (settings.ID_PATTERN), so no
+# path, link or API call can name it; like every id it has no ':', which
+# separates the parts of token store keys and events.
+SERVICE_USER = "~service"
+
 # Sealed values kept elsewhere than the secrets table.
 OAUTH_TOKEN = "oauth_token"  # a user's token set, in the token store
 PENDING_STATE = "state"  # an authorization in progress, under its `state`

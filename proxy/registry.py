@@ -99,6 +99,10 @@ class Registry:
             return self._read_key_file(server.client_secret_file)
         return None
 
+    def client_private_key(self, server: ServerConfig) -> str | None:
+        """The PEM private key of a client_credentials server's private_key_jwt client."""
+        return self._read_key_file(server.client_private_key_file) if server.client_private_key_file else None
+
     def _read_key_file(self, path: str) -> str | None:
         # Kubernetes rewrites mounted Secrets in place: re-read on change.
         try:

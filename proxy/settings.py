@@ -24,6 +24,14 @@ from proxy.errors import InvalidInput
 
 AuthType = Literal["none", "api_key", "oauth"]
 AUTH_TYPES: tuple[str, ...] = ("none", "api_key", "oauth")
+# How an oauth server's tokens are obtained: per user through the browser
+# (authorization_code), or one for the whole server, as the proxy's own client
+# (client_credentials: machine to machine, no person involved).
+Grant = Literal["authorization_code", "client_credentials"]
+GRANTS: tuple[str, ...] = ("authorization_code", "client_credentials")
+# The `aud` of a private_key_jwt client assertion (RFC 7523 §3).
+AssertionAudience = Literal["token_endpoint", "issuer"]
+ASSERTION_AUDIENCES: tuple[str, ...] = ("token_endpoint", "issuer")
 
 # One path segment, a conservative alphabet, a length cap. Starting with an
 # alphanumeric rules out "." and ".." without a special case.
@@ -42,7 +50,9 @@ FRAMING_HEADERS = frozenset(
 )  # fmt: skip
 # Secrets read from this machine's environment or files: only the operator's
 # config file may name them, never a server added through the admin API or CLI.
-OPERATOR_ONLY_KEYS = ("api_key_env", "api_key_file", "client_secret_env", "client_secret_file")
+OPERATOR_ONLY_KEYS = (
+    "api_key_env", "api_key_file", "client_secret_env", "client_secret_file", "client_private_key_file",
+)  # fmt: skip
 # /<user>/<server>/mcp is the MCP endpoint too (routing.py), so it is never an upstream path.
 MCP_ALIAS = "/mcp"
 
@@ -71,14 +81,28 @@ class ServerConfig:
     # Upstream paths on the server's origin reachable besides `url` itself.
     paths: tuple[str, ...] = ()
     # oauth
+    grant: Grant = "authorization_code"
     client_id: str | None = None
     client_secret_env: str | None = None
     client_secret_file: str | None = None
+    # client_credentials only: private_key_jwt client authentication (RFC 7523)
+    # with the PEM private key in this file, instead of a secret.
+    client_private_key_file: str | None = None
+    client_key_id: str | None = None
+    client_assertion_audience: AssertionAudience = "token_endpoint"
     scopes: tuple[str, ...] = ()
     resource: bool = True
     authorization_params: Mapping[str, str] = field(default_factory=dict)
     # Where the definition came from: "config" servers are read-only at run time.
     source: Literal["config", "store"] = "config"
+
+    @property
+    def credential_kind(self) -> str:
+        """The credential source that serves the server (credentials/): its auth
+        type, or `client_credentials` for an oauth server that uses that grant."""
+        if self.auth == "oauth" and self.grant == "client_credentials":
+            return "client_credentials"
+        return self.auth
 
     @property
     def origin(self) -> str:
@@ -132,7 +156,13 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
             values[name] = _string(
                 raw[name], f"{key}.{name}", ENV_NAME_PATTERN, "an environment variable name"
             )
-    for name in ("api_key_file", "client_secret_file", "client_id"):
+    for name in (
+        "api_key_file",
+        "client_secret_file",
+        "client_id",
+        "client_private_key_file",
+        "client_key_id",
+    ):
         if name in raw:
             values[name] = _string(raw[name], f"{key}.{name}")
     if "api_key_header" in raw:
@@ -178,12 +208,18 @@ def parse_server(server_id: str, raw: Any, *, key: str, source: str = "config") 
         ):
             raise ConfigError(f"{key}.authorization_params", "must map parameter names to strings")
         values["authorization_params"] = dict(params)
+    for name, allowed in (("grant", GRANTS), ("client_assertion_audience", ASSERTION_AUDIENCES)):
+        if name in raw:
+            if raw[name] not in allowed:
+                raise ConfigError(f"{key}.{name}", f"must be one of {', '.join(allowed)} (got {raw[name]!r})")
+            values[name] = raw[name]
+    _check_client_credentials(values, key)
     if auth != "api_key":
         for name in ("api_key_env", "api_key_file"):
             if name in values:
                 raise ConfigError(f"{key}.{name}", f"only meaningful with auth: api_key (auth is {auth})")
     if auth != "oauth":
-        for name in ("client_id", "client_secret_env", "client_secret_file", "scopes"):
+        for name in ("client_id", "client_secret_env", "client_secret_file", "scopes", "grant"):
             if name in values:
                 raise ConfigError(f"{key}.{name}", f"only meaningful with auth: oauth (auth is {auth})")
     return ServerConfig(**values)
@@ -211,6 +247,37 @@ def _key_header(raw: Any, key: str) -> str:
             "an API key; use Authorization (the default) or a header such as X-API-Key",
         )
     return name
+
+
+_KEY_SETTINGS = ("client_private_key_file", "client_key_id", "client_assertion_audience")
+
+
+def _check_client_credentials(values: Mapping[str, Any], key: str) -> None:
+    """The client_credentials grant acts as one static client; its private key
+    (or secret) authenticates it, and only it uses a private key."""
+    if values.get("grant") != "client_credentials":
+        for name in _KEY_SETTINGS:
+            if name in values:
+                raise ConfigError(f"{key}.{name}", "only meaningful with grant: client_credentials")
+        return
+    if values["auth"] != "oauth":
+        return  # refused below, naming the auth type
+    if "client_id" not in values:
+        raise ConfigError(
+            f"{key}.client_id",
+            "required with grant: client_credentials (the client registered for the proxy at the "
+            "server's authorization server)",
+        )
+    if "client_private_key_file" in values:
+        for name in ("client_secret_env", "client_secret_file"):
+            if name in values:
+                raise ConfigError(
+                    f"{key}.{name}", "give either a client secret or client_private_key_file, not both"
+                )
+    else:
+        for name in ("client_key_id", "client_assertion_audience"):
+            if name in values:
+                raise ConfigError(f"{key}.{name}", "only meaningful with client_private_key_file")
 
 
 def _upstream_url(raw: Any, *, key: str) -> str:

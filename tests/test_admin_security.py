@@ -162,6 +162,7 @@ SOURCES = [
     ("api_key", "api_key_file", "SECRET_FILE"),
     ("oauth", "client_secret_env", "KEYBEARER_SALT"),
     ("oauth", "client_secret_file", "SECRET_FILE"),
+    ("oauth", "client_private_key_file", "SECRET_FILE"),
 ]
 
 

@@ -14,14 +14,21 @@ import asyncio
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import structlog
 
 from proxy.crypto import DecryptError
+from proxy.errors import Unavailable
 from proxy.names import ALL_USERS, RESYNC, Event, SecretKind, secret_owned_by
 from proxy.oauth import client as oauth_client
-from proxy.oauth.client import AuthServerUnavailable, ClientRegistration, OAuthError, TokenResponse
+from proxy.oauth.client import (
+    AssertionKey,
+    AuthServerUnavailable,
+    ClientRegistration,
+    OAuthError,
+    TokenResponse,
+)
 from proxy.oauth.discovery import AuthServer, Discovery, DiscoveryError, discover, probe_challenge
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
 from proxy.registry import Registry
@@ -45,6 +52,22 @@ def discovery_cache_key(server: ServerConfig) -> str:
 def server_cache_prefix(server_id: str) -> str:
     """Every token-store cache entry that belongs to a server."""
     return f"oauth:{server_id}:"
+
+
+class ServiceClientUnusable(Unavailable):
+    """A client_credentials server's client has no usable secret or key: the operator must act."""
+
+    code = "service_client_unusable"
+
+
+@dataclass(frozen=True)
+class ServiceGrant:
+    """A token issued to a client_credentials server's own client."""
+
+    issued: TokenResponse
+    issuer: str
+    client_id: str
+    scopes: tuple[str, ...]  # asked for
 
 
 class OAuthClients:
@@ -168,13 +191,60 @@ class OAuthClients:
         return f"{server.id}|{auth_server.issuer}|{self.redirect_uri}"
 
     async def _static_client(self, server: ServerConfig) -> tuple[str, str | None, str | None] | None:
-        stored = await self.secrets.get(SecretKind.STATIC_CLIENT, server.id)
-        if stored:
-            record = json.loads(stored)
-            return record["client_id"], record.get("client_secret"), record.get("auth_method")
+        stored = await self._stored_client(server)
+        if stored is not None:
+            return stored
         if server.client_id:
             return server.client_id, self.registry.client_secret(server), None
         return None
+
+    async def _stored_client(self, server: ServerConfig) -> tuple[str, str | None, str | None] | None:
+        """The static client set by `keybearer oauth-client set`: id, secret, auth method."""
+        stored = await self.secrets.get(SecretKind.STATIC_CLIENT, server.id)
+        if not stored:
+            return None
+        record = json.loads(stored)
+        return record["client_id"], record.get("client_secret"), record.get("auth_method")
+
+    async def service_client(self, server: ServerConfig, auth_server: AuthServer) -> ClientRegistration:
+        """The client a client_credentials server's token is asked for as: the one
+        stored with `oauth-client set`, else the config's client_id with its
+        private key or secret. ServiceClientUnusable when it has neither."""
+        stored = await self._stored_client(server)
+        if stored is None and server.client_private_key_file:
+            return oauth_client.key_registration(
+                auth_server, server.client_id or "", self._assertion_key(server)
+            )
+        if stored is not None:
+            client_id, secret, method = stored
+        else:
+            client_id, secret, method = server.client_id or "", self._config_secret(server), None
+        if not secret:
+            raise ServiceClientUnusable(_no_secret(server), server=server.id)
+        registration = oauth_client.static_registration(auth_server, client_id, secret, self.redirect_uri)
+        return registration if method is None else replace(registration, auth_method=method)
+
+    def _config_secret(self, server: ServerConfig) -> str | None:
+        try:
+            return self.registry.client_secret(server)
+        except OSError as exc:
+            raise ServiceClientUnusable(
+                f"the client secret file {server.client_secret_file} of server {server.id!r} cannot be "
+                f"read ({exc.strerror}); the operator must fix it",
+                server=server.id,
+            ) from None
+
+    def _assertion_key(self, server: ServerConfig) -> AssertionKey:
+        try:
+            pem = self.registry.client_private_key(server)
+        except OSError as exc:
+            raise _key_problem(server, f"cannot be read ({exc.strerror})") from None
+        if not pem:
+            raise _key_problem(server, "is missing or empty")
+        try:
+            return AssertionKey.from_pem(pem, server.client_key_id, server.client_assertion_audience)
+        except ValueError as exc:
+            raise _key_problem(server, f"holds no usable key: {exc}") from None
 
     # -- token endpoint calls as that client -------------------------------------------
 
@@ -197,6 +267,20 @@ class OAuthClients:
                 await self.forget_registration(server, found.auth_server)
             raise
 
+    async def client_credentials(self, server: ServerConfig) -> ServiceGrant:
+        """A token for a client_credentials server, asked for as its own client
+        with the scopes and resource the code flow would ask for."""
+        try:
+            found = await self.discovery(server)
+        except (DiscoveryError, UnsafeURL, FetchError) as exc:
+            raise AuthServerUnavailable(str(exc)) from None
+        registration = await self.service_client(server, found.auth_server)
+        scopes = found.scopes or server.scopes
+        issued = await oauth_client.client_credentials(
+            self.fetcher, found.auth_server, registration, scopes, found.resource if server.resource else None
+        )
+        return ServiceGrant(issued, found.auth_server.issuer, registration.client_id, scopes)
+
     async def revoke(self, server: ServerConfig, token: str, hint: str) -> None:
         """RFC 7009, where the authorization server offers it. A failure is logged:
         forgetting the tokens still protects the user."""
@@ -217,6 +301,27 @@ class OAuthClients:
 
 def _registration_from_json(raw: str) -> ClientRegistration:
     return ClientRegistration(**{**json.loads(raw), "raw": {}})
+
+
+def _key_problem(server: ServerConfig, why: str) -> ServiceClientUnusable:
+    return ServiceClientUnusable(
+        f"the private key file {server.client_private_key_file} of server {server.id!r} {why}; "
+        "the operator must fix it",
+        server=server.id,
+    )
+
+
+def _no_secret(server: ServerConfig) -> str:
+    if server.client_secret_env:
+        where = f"set the environment variable {server.client_secret_env}"
+    elif server.client_secret_file:
+        where = f"put the secret in {server.client_secret_file}"
+    else:
+        where = "set client_secret_env, client_secret_file or client_private_key_file in its config"
+    return (
+        f"server {server.id!r} uses the client_credentials grant and its client has no secret; "
+        f"the operator must {where}, or run `keybearer oauth-client set {server.id}`"
+    )
 
 
 def _discovery_to_json(found: Discovery) -> str:

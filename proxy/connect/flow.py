@@ -141,7 +141,7 @@ class ConnectFlow:
 
     async def finish(self, pending: Pending, code: str, iss: str | None) -> Connection:
         server = self.registry.get(pending.server)
-        if server is None or server.auth != "oauth":
+        if server is None or server.credential_kind != "oauth":
             raise FlowError(
                 "Server gone", f"The server {pending.server} is no longer configured.", "Ask the operator."
             )

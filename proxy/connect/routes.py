@@ -143,7 +143,7 @@ class BrowserPages:
         stored = {c.server: c for c in await self.flow.tokens.list_user_connections(user)}
         rows = []
         for server in sorted(self.flow.registry.servers.values(), key=lambda s: s.id):
-            if server.auth != "oauth":
+            if server.credential_kind != "oauth":
                 continue
             conn = stored.get(server.id)
             rows.append(
@@ -199,7 +199,7 @@ class BrowserPages:
     def _server(self, request: Request) -> ServerConfig:
         server_id = str(request.path_params["server"])
         server = self.flow.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
-        if server is None or server.auth != "oauth":
+        if server is None or server.credential_kind != "oauth":
             raise FlowError(
                 "Not found",
                 f"No OAuth server {server_id!r} is configured here.",

@@ -9,7 +9,8 @@ One source per auth type, each behind the same two questions:
   was sent. A `Credential` means "send the request again with this", an
   `Answer` is what the agent gets, None relays the upstream's own answer.
 
-The forwarder asks the source of the server's auth type and knows nothing more.
+The forwarder asks the source of the server's `credential_kind` (its auth type,
+or `client_credentials` for an oauth server with that grant) and knows nothing more.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class Refusal:
     sent: Credential | None
     # The request body can be sent again (it was read whole).
     replayable: bool
+    # This was already the request sent again, with what `rejected` returned.
+    retried: bool = False
 
 
 class CredentialSource(Protocol):

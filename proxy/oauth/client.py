@@ -1,6 +1,8 @@
 """The OAuth 2.1 client side: PKCE, the authorization URL, client registration
-(static, Client ID Metadata Document, RFC 7591 dynamic registration), and the
-token endpoint (code exchange, refresh, RFC 7009 revocation).
+(static, Client ID Metadata Document, RFC 7591 dynamic registration), client
+authentication (a secret, or an RFC 7523 assertion signed with a private key),
+and the token endpoint (code exchange, refresh, client credentials, RFC 7009
+revocation).
 
 Errors:
 - `OAuthError` when the authorization server answered but not with what was
@@ -20,15 +22,21 @@ import base64
 import hashlib
 import re
 import secrets
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from joserfc import jwt
+from joserfc.jwk import ECKey, RSAKey
+
 from .discovery import AuthServer
 from .fetch import Fetcher, FetchError, OAuthProtocolError, UnsafeURL
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 RegistrationSource = Literal["static", "cimd", "dcr"]
 
 GRANT_TYPES = ("authorization_code", "refresh_token")
@@ -45,6 +53,11 @@ _ERROR_CODE = re.compile(r"[\x20-\x21\x23-\x5B\x5D-\x7E]{1,64}")
 _TOKEN_CHARS = re.compile(r"[\x20-\x7E]+")
 # A lifetime in seconds; longer than 10**12 s (30,000 years) means "unknown".
 _SECONDS = re.compile(r"[0-9]{1,12}")
+CLIENT_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+# A client assertion is sent at once; the authorization server remembers its
+# jti until it expires, so a short life keeps that memory small too.
+ASSERTION_LIFETIME = 60
+_EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 
 
 class OAuthError(OAuthProtocolError):
@@ -132,6 +145,61 @@ def check_callback_issuer(auth_server: AuthServer, iss: str | None) -> None:
 
 
 @dataclass(frozen=True)
+class AssertionKey:
+    """The private key of a client that authenticates by private_key_jwt
+    (RFC 7523 §2.2): each token request carries a fresh assertion signed with it."""
+
+    key: RSAKey | ECKey = field(repr=False)
+    algorithm: str
+    key_id: str | None = None
+    # What the assertion's `aud` names: the token endpoint (RFC 7523 §3, what
+    # most providers check) or the issuer (what RFC 7523bis asks for).
+    audience: Literal["token_endpoint", "issuer"] = "token_endpoint"
+
+    @classmethod
+    def from_pem(
+        cls,
+        pem: str,
+        key_id: str | None = None,
+        audience: Literal["token_endpoint", "issuer"] = "token_endpoint",
+    ) -> AssertionKey:
+        """ValueError, saying what is wrong, unless `pem` is an unencrypted RSA
+        (RS256) or EC P-256/384/521 (ES256/384/512) private key."""
+        try:
+            loaded = load_pem_private_key(pem.encode(), password=None)
+        except TypeError:
+            raise ValueError(
+                "the private key is encrypted; give it unencrypted (PKCS#8 or PKCS#1 PEM)"
+            ) from None
+        except ValueError:
+            raise ValueError("not a PEM private key (-----BEGIN PRIVATE KEY----- …)") from None
+        if isinstance(loaded, rsa.RSAPrivateKey):
+            if loaded.key_size < 2048:
+                raise ValueError(f"the RSA key has {loaded.key_size} bits; at least 2048 are needed")
+            return cls(RSAKey.import_key(pem), "RS256", key_id, audience)
+        if isinstance(loaded, ec.EllipticCurvePrivateKey) and loaded.curve.name in _EC_ALGORITHMS:
+            return cls(ECKey.import_key(pem), _EC_ALGORITHMS[loaded.curve.name], key_id, audience)
+        raise ValueError("the key must be RSA or EC on P-256, P-384 or P-521")
+
+
+def client_assertion(client_id: str, key: AssertionKey, auth_server: AuthServer) -> str:
+    """A JWT that authenticates the client (RFC 7523 §3): issued by and about
+    the client, for this authorization server alone, used once, short-lived."""
+    now = int(time.time())
+    audience = auth_server.issuer if key.audience == "issuer" else auth_server.token_endpoint
+    header = {"alg": key.algorithm, "typ": "JWT", **({"kid": key.key_id} if key.key_id else {})}
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "jti": secrets.token_urlsafe(24),
+        "iat": now,
+        "exp": now + ASSERTION_LIFETIME,
+    }
+    return jwt.encode(header, claims, key.key, algorithms=[key.algorithm])
+
+
+@dataclass(frozen=True)
 class ClientRegistration:
     """The client the proxy is at one authorization server."""
 
@@ -142,6 +210,8 @@ class ClientRegistration:
     redirect_uri: str
     source: RegistrationSource
     raw: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    # Set for private_key_jwt (static clients of the client_credentials grant).
+    assertion_key: AssertionKey | None = field(default=None, repr=False)
 
 
 def choose_auth_method(auth_server: AuthServer, has_secret: bool) -> AuthMethod:
@@ -173,6 +243,28 @@ def static_registration(
         issuer=auth_server.issuer,
         redirect_uri=redirect_uri,
         source="static",
+    )
+
+
+def key_registration(auth_server: AuthServer, client_id: str, key: AssertionKey) -> ClientRegistration:
+    """A static client that authenticates with a private key (private_key_jwt).
+    OAuthError `unsupported_auth_method` when the server lists its methods
+    without that one."""
+    supported = auth_server.token_endpoint_auth_methods_supported
+    if supported is not None and "private_key_jwt" not in supported:
+        raise OAuthError(
+            "unsupported_auth_method",
+            f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}, "
+            "not private_key_jwt",
+        )
+    return ClientRegistration(
+        client_id=client_id,
+        client_secret=None,
+        auth_method="private_key_jwt",
+        issuer=auth_server.issuer,
+        redirect_uri="",
+        source="static",
+        assertion_key=key,
     )
 
 
@@ -357,6 +449,22 @@ async def refresh(
     return await _token_request(fetcher, auth_server, client, data, secrets_in=(refresh_token,))
 
 
+async def client_credentials(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    scopes: Sequence[str],
+    resource: str | None,
+) -> TokenResponse:
+    """A token for the client itself (RFC 6749 §4.4): no user, no refresh token needed."""
+    data = {"grant_type": "client_credentials"}
+    if scopes:
+        data["scope"] = " ".join(scopes)
+    if resource:
+        data["resource"] = resource
+    return await _token_request(fetcher, auth_server, client, data, secrets_in=())
+
+
 async def revoke(
     fetcher: Fetcher,
     auth_server: AuthServer,
@@ -370,7 +478,7 @@ async def revoke(
     data = {"token": token}
     if token_type_hint:
         data["token_type_hint"] = token_type_hint
-    form, headers = _authenticate(client, data)
+    form, headers = _authenticate(client, auth_server, data)
     status, answer = await _call(
         fetcher.post_form(auth_server.revocation_endpoint, form, headers=headers),
         "token revocation",
@@ -391,7 +499,7 @@ async def _token_request(
 ) -> TokenResponse:
     what = f"token request ({data['grant_type']})"
     hidden = tuple(secrets_in)
-    form, headers = _authenticate(client, data)
+    form, headers = _authenticate(client, auth_server, data)
     status, answer = await _call(
         fetcher.post_form(auth_server.token_endpoint, form, headers=headers), what, hidden
     )
@@ -447,11 +555,17 @@ def _check_token_chars(name: str, token: str, status: int) -> None:
 
 
 def _authenticate(
-    client: ClientRegistration, data: Mapping[str, str]
+    client: ClientRegistration, auth_server: AuthServer, data: Mapping[str, str]
 ) -> tuple[dict[str, str], dict[str, str]]:
     """The form and headers that authenticate the client by its auth method."""
     form = dict(data)
     method = client.auth_method
+    if method == "private_key_jwt" and client.assertion_key is not None:
+        # The assertion names the client (RFC 7523 §3): no client_id beside it,
+        # as the MCP client credentials extension shows.
+        form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
+        form["client_assertion"] = client_assertion(client.client_id, client.assertion_key, auth_server)
+        return form, {}
     if method == "client_secret_basic" and client.client_secret:
         # RFC 6749 §2.3.1: both are form-urlencoded before Basic encoding.
         credentials = f"{quote(client.client_id, safe='')}:{quote(client.client_secret, safe='')}"

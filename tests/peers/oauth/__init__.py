@@ -50,8 +50,11 @@ Configuration (keyword arguments of ``run_authorization_server``, passed as JSON
                        to 1, ``-1`` = forever.
 ``log_success``        also print ``grant.success`` / ``authorization.success`` events.
 
-Behaviour (oidc-provider features): open Dynamic Client Registration (``/reg``), PKCE required
-(S256 only), RFC 8707 resource indicators (access tokens are RS256 JWTs, ``typ: at+jwt``,
+Behaviour (oidc-provider features): the client credentials grant for clients registered with it
+(``grant_types: ["client_credentials"]``; JWT access tokens for the ``resource``, lifetime
+``access_token_ttl``), ``private_key_jwt`` client authentication for clients registered with a
+``jwks`` (assertion ``aud``: the issuer or the token endpoint), open Dynamic Client Registration
+(``/reg``), PKCE required (S256 only), RFC 8707 resource indicators (access tokens are RS256 JWTs, ``typ: at+jwt``,
 ``aud`` = the resource, ``scope`` = granted resource scopes, ``client_id``, ``sub``), refresh tokens
 for every client registered with the ``refresh_token`` grant (no ``offline_access`` needed), refresh
 token rotation on every use; replaying a used refresh token (or code) revokes the whole grant
@@ -70,8 +73,9 @@ endpoint whatever its outcome), ``token_errors`` (``"<grant>:<error>"`` -> count
 ``refresh_reuse_detected``, ``code_reuse_detected``, ``grants_revoked``, ``authorization_requests``,
 ``authorizations_issued``, ``registrations``, ``revocation_requests``, ``introspection_requests``,
 ``discovery_requests`` (path -> count), ``jwks_requests``, ``cimd_fetches``, ``faults_applied``,
-``token_log`` (per token request: grant_type, client_id, resource, scope, has_code_verifier,
-redirect_uri, status, error) and ``authorization_log`` (query of each authorization request).
+``token_log`` (per token request: grant_type, client_id, client_auth (``client_secret_basic``,
+``client_secret_post``, ``private_key_jwt`` or ``none``, as sent), resource, scope,
+has_code_verifier, redirect_uri, status, error) and ``authorization_log`` (query of each authorization request).
 ``reset_stats()``; ``settings(**kw)`` changes ``access_token_ttl``, ``refresh_token_ttl``,
 ``default_scope``, ``faults``, ``resource_scopes``, ``require_resource``, ``log_success`` at run
 time; ``revoke(sub,

@@ -212,6 +212,8 @@ async function buildProvider(issuer) {
       registration: { enabled: true },
       revocation: { enabled: true },
       introspection: { enabled: true },
+      // For clients registered with the client_credentials grant (machine to machine).
+      clientCredentials: { enabled: true },
       resourceIndicators: {
         enabled: true,
         async defaultResource(ctx, client, oneOf) {
@@ -244,6 +246,7 @@ async function buildProvider(issuer) {
     ttl: {
       AccessToken: (ctx, token) => token.resourceServer?.accessTokenTTL ?? settings.access_token_ttl,
       RefreshToken: () => settings.refresh_token_ttl,
+      ClientCredentials: (ctx, token) => token.resourceServer?.accessTokenTTL ?? settings.access_token_ttl,
       AuthorizationCode: () => 60,
       Grant: () => settings.refresh_token_ttl,
       IdToken: () => 3600,
@@ -457,6 +460,14 @@ function discoveryTarget(path) {
   return null;
 }
 
+// How a token request authenticated its client, as sent (whether it was accepted is in `status`).
+function clientAuth(req, params) {
+  if ((req.headers.authorization ?? '').startsWith('Basic ')) return 'client_secret_basic';
+  if (params.client_assertion) return 'private_key_jwt';
+  if (params.client_secret) return 'client_secret_post';
+  return 'none';
+}
+
 async function handle(provider, callback, req, res) {
   const url = new URL(req.url, 'http://x');
   const path = url.pathname;
@@ -486,6 +497,7 @@ async function handle(provider, callback, req, res) {
       ts: Date.now() / 1000,
       grant_type: params.grant_type ?? 'missing',
       client_id: params.client_id ?? null, // null when the client authenticated with Basic
+      client_auth: clientAuth(req, params),
       resource: params.resource ?? null,
       scope: params.scope ?? null,
       has_code_verifier: 'code_verifier' in params,
