@@ -242,6 +242,9 @@ class Settings:
     oauth_allow_http_loopback: bool = setting(False, "bool")
     # Private (RFC 1918 and the like) addresses, for authorization servers inside the cluster.
     oauth_allow_private_addresses: bool = setting(False, "bool")
+    # Where authorization servers fetch the proxy's Client ID Metadata Document,
+    # which is also its client id there; None: <public_url>/oauth/client-metadata.json.
+    client_metadata_url: str | None = setting(None, "str")
     # Serving.
     workers: int = setting(1, "int")
     # Seconds in-flight requests get to finish on SIGTERM; open event streams
@@ -344,6 +347,8 @@ def load_settings(
         raise ConfigError("max_connections", "must be at least 1")
     if not 1 <= settings.workers <= 64:
         raise ConfigError("workers", "must be between 1 and 64")
+    if settings.client_metadata_url is not None:
+        _check_client_metadata_url(settings.client_metadata_url, settings.oauth_allow_http_loopback)
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
         raise ConfigError("jwt_jwks_url", "inbound_auth: jwt needs jwt_jwks_url and jwt_issuer")
     if settings.inbound_auth == "jwt" and not settings.jwt_audience:
@@ -352,6 +357,33 @@ def load_settings(
             "jwt_audience", "inbound_auth: jwt needs jwt_audience, the audience of this proxy's tokens"
         )
     return settings
+
+
+def _check_client_metadata_url(url: str, allow_http_loopback: bool) -> None:
+    """A client id that authorization servers fetch: https (plain http only to
+    loopback, for tests), a host, a path; no query, fragment, credentials or
+    dot segments (draft-ietf-oauth-client-id-metadata-document §3)."""
+    key = "client_metadata_url"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(key, f"is not a valid URL (got {url!r})") from None
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback and allow_http_loopback):
+        raise ConfigError(
+            key,
+            f"must be an https:// URL (plain http only to a loopback address, with "
+            f"oauth_allow_http_loopback) (got {url!r})",
+        )
+    if not parts.hostname or parts.path in ("", "/") or len(url) > 2048:
+        raise ConfigError(
+            key, f"must name a document by its path, e.g. https://proxy.example.com/client.json (got {url!r})"
+        )
+    if "?" in url or "#" in url or parts.username is not None or parts.password is not None:
+        raise ConfigError(key, f"must have no query, fragment or credentials (got {url!r})")
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        raise ConfigError(key, f"must have no . or .. path segments (got {url!r})")
 
 
 def _from_env(env: Mapping[str, str], name: str, secret: bool) -> str | None:

@@ -32,6 +32,10 @@ log = structlog.get_logger("keybearer.oauth")
 
 CLIENT_METADATA_PATH = "/oauth/client-metadata.json"
 CLIENT_NAME = "Keybearer MCP proxy"
+# A stored registration whose secret expires sooner than this is registered
+# again: longer than a sign-in may take (flow.STATE_TTL), so that one begun
+# with a registration can finish with it.
+RENEW_BEFORE_EXPIRY = 900.0
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -59,7 +63,9 @@ class OAuthClients:
         self.tokens = tokens
         self.fetcher = fetcher
         self.redirect_uri = settings.public_url + settings.callback_path
-        self.client_id_url = settings.public_url + CLIENT_METADATA_PATH
+        # The document's URL is its client id: the proxy's own path, unless the
+        # operator hosts the document elsewhere.
+        self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
         self._discoveries: dict[str, tuple[float, str, Discovery]] = {}
 
@@ -108,7 +114,12 @@ class OAuthClients:
         name = self._registration_name(server, auth_server)
         stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
         if stored:
-            return ClientRegistration(**{**json.loads(stored), "raw": {}})
+            kept = ClientRegistration(**{**json.loads(stored), "raw": {}})
+            if kept.secret_expires_at is None or kept.secret_expires_at - RENEW_BEFORE_EXPIRY > time.time():
+                return kept
+            log.info(
+                "client secret expires soon; registering again", server=server.id, issuer=auth_server.issuer
+            )
         registration = await oauth_client.register_client(
             self.fetcher, auth_server, self.redirect_uri, CLIENT_NAME, server.scopes
         )
