@@ -1200,6 +1200,19 @@ def test_authorization_url() -> None:
             authorization_url(server, "c", REDIRECT, "s", "ch", [], None, {clash: "x"})
 
 
+def test_authorization_url_offline_access_asks_for_consent() -> None:
+    server = AuthServer("https://as.example", "https://as.example/authorize", "https://as.example/token")
+
+    def query(scopes: list[str], extra: dict[str, str]) -> dict[str, list[str]]:
+        return parse_qs(
+            urlsplit(authorization_url(server, "c", REDIRECT, "s", "ch", scopes, None, extra)).query
+        )
+
+    assert query(["mcp", "offline_access"], {})["prompt"] == ["consent"]
+    assert query(["mcp", "offline_access"], {"prompt": "login consent"})["prompt"] == ["login consent"]
+    assert "prompt" not in query(["mcp"], {})
+
+
 def test_callback_issuer_check() -> None:
     plain = AuthServer("https://as.example", "https://as.example/a", "https://as.example/t")
     strict = AuthServer("https://as.example", "https://as.example/a", "https://as.example/t",

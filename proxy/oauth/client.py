@@ -92,7 +92,8 @@ def authorization_url(
 ) -> str:
     """The URL to send the browser to. A query already in the authorization
     endpoint is kept (RFC 6749 §3.1); `extra_params` (configured per server,
-    e.g. `prompt`) may not name a protocol parameter: ValueError."""
+    e.g. `prompt`) may not name a protocol parameter: ValueError. Asking for
+    `offline_access` adds `prompt=consent` unless `extra_params` set a prompt."""
     extra = dict(extra_params or {})
     clash = sorted(k for k in extra if k.lower() in PROTOCOL_PARAMS)
     if clash:
@@ -109,6 +110,10 @@ def authorization_url(
         params.append(("scope", " ".join(scopes)))
     if resource:
         params.append(("resource", resource))
+    if OFFLINE_ACCESS in scopes and not any(k.lower() == "prompt" for k in extra):
+        # OpenID Connect §11: offline access is granted on consent, which
+        # providers (oidc-provider among them) insist on being asked for.
+        params.append(("prompt", "consent"))
     params.extend(extra.items())
     parts = urlsplit(auth_server.authorization_endpoint)
     existing = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in dict(params)]
