@@ -45,6 +45,7 @@ from proxy.oauth.client import (
     register_client,
     requested_scopes,
     revoke,
+    static_registration,
 )
 from proxy.oauth.discovery import (
     AuthServer,
@@ -1132,6 +1133,12 @@ def test_choose_auth_method() -> None:
     assert choose_auth_method(server(["client_secret_basic"]), False) == "none"
     with pytest.raises(OAuthError, match="private_key_jwt"):
         choose_auth_method(server(["private_key_jwt"]), True)
+    # A public-only server: a configured secret stays unused, PKCE alone authenticates.
+    assert choose_auth_method(server(["private_key_jwt", "none"]), True) == "none"
+    static = static_registration(server(["none"]), "static-1", "configured-secret", REDIRECT)
+    assert (static.auth_method, static.client_secret) == ("none", None)
+    static = static_registration(server(None), "static-1", "configured-secret", REDIRECT)
+    assert (static.auth_method, static.client_secret) == ("client_secret_basic", "configured-secret")
 
 
 def test_client_id_metadata_document() -> None:

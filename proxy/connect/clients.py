@@ -103,7 +103,12 @@ class OAuthClients:
         if static is not None:
             client_id, secret, method = static
             registration = oauth_client.static_registration(auth_server, client_id, secret, self.redirect_uri)
-            return registration if method is None else replace(registration, auth_method=method)
+            # A method the operator set wins, with the secret they gave.
+            return (
+                registration
+                if method is None
+                else replace(registration, auth_method=method, client_secret=secret)
+            )
         loopback_ok = self.settings.oauth_allow_http_loopback
         if auth_server.client_id_metadata_document_supported and oauth_client.cimd_usable(
             self.client_id_url, loopback_ok

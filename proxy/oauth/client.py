@@ -159,15 +159,16 @@ class ClientRegistration:
 
 def choose_auth_method(auth_server: AuthServer, has_secret: bool) -> AuthMethod:
     """How a client authenticates at the token endpoint. Without a secret:
-    `none`. With one: `client_secret_basic`, else `client_secret_post`, among
-    what the server lists (client_secret_basic when it lists nothing,
-    RFC 8414 §2). OAuthError `unsupported_auth_method` when neither is listed."""
+    `none`. With one: `client_secret_basic`, else `client_secret_post`, else
+    `none` (the secret unused: a public client with PKCE), among what the
+    server lists (client_secret_basic when it lists nothing, RFC 8414 §2).
+    OAuthError `unsupported_auth_method` when none of them is listed."""
     if not has_secret:
         return "none"
     supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
-    for method in ("client_secret_basic", "client_secret_post"):
+    for method in (*SECRET_METHODS, "none"):
         if method in supported:
-            return method
+            return cast(AuthMethod, method)
     raise OAuthError(
         "unsupported_auth_method",
         f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
@@ -179,27 +180,14 @@ def static_registration(
     auth_server: AuthServer, client_id: str, client_secret: str | None, redirect_uri: str
 ) -> ClientRegistration:
     """A client configured by the operator."""
+    method = choose_auth_method(auth_server, bool(client_secret))
     return ClientRegistration(
         client_id=client_id,
-        client_secret=client_secret or None,
-        auth_method=choose_auth_method(auth_server, bool(client_secret)),
+        client_secret=client_secret if method in SECRET_METHODS else None,
+        auth_method=method,
         issuer=auth_server.issuer,
         redirect_uri=redirect_uri,
         source="static",
-    )
-
-
-def _registration_method(auth_server: AuthServer) -> AuthMethod:
-    """What to ask for in dynamic registration: a confidential method the
-    server supports, else none."""
-    supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
-    for method in ("client_secret_basic", "client_secret_post", "none"):
-        if method in supported:
-            return method
-    raise OAuthError(
-        "unsupported_auth_method",
-        f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
-        "the proxy supports client_secret_basic, client_secret_post and none",
     )
 
 
@@ -217,7 +205,8 @@ async def register_client(
             f"{auth_server.issuer} offers no dynamic client registration; "
             "configure a client_id (and secret) for this server",
         )
-    method = _registration_method(auth_server)
+    # Asked as if a secret were coming; what the answer says decides.
+    method = choose_auth_method(auth_server, has_secret=True)
     body: dict[str, Any] = {
         "redirect_uris": [redirect_uri],
         "client_name": client_name,
