@@ -260,6 +260,8 @@ def connection_info(c: Connection) -> dict[str, Any]:
         "issuer": c.issuer,
         "scopes": list(c.scopes),
         "expires_at": c.expires_at,
+        # False: the provider gave no refresh token; reconnect once expires_at passes.
+        "refreshable": c.refreshable,
         "obtained_at": c.obtained_at,
         "last_error": c.last_error,
     }

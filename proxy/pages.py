@@ -98,6 +98,7 @@ class ConnectionRow:
     last_error: str | None
     connect_url: str
     disconnect_action: str | None
+    refreshable: bool = True
 
 
 def connections(user: str, rows: Sequence[ConnectionRow], csrf: str) -> HTMLResponse:
@@ -117,10 +118,16 @@ def connections(user: str, rows: Sequence[ConnectionRow], csrf: str) -> HTMLResp
                 f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
                 f'<button class="secondary" type="submit">Disconnect</button></form>'
             )
+        # The provider gave no refresh token: the person will have to come back.
+        no_refresh = (
+            "<br><span class='muted'>expires without refresh; reconnect then</span>"
+            if row.expires_at and not row.refreshable
+            else ""
+        )
         error = f'<br><span class="error">{escape(row.last_error)}</span>' if row.last_error else ""
         body_rows.append(
             f"<tr><td><strong>{escape(row.server)}</strong><br><span class='muted'>{escape(row.host)}</span></td>"
-            f"<td>{escape(row.state)}{error}</td><td>{escape(expires)}</td><td>{' '.join(actions)}</td></tr>"
+            f"<td>{escape(row.state)}{error}</td><td>{escape(expires)}{no_refresh}</td><td>{' '.join(actions)}</td></tr>"
         )
     table = "".join(body_rows) or "<tr><td colspan=4>No OAuth servers are configured.</td></tr>"
     return page(

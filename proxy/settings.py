@@ -364,6 +364,9 @@ class Settings:
     # Loopback and private networks (CIDR) that servers added through the admin
     # API or `keybearer servers add` may point at; config-file servers may point anywhere.
     api_servers_allowed_networks: tuple[str, ...] = setting((), "list")
+    # Where authorization servers fetch the proxy's Client ID Metadata Document,
+    # which is also its client id there; None: <public_url>/oauth/client-metadata.json.
+    client_metadata_url: str | None = setting(None, "str")
     # Serving.
     workers: int = setting(1, "int")
     # Seconds in-flight requests get to finish on SIGTERM; open event streams
@@ -473,6 +476,8 @@ def load_settings(
             raise ConfigError(
                 "api_servers_allowed_networks", f"{network!r} is not a network such as 10.0.0.0/8 or ::1/128"
             ) from None
+    if settings.client_metadata_url is not None:
+        _check_client_metadata_url(settings.client_metadata_url, settings.oauth_allow_http_loopback)
     if settings.inbound_auth == "jwt" and not (settings.jwt_jwks_url and settings.jwt_issuer):
         raise ConfigError("jwt_jwks_url", "inbound_auth: jwt needs jwt_jwks_url and jwt_issuer")
     if settings.inbound_auth == "jwt" and not settings.jwt_audience:
@@ -481,6 +486,33 @@ def load_settings(
             "jwt_audience", "inbound_auth: jwt needs jwt_audience, the audience of this proxy's tokens"
         )
     return settings
+
+
+def _check_client_metadata_url(url: str, allow_http_loopback: bool) -> None:
+    """A client id that authorization servers fetch: https (plain http only to
+    loopback, for tests), a host, a path; no query, fragment, credentials or
+    dot segments (draft-ietf-oauth-client-id-metadata-document §3)."""
+    key = "client_metadata_url"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(key, f"is not a valid URL (got {url!r})") from None
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback and allow_http_loopback):
+        raise ConfigError(
+            key,
+            f"must be an https:// URL (plain http only to a loopback address, with "
+            f"oauth_allow_http_loopback) (got {url!r})",
+        )
+    if not parts.hostname or parts.path in ("", "/") or len(url) > 2048:
+        raise ConfigError(
+            key, f"must name a document by its path, e.g. https://proxy.example.com/client.json (got {url!r})"
+        )
+    if "?" in url or "#" in url or parts.username is not None or parts.password is not None:
+        raise ConfigError(key, f"must have no query, fragment or credentials (got {url!r})")
+    if any(segment in (".", "..") for segment in parts.path.split("/")):
+        raise ConfigError(key, f"must have no . or .. path segments (got {url!r})")
 
 
 def _from_env(env: Mapping[str, str], name: str, secret: bool) -> str | None:

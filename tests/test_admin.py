@@ -500,6 +500,7 @@ async def test_connections_list_and_delete(
         "issuer": "https://as.example",
         "scopes": ["read"],
         "expires_at": alice.expires_at,
+        "refreshable": True,
         "obtained_at": alice.obtained_at,
         "last_error": None,
     }

@@ -89,6 +89,7 @@ async def authorize(
     username: str,
     resource: str,
     scope: str | None = None,
+    extra: dict[str, str] | None = None,
 ) -> Flow:
     """Authorization code + PKCE + resource through Chromium (login, consent), then the token."""
     verifier, challenge = pkce_pair()
@@ -101,6 +102,7 @@ async def authorize(
         state=state,
         resource=resource,
         scope=scope,
+        extra=extra,
     )
     async with new_page(browser) as page:
         await page.goto(url)
@@ -433,6 +435,36 @@ async def test_token_endpoint_faults(
         assert auth.stats()["token_log"][-2]["resource"] is None
     finally:
         auth.settings(faults=[], require_resource=False)
+
+
+@pytest.mark.parametrize(
+    ("mode", "scope", "prompt", "gets_refresh_token"),
+    [
+        ("offline_access", "mcp:tools", "consent", False),
+        ("offline_access", "mcp:tools offline_access", None, False),  # OpenID Connect §11: only on consent
+        ("offline_access", "mcp:tools offline_access", "consent", True),
+        ("never", "mcp:tools offline_access", "consent", False),
+    ],
+)
+async def test_refresh_token_policies(
+    browser: Browser,
+    callback: CallbackServer,
+    mode: str,
+    scope: str,
+    prompt: str | None,
+    gets_refresh_token: bool,
+) -> None:
+    """`refresh_tokens` plays the providers that want offline_access, and those that never refresh."""
+    resource = "http://127.0.0.1:9/mcp"
+    with run_authorization_server(refresh_tokens=mode, redirect_uris=[callback.url]) as a:
+        assert "offline_access" in a.metadata()["scopes_supported"]
+        flow = await authorize(
+            browser, a, callback, Client(**STATIC_PUBLIC), username="olga", resource=resource, scope=scope,
+            extra={"prompt": prompt} if prompt else None,
+        )  # fmt: skip
+        assert ("refresh_token" in flow.tokens) is gets_refresh_token, flow.tokens.keys()
+        if gets_refresh_token:
+            assert refresh(a, flow, flow.tokens["refresh_token"], resource).status_code == 200
 
 
 # --------------------------------------------------------------------------- resource server

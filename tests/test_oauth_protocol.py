@@ -9,11 +9,13 @@ import asyncio
 import base64
 import hashlib
 import json
+import secrets
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlsplit
 
@@ -26,6 +28,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from support import free_port, wait_for_port
 
+from proxy.app import Components, compose
+from proxy.names import SecretKind
 from proxy.oauth.client import (
     AuthServerUnavailable,
     ClientRegistration,
@@ -39,7 +43,9 @@ from proxy.oauth.client import (
     pkce_pair,
     refresh,
     register_client,
+    requested_scopes,
     revoke,
+    static_registration,
 )
 from proxy.oauth.discovery import (
     AuthServer,
@@ -51,6 +57,7 @@ from proxy.oauth.discovery import (
     probe_challenge,
 )
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
+from proxy.settings import ServerConfig, Settings
 
 PRM = "/.well-known/oauth-protected-resource"
 OAS = "/.well-known/oauth-authorization-server"
@@ -573,6 +580,105 @@ async def test_legacy_fallback_skips_html_pages(rs: Site, fetcher: Fetcher) -> N
     assert d.auth_server.metadata_url == rs.url + OIDC
 
 
+# -- discovery: the edges the official SDKs disagree on (docs/oauth.md, "Discovery: what is accepted")
+
+
+async def test_legacy_fallback_issuer_with_path_on_the_same_origin(rs: Site, fetcher: Fetcher) -> None:
+    """A 2025-03-26 server whose origin metadata names a tenant issuer on that origin."""
+    issuer = rs.url + "/tenant1"
+    rs.json(OAS, as_metadata(issuer))
+    d = await discover(fetcher, rs.url + "/mcp", None)
+    assert rs.paths() == [PRM + "/mcp", PRM, OAS]
+    assert d.resource_metadata is None
+    a = d.auth_server
+    assert (a.issuer, a.token_endpoint, a.metadata_url) == (issuer, issuer + "/token", rs.url + OAS)
+    # RFC 9207: the callback's iss must be that issuer, exactly.
+    check_callback_issuer(a, issuer)
+    for other in (rs.url, issuer + "/", rs.url + "/tenant2"):
+        with pytest.raises(OAuthError, match="comes from issuer"):
+            check_callback_issuer(a, other)
+
+
+@pytest.mark.parametrize("issuer", ["{asrv}", "{asrv}/tenant1", "https://login.example.com/tenant1", None])
+async def test_legacy_fallback_issuer_elsewhere_refused(
+    rs: Site, asrv: Site, fetcher: Fetcher, issuer: str | None
+) -> None:
+    named = issuer.format(asrv=asrv.url) if issuer else None
+    rs.json(OAS, as_metadata(rs.url, issuer=named))
+    with pytest.raises(DiscoveryError) as info:
+        await discover(fetcher, rs.url + "/mcp", None)
+    assert f"names issuer {named!r}, which is not on the MCP server's origin {rs.url}" in str(info.value)
+    assert asrv.seen == []
+
+
+async def test_oidc_only_provider_with_a_path(rs: Site, asrv: Site, fetcher: Fetcher) -> None:
+    """Keycloak-style: only {issuer}/.well-known/openid-configuration, OpenID fields, no DCR."""
+    issuer = asrv.url + "/realms/acme"
+    rs.json(PRM + "/mcp", prm(rs.url + "/mcp", issuer))
+    asrv.json("/realms/acme" + OIDC, as_metadata(
+        issuer, registration_endpoint=None, token_endpoint_auth_methods_supported=None,
+        authorization_endpoint=issuer + "/protocol/openid-connect/auth",
+        token_endpoint=issuer + "/protocol/openid-connect/token",
+        response_types_supported=["code", "id_token", "code id_token"],
+        subject_types_supported=["public"], id_token_signing_alg_values_supported=["RS256"],
+        jwks_uri=issuer + "/protocol/openid-connect/certs",
+    ))  # fmt: skip
+    d = await discover(fetcher, rs.url + "/mcp", None)
+    assert asrv.paths() == [OAS + "/realms/acme", OIDC + "/realms/acme", "/realms/acme" + OIDC]
+    a = d.auth_server
+    assert (a.issuer, a.registration_endpoint, a.token_endpoint_auth_methods_supported) == (
+        issuer,
+        None,
+        None,
+    )
+    assert a.token_endpoint == issuer + "/protocol/openid-connect/token"
+    with pytest.raises(OAuthError) as info:
+        await register_client(fetcher, a, REDIRECT, "Keybearer", ())
+    assert info.value.error == "registration_not_supported"  # configure a static client
+
+
+async def test_oidc_only_provider_without_pkce_refused(rs: Site, asrv: Site, fetcher: Fetcher) -> None:
+    """Entra ID-style OpenID metadata lists no code_challenge_methods_supported: the spec says refuse."""
+    rs.json(PRM + "/mcp", prm(rs.url + "/mcp", asrv.url + "/tenant1/v2.0"))
+    asrv.json(
+        "/tenant1/v2.0" + OIDC, as_metadata(asrv.url + "/tenant1/v2.0", code_challenge_methods_supported=None)
+    )
+    with pytest.raises(DiscoveryError, match="does not advertise PKCE with S256"):
+        await discover(fetcher, rs.url + "/mcp", None)
+
+
+@pytest.mark.parametrize("where", ["rs", "asrv"])
+async def test_resource_metadata_only_where_the_challenge_says(
+    rs: Site, asrv: Site, fetcher: Fetcher, where: str
+) -> None:
+    """No well-known document at all: the 401's resource_metadata names a custom location
+    (on the server's origin or another): the probe finds it and nothing else is fetched."""
+    host = rs if where == "rs" else asrv
+    location = host.url + "/config/mcp-resource.json"
+
+    async def unauthorized(request: Request) -> Response:
+        challenge = f'Bearer realm="mcp", resource_metadata="{location}", scope="notes:read"'
+        return Response(status_code=401, headers={"WWW-Authenticate": challenge})
+
+    rs.on("/v1/mcp", unauthorized, "POST")
+    host.json("/config/mcp-resource.json", prm(rs.url + "/v1/mcp", asrv.url + "/t1"))
+    asrv.json(OAS + "/t1", as_metadata(asrv.url + "/t1"))
+    challenge = await probe_challenge(fetcher, rs.url + "/v1/mcp")
+    d = await discover(fetcher, rs.url + "/v1/mcp", challenge)
+    assert rs.paths() == ["/v1/mcp"] + (["/config/mcp-resource.json"] if where == "rs" else [])
+    assert asrv.paths() == (["/config/mcp-resource.json"] if where == "asrv" else []) + [OAS + "/t1"]
+    assert (d.resource_metadata_url, d.resource, d.scopes) == (location, rs.url + "/v1/mcp", ("notes:read",))
+    assert d.auth_server.issuer == asrv.url + "/t1"
+
+
+async def test_resource_metadata_at_a_custom_location_must_name_the_server(
+    rs: Site, asrv: Site, fetcher: Fetcher
+) -> None:
+    asrv.json("/prm.json", prm(asrv.url + "/mcp", asrv.url))
+    with pytest.raises(DiscoveryError, match="is for resource"):
+        await discover(fetcher, rs.url + "/mcp", Challenge(resource_metadata=asrv.url + "/prm.json"))
+
+
 # -- the fetcher's checks ------------------------------------------------------------
 
 
@@ -838,6 +944,179 @@ async def test_registration_errors(asrv: Site, fetcher: Fetcher) -> None:
     assert info.value.error == "unsupported_auth_method"
 
 
+# What the registration answer says is what the client is (RFC 7591 §3.2.1: the
+# server may replace what was asked for); the token requests follow it.
+
+
+@pytest.mark.parametrize(
+    ("supported", "answered", "secret", "method"),
+    [
+        (["none"], None, "issued-secret-5678", "none"),  # public only: the secret is ignored
+        (["none"], "none", "issued-secret-5678", "none"),
+        (["client_secret_basic", "none"], "none", "issued-secret-5678", "none"),
+        (["client_secret_basic"], None, "issued-secret-5678", "client_secret_basic"),
+        (["client_secret_basic", "client_secret_post"], "client_secret_post", "issued-secret-5678",
+         "client_secret_post"),
+        (["client_secret_basic"], None, None, "none"),  # no secret: a public client
+    ],
+)  # fmt: skip
+async def test_registration_answer_decides_the_auth_method(
+    asrv: Site, fetcher: Fetcher, supported: list[str], answered: str | None, secret: str | None, method: str
+) -> None:
+    answer: dict[str, Any] = {"client_id": "c-3", "client_secret_expires_at": 0}
+    if answered:
+        answer["token_endpoint_auth_method"] = answered
+    if secret:
+        answer["client_secret"] = secret
+    asrv.json("/register", answer, status=201, method="POST")
+    server = auth_server_for(asrv, token_endpoint_auth_methods_supported=supported)
+    reg = await register_client(fetcher, server, REDIRECT, "Keybearer", ())
+    assert reg.auth_method == method
+    assert reg.client_secret == (secret if method != "none" else None)
+    asrv.json("/token", TOKENS, method="POST")
+    await exchange_code(fetcher, server, reg, "code-1", REDIRECT, "verifier-1", None)
+    sent = asrv.seen[-1]
+    if method == "none":  # PKCE alone: the issued secret goes nowhere
+        assert "authorization" not in sent.headers
+        assert sent.form["client_id"] == "c-3" and "client_secret" not in sent.form
+    elif method == "client_secret_post":
+        assert sent.form["client_secret"] == secret
+    else:
+        assert sent.headers["authorization"].startswith("Basic ") and "client_secret" not in sent.form
+
+
+async def test_registration_answered_200_and_secret_expiry(asrv: Site, fetcher: Fetcher) -> None:
+    asrv.json("/register", {"client_id": "c-5", "client_secret": "s-5-abcdef", "redirect_uris": [REDIRECT],
+                            "client_secret_expires_at": 1893456000}, status=200, method="POST")  # fmt: skip
+    reg = await register_client(fetcher, auth_server_for(asrv), REDIRECT, "Keybearer", ())
+    assert (reg.client_id, reg.auth_method, reg.secret_expires_at) == (
+        "c-5",
+        "client_secret_basic",
+        1893456000,
+    )
+    for never in (0, None, "soon", True):
+        asrv.json("/register", {"client_id": "c-6", "client_secret": "s-6-abcdef",
+                                "client_secret_expires_at": never}, status=201, method="POST")  # fmt: skip
+        reg = await register_client(fetcher, auth_server_for(asrv), REDIRECT, "Keybearer", ())
+        assert reg.secret_expires_at is None, never
+
+
+@pytest.mark.parametrize(
+    ("answer", "missing"),
+    [
+        ({"redirect_uris": ["https://elsewhere.example/cb"]}, f"without the redirect URI {REDIRECT}"),
+        ({"grant_types": ["refresh_token"]}, "without the authorization_code grant"),
+        ({"response_types": ["token"]}, "without the response type code"),
+        ({"redirect_uris": [], "grant_types": []}, "redirect URI https://proxy.example.com/oauth/callback and "
+                                                   "the authorization_code grant"),
+        ({"token_endpoint_auth_method": "client_secret_post"}, "for client_secret_post but issued no client_secret"),
+    ],
+)  # fmt: skip
+async def test_registration_without_what_sign_in_needs_refused(
+    asrv: Site, fetcher: Fetcher, answer: dict[str, Any], missing: str
+) -> None:
+    asrv.json("/register", {"client_id": "c-4", **answer}, status=201, method="POST")
+    with pytest.raises(OAuthError) as info:
+        await register_client(fetcher, auth_server_for(asrv), REDIRECT, "Keybearer", ())
+    assert info.value.error == "registration_incomplete"
+    assert missing in str(info.value) and asrv.url in str(info.value)
+
+
+async def test_registration_keeps_refresh_and_may_lose_it(asrv: Site, fetcher: Fetcher) -> None:
+    """The proxy asks for refresh_token; a server that leaves it out still gives a usable client."""
+    asrv.json(
+        "/register", {"client_id": "c-7", "grant_types": ["authorization_code"]}, status=201, method="POST"
+    )
+    reg = await register_client(fetcher, auth_server_for(asrv), REDIRECT, "Keybearer", ())
+    assert asrv.seen[0].json["grant_types"] == ["authorization_code", "refresh_token"]
+    assert reg.client_id == "c-7"
+
+
+@pytest.mark.parametrize(
+    ("listed", "scopes", "asked"),
+    [
+        (["openid", "offline_access", "mcp"], ("mcp",), ("mcp", "offline_access")),
+        (["openid", "offline_access"], ("mcp", "offline_access"), ("mcp", "offline_access")),
+        (["openid", "mcp"], ("mcp",), ("mcp",)),  # never when the server does not list it
+        (None, ("mcp",), ("mcp",)),
+        (["offline_access"], (), ()),  # never alone: no scope keeps the server's defaults
+    ],
+)
+def test_offline_access_requested_where_listed(
+    listed: list[str] | None, scopes: tuple[str, ...], asked: tuple[str, ...]
+) -> None:
+    server = AuthServer("https://as.example", "https://as.example/a", "https://as.example/t",
+                        scopes_supported=tuple(listed) if listed is not None else None)  # fmt: skip
+    assert requested_scopes(server, scopes) == asked
+
+
+# -- stored registrations (proxy/connect/clients.py, on a real SQLite store) -----------------
+
+
+@pytest.fixture
+async def parts(tmp_path: Path, rs: Site) -> AsyncIterator[Components]:
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path}/kb.db", salt=secrets.token_urlsafe(48), oauth_allow_http_loopback=True,
+        public_url="https://proxy.example.com",
+        servers={"notes": ServerConfig(id="notes", url=rs.url + "/mcp", auth="oauth")},
+    )  # fmt: skip
+    components = compose(settings)
+    async with components.opened():
+        await components.fetcher.start()
+        try:
+            yield components
+        finally:
+            await components.fetcher.close()
+
+
+def registrar(site: Site, *answers: dict[str, Any]) -> None:
+    """/register answers each of `answers` in turn (the last one from then on)."""
+
+    async def register(request: Request) -> Response:
+        count = sum(1 for s in site.seen if s.path == "/register")
+        return JSONResponse({"client_id": f"c-{count}", **answers[min(count, len(answers)) - 1]}, 201)
+
+    site.on("/register", register, "POST")
+
+
+async def test_stored_registration_renewed_before_its_secret_expires(asrv: Site, parts: Components) -> None:
+    server, auth_server = parts.registry.servers["notes"], auth_server_for(asrv)
+    registrar(
+        asrv,
+        {"client_secret": "secret-1-abcdef", "client_secret_expires_at": int(time.time()) + 120},
+        {"client_secret": "secret-2-abcdef", "client_secret_expires_at": int(time.time()) + 86400},
+    )
+    first = await parts.clients.client_for(server, auth_server)
+    assert (first.client_id, first.source) == ("c-1", "dcr")
+    # Expiring within the renewal margin: as good as absent, so registered again ...
+    second = await parts.clients.client_for(server, auth_server)
+    assert (second.client_id, second.client_secret) == ("c-2", "secret-2-abcdef")
+    # ... and the new one, good for a day, is stored and reused.
+    assert await parts.clients.client_for(server, auth_server) == second
+    assert second.secret_expires_at is not None and second.secret_expires_at > time.time() + 3600
+    assert [s.path for s in asrv.seen] == ["/register", "/register"]
+
+
+async def test_stored_registration_without_expiry_is_reused(asrv: Site, parts: Components) -> None:
+    server, auth_server = parts.registry.servers["notes"], auth_server_for(asrv)
+    registrar(asrv, {"client_secret": "secret-1-abcdef", "client_secret_expires_at": 0})
+    first = await parts.clients.client_for(server, auth_server)
+    assert await parts.clients.client_for(server, auth_server) == first
+    assert len(asrv.seen) == 1
+
+
+async def test_incomplete_registration_is_not_stored(asrv: Site, parts: Components) -> None:
+    server, auth_server = parts.registry.servers["notes"], auth_server_for(asrv)
+    registrar(asrv, {"redirect_uris": ["https://elsewhere.example/cb"]}, {})
+    with pytest.raises(OAuthError) as info:
+        await parts.clients.client_for(server, auth_server)
+    assert info.value.error == "registration_incomplete"
+    assert "https://proxy.example.com/oauth/callback" in str(info.value)
+    name = f"notes|{asrv.url}|https://proxy.example.com/oauth/callback"
+    assert await parts.secrets.get(SecretKind.CLIENT_REGISTRATION, name) is None
+    assert (await parts.clients.client_for(server, auth_server)).client_id == "c-2"
+
+
 def test_choose_auth_method() -> None:
     def server(methods: list[str] | None) -> AuthServer:
         return AuthServer(issuer="https://as.example", authorization_endpoint="https://as.example/a",
@@ -854,6 +1133,12 @@ def test_choose_auth_method() -> None:
     assert choose_auth_method(server(["client_secret_basic"]), False) == "none"
     with pytest.raises(OAuthError, match="private_key_jwt"):
         choose_auth_method(server(["private_key_jwt"]), True)
+    # A public-only server: a configured secret stays unused, PKCE alone authenticates.
+    assert choose_auth_method(server(["private_key_jwt", "none"]), True) == "none"
+    static = static_registration(server(["none"]), "static-1", "configured-secret", REDIRECT)
+    assert (static.auth_method, static.client_secret) == ("none", None)
+    static = static_registration(server(None), "static-1", "configured-secret", REDIRECT)
+    assert (static.auth_method, static.client_secret) == ("client_secret_basic", "configured-secret")
 
 
 def test_client_id_metadata_document() -> None:
@@ -920,6 +1205,19 @@ def test_authorization_url() -> None:
     for clash in ("state", "resource", "Redirect_URI", "code_challenge_method"):
         with pytest.raises(ValueError, match="set by the protocol"):
             authorization_url(server, "c", REDIRECT, "s", "ch", [], None, {clash: "x"})
+
+
+def test_authorization_url_offline_access_asks_for_consent() -> None:
+    server = AuthServer("https://as.example", "https://as.example/authorize", "https://as.example/token")
+
+    def query(scopes: list[str], extra: dict[str, str]) -> dict[str, list[str]]:
+        return parse_qs(
+            urlsplit(authorization_url(server, "c", REDIRECT, "s", "ch", scopes, None, extra)).query
+        )
+
+    assert query(["mcp", "offline_access"], {})["prompt"] == ["consent"]
+    assert query(["mcp", "offline_access"], {"prompt": "login consent"})["prompt"] == ["login consent"]
+    assert "prompt" not in query(["mcp"], {})
 
 
 def test_callback_issuer_check() -> None:

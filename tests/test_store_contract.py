@@ -258,7 +258,8 @@ async def test_connection_round_trip(tokens: TokenStore) -> None:
     full = conn(
         "a.user@example.com", "linear", state="must_reconnect", sealed="kb1.x.sealed",
         issuer="https://as.example", client_id="client-1", scopes=("read", "write:all"),
-        expires_at=1_760_000_000.25, obtained_at=1_759_990_000.5, last_error="invalid_grant", version=7,
+        expires_at=1_760_000_000.25, obtained_at=1_759_990_000.5, last_error="invalid_grant", refreshable=False,
+        version=7,
     )  # fmt: skip
     assert await tokens.put_connection(full) is True
     assert await tokens.get_connection("a.user@example.com", "linear") == full

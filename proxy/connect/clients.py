@@ -42,6 +42,10 @@ CLIENT_METADATA_PATH = "/oauth/client-metadata.json"
 CLIENT_NAME = "Keybearer MCP proxy"
 # How long a replica waits for another one's dynamic registration.
 REGISTRATION_WAIT = 15.0
+# A stored registration whose secret expires sooner than this is registered
+# again: longer than a sign-in may take (flow.STATE_TTL), so that one begun
+# with a registration can finish with it.
+RENEW_BEFORE_EXPIRY = 900.0
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -85,7 +89,9 @@ class OAuthClients:
         self.tokens = tokens
         self.fetcher = fetcher
         self.redirect_uri = settings.public_url + settings.callback_path
-        self.client_id_url = settings.public_url + CLIENT_METADATA_PATH
+        # The document's URL is its client id: the proxy's own path, unless the
+        # operator hosts the document elsewhere.
+        self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
         self._discoveries: dict[str, tuple[float, str, Discovery]] = {}
 
@@ -123,7 +129,12 @@ class OAuthClients:
         if static is not None:
             client_id, secret, method = static
             registration = oauth_client.static_registration(auth_server, client_id, secret, self.redirect_uri)
-            return registration if method is None else replace(registration, auth_method=method)
+            # A method the operator set wins, with the secret they gave.
+            return (
+                registration
+                if method is None
+                else replace(registration, auth_method=method, client_secret=secret)
+            )
         loopback_ok = self.settings.oauth_allow_http_loopback
         if auth_server.client_id_metadata_document_supported and oauth_client.cimd_usable(
             self.client_id_url, loopback_ok
@@ -140,9 +151,9 @@ class OAuthClients:
         name = self._registration_name(server, auth_server)
         deadline = time.monotonic() + REGISTRATION_WAIT
         while True:
-            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
-            if stored:
-                return _registration_from_json(stored)
+            kept = await self._stored_registration(server, auth_server, name)
+            if kept is not None:
+                return kept
             lock = await self.tokens.acquire_lock(f"register:{name}", REGISTRATION_WAIT)
             if lock is not None:
                 break
@@ -152,9 +163,9 @@ class OAuthClients:
                 )
             await asyncio.sleep(0.2)
         try:
-            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
-            if stored:
-                return _registration_from_json(stored)
+            kept = await self._stored_registration(server, auth_server, name)
+            if kept is not None:
+                return kept
             registration = await oauth_client.register_client(
                 self.fetcher, auth_server, self.redirect_uri, CLIENT_NAME, server.scopes
             )
@@ -164,6 +175,19 @@ class OAuthClients:
             return registration
         finally:
             await self.tokens.release_lock(f"register:{name}", lock)
+
+    async def _stored_registration(
+        self, server: ServerConfig, auth_server: AuthServer, name: str
+    ) -> ClientRegistration | None:
+        """The stored registration, unless its secret expires soon."""
+        stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+        if not stored:
+            return None
+        kept = _registration_from_json(stored)
+        if kept.secret_expires_at is None or kept.secret_expires_at - RENEW_BEFORE_EXPIRY > time.time():
+            return kept
+        log.info("client secret expires soon; registering again", server=server.id, issuer=auth_server.issuer)
+        return None
 
     async def client_for_connection(
         self, server: ServerConfig, auth_server: AuthServer, conn: Connection

@@ -94,7 +94,9 @@ class ConnectFlow:
                 "Try again in a minute. If it keeps failing, show this message to the proxy's operator.",
                 502,
             ) from None
-        scopes = _union(found.scopes or server.scopes, extra_scopes)
+        scopes = oauth_client.requested_scopes(
+            found.auth_server, _union(found.scopes or server.scopes, extra_scopes)
+        )
         verifier, challenge = oauth_client.pkce_pair()
         state = self._state_for(browser_id)
         resource = found.resource if server.resource else None

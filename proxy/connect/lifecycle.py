@@ -134,6 +134,7 @@ def new_connection(
         expires_at=now + issued.expires_in if issued.expires_in else None,
         obtained_at=now,
         last_error=None,
+        refreshable=refresh_token is not None,
         version=(previous.version if previous else 0) + 1,
     )
 
@@ -230,7 +231,9 @@ class TokenLifecycle:
         conn = await self._load(server, user)
         tokens = self._open(conn, server)
         if conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time():
-            conn, tokens = await self.refresh(server, conn)
+            # Without a refresh token nothing can be done early: used until it expires.
+            if tokens.refresh_token or conn.expires_at <= time.time():
+                conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is None:
             return tokens.access_token, float("inf")
         remaining = conn.expires_at - time.time()

@@ -153,6 +153,7 @@ class BrowserPages:
                     state=_state(conn),
                     expires_at=conn.expires_at if conn else None,
                     last_error=conn.last_error if conn else None,
+                    refreshable=conn.refreshable if conn else True,
                     connect_url=links.connect_url(
                         self.settings.public_url,
                         self.keyring,
@@ -269,5 +270,5 @@ def _state(conn: Any) -> str:
     if conn.state == MUST_RECONNECT:
         return "must reconnect"
     if conn.expires_at is not None and conn.expires_at < time.time():
-        return "expired (refreshes on next use)"
+        return "expired (refreshes on next use)" if conn.refreshable else "expired: reconnect"
     return "connected"

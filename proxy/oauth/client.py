@@ -9,7 +9,8 @@ Errors:
   asked for: its OAuth error (`.error` is `invalid_grant`, `invalid_client`, …)
   or one of Keybearer's own codes: `invalid_response` (a malformed answer),
   `unsafe_url` (an endpoint the fetcher refused), `registration_not_supported`,
-  `unsupported_auth_method`. Only `invalid_grant` means the grant is gone.
+  `unsupported_auth_method`, `registration_incomplete` (a registration answer
+  without what sign-in needs). Only `invalid_grant` means the grant is gone.
 - `AuthServerUnavailable` for 5xx, 429, timeouts and network trouble: the
   caller keeps what it has stored and tries later.
 
@@ -25,7 +26,7 @@ import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -40,6 +41,10 @@ AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_j
 RegistrationSource = Literal["static", "cimd", "dcr"]
 
 GRANT_TYPES = ("authorization_code", "refresh_token")
+SECRET_METHODS = ("client_secret_basic", "client_secret_post")
+# OpenID Connect §11 and the providers that follow it (Okta, Auth0, Entra ID):
+# no refresh token unless this scope is asked for.
+OFFLINE_ACCESS = "offline_access"
 # Parameters the protocol sets; configured extras may not replace them.
 PROTOCOL_PARAMS = frozenset(
     {
@@ -100,7 +105,8 @@ def authorization_url(
 ) -> str:
     """The URL to send the browser to. A query already in the authorization
     endpoint is kept (RFC 6749 §3.1); `extra_params` (configured per server,
-    e.g. `prompt`) may not name a protocol parameter: ValueError."""
+    e.g. `prompt`) may not name a protocol parameter: ValueError. Asking for
+    `offline_access` adds `prompt=consent` unless `extra_params` set a prompt."""
     extra = dict(extra_params or {})
     clash = sorted(k for k in extra if k.lower() in PROTOCOL_PARAMS)
     if clash:
@@ -117,6 +123,10 @@ def authorization_url(
         params.append(("scope", " ".join(scopes)))
     if resource:
         params.append(("resource", resource))
+    if OFFLINE_ACCESS in scopes and not any(k.lower() == "prompt" for k in extra):
+        # OpenID Connect §11: offline access is granted on consent, which
+        # providers (oidc-provider among them) insist on being asked for.
+        params.append(("prompt", "consent"))
     params.extend(extra.items())
     parts = urlsplit(auth_server.authorization_endpoint)
     existing = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in dict(params)]
@@ -209,6 +219,9 @@ class ClientRegistration:
     issuer: str
     redirect_uri: str
     source: RegistrationSource
+    # When the client secret stops working (RFC 7591 client_secret_expires_at);
+    # None when it never does.
+    secret_expires_at: float | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
     # Set for private_key_jwt (static clients of the client_credentials grant).
     assertion_key: AssertionKey | None = field(default=None, repr=False)
@@ -216,15 +229,16 @@ class ClientRegistration:
 
 def choose_auth_method(auth_server: AuthServer, has_secret: bool) -> AuthMethod:
     """How a client authenticates at the token endpoint. Without a secret:
-    `none`. With one: `client_secret_basic`, else `client_secret_post`, among
-    what the server lists (client_secret_basic when it lists nothing,
-    RFC 8414 §2). OAuthError `unsupported_auth_method` when neither is listed."""
+    `none`. With one: `client_secret_basic`, else `client_secret_post`, else
+    `none` (the secret unused: a public client with PKCE), among what the
+    server lists (client_secret_basic when it lists nothing, RFC 8414 §2).
+    OAuthError `unsupported_auth_method` when none of them is listed."""
     if not has_secret:
         return "none"
     supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
-    for method in ("client_secret_basic", "client_secret_post"):
+    for method in (*SECRET_METHODS, "none"):
         if method in supported:
-            return method
+            return cast(AuthMethod, method)
     raise OAuthError(
         "unsupported_auth_method",
         f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
@@ -236,10 +250,11 @@ def static_registration(
     auth_server: AuthServer, client_id: str, client_secret: str | None, redirect_uri: str
 ) -> ClientRegistration:
     """A client configured by the operator."""
+    method = choose_auth_method(auth_server, bool(client_secret))
     return ClientRegistration(
         client_id=client_id,
-        client_secret=client_secret or None,
-        auth_method=choose_auth_method(auth_server, bool(client_secret)),
+        client_secret=client_secret if method in SECRET_METHODS else None,
+        auth_method=method,
         issuer=auth_server.issuer,
         redirect_uri=redirect_uri,
         source="static",
@@ -268,20 +283,6 @@ def key_registration(auth_server: AuthServer, client_id: str, key: AssertionKey)
     )
 
 
-def _registration_method(auth_server: AuthServer) -> AuthMethod:
-    """What to ask for in dynamic registration: a confidential method the
-    server supports, else none."""
-    supported = auth_server.token_endpoint_auth_methods_supported or ("client_secret_basic",)
-    for method in ("client_secret_basic", "client_secret_post", "none"):
-        if method in supported:
-            return method
-    raise OAuthError(
-        "unsupported_auth_method",
-        f"{auth_server.issuer} accepts client authentication only by {', '.join(supported)}; "
-        "the proxy supports client_secret_basic, client_secret_post and none",
-    )
-
-
 async def register_client(
     fetcher: Fetcher,
     auth_server: AuthServer,
@@ -296,7 +297,8 @@ async def register_client(
             f"{auth_server.issuer} offers no dynamic client registration; "
             "configure a client_id (and secret) for this server",
         )
-    method = _registration_method(auth_server)
+    # Asked as if a secret were coming; what the answer says decides.
+    method = choose_auth_method(auth_server, has_secret=True)
     body: dict[str, Any] = {
         "redirect_uris": [redirect_uri],
         "client_name": client_name,
@@ -316,27 +318,90 @@ async def register_client(
     client_id = answer.get("client_id")
     if not isinstance(client_id, str) or not client_id:
         raise OAuthError("invalid_response", "the registration answer has no client_id", status)
+    _check_registered(auth_server, answer, redirect_uri, status)
     secret = answer.get("client_secret")
     secret = secret if isinstance(secret, str) and secret else None
-    granted = answer.get("token_endpoint_auth_method")
-    granted = granted if isinstance(granted, str) else method
-    if secret is None:
-        granted = "none"
-    elif granted not in ("client_secret_basic", "client_secret_post"):
-        raise OAuthError(
-            "unsupported_auth_method",
-            f"{auth_server.issuer} registered the client for {granted[:64]!r} client authentication",
-            status,
-        )
+    granted = _registered_method(auth_server, answer, method, secret is not None, status)
     return ClientRegistration(
         client_id=client_id,
-        client_secret=secret,
+        client_secret=secret if granted in SECRET_METHODS else None,
         auth_method=granted,
         issuer=auth_server.issuer,
         redirect_uri=redirect_uri,
         source="dcr",
+        secret_expires_at=_secret_expiry(answer) if granted in SECRET_METHODS else None,
         raw=answer,
     )
+
+
+def _check_registered(
+    auth_server: AuthServer, answer: Mapping[str, Any], redirect_uri: str, status: int
+) -> None:
+    """RFC 7591 §3.2.1: the server may register less than was asked for. What
+    it answers must still let a person sign in; a field left out was granted."""
+    missing = []
+    redirect_uris = answer.get("redirect_uris")
+    if isinstance(redirect_uris, list) and redirect_uri not in redirect_uris:
+        missing.append(f"the redirect URI {redirect_uri}")
+    grant_types = answer.get("grant_types")
+    if isinstance(grant_types, list) and "authorization_code" not in grant_types:
+        missing.append("the authorization_code grant")
+    response_types = answer.get("response_types")
+    if isinstance(response_types, list) and "code" not in response_types:
+        missing.append("the response type code")
+    if missing:
+        raise OAuthError(
+            "registration_incomplete",
+            f"{auth_server.issuer} registered the client without {' and '.join(missing)}, which signing "
+            "in needs; the registration is not used. Ask its operator to allow them for dynamically "
+            "registered clients, or configure a client_id (and secret) for this server",
+            status,
+        )
+
+
+def _registered_method(
+    auth_server: AuthServer, answer: Mapping[str, Any], asked: AuthMethod, has_secret: bool, status: int
+) -> AuthMethod:
+    """The client authentication the server registered (RFC 7591 lets it
+    decide). Said outright, it wins; left out, it is what was asked for, or
+    `none` when no secret came back. A secret for a `none` client is ignored."""
+    granted = answer.get("token_endpoint_auth_method")
+    if granted is None:
+        return asked if has_secret else "none"
+    if granted == "none":
+        return "none"
+    if granted not in SECRET_METHODS:
+        raise OAuthError(
+            "unsupported_auth_method",
+            f"{auth_server.issuer} registered the client for {str(granted)[:64]!r} client authentication; "
+            "the proxy supports client_secret_basic, client_secret_post and none",
+            status,
+        )
+    if not has_secret:
+        raise OAuthError(
+            "registration_incomplete",
+            f"{auth_server.issuer} registered the client for {granted} but issued no client_secret; "
+            "the registration is not used",
+            status,
+        )
+    return cast(AuthMethod, granted)
+
+
+def _secret_expiry(answer: Mapping[str, Any]) -> float | None:
+    """RFC 7591 `client_secret_expires_at`: seconds since the epoch, 0 for never."""
+    value = answer.get("client_secret_expires_at")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 10**12:
+        return None
+    return float(value)
+
+
+def requested_scopes(auth_server: AuthServer, scopes: Sequence[str]) -> tuple[str, ...]:
+    """The scopes to ask for: `offline_access` joins them when the server lists
+    it, since such servers issue refresh tokens only for it. Never on its own:
+    asking for nothing but it would replace the server's default scopes."""
+    if not scopes or OFFLINE_ACCESS not in (auth_server.scopes_supported or ()):
+        return tuple(scopes)
+    return tuple(dict.fromkeys((*scopes, OFFLINE_ACCESS)))
 
 
 def cimd_usable(client_id_url: str, allow_http_loopback: bool = False) -> bool:

@@ -8,7 +8,8 @@
    order, with an exact issuer check and PKCE S256 required.
 3. Servers without protected resource metadata (the 2025-03-26 revision): the
    MCP server's origin is the authorization server; its own metadata if it has
-   some, else the default endpoints `/authorize`, `/token`, `/register`.
+   some (naming an issuer on that origin, a path allowed), else the default
+   endpoints `/authorize`, `/token`, `/register`.
 
 Every failure is a `DiscoveryError` whose message names the URL and what was
 wrong, fit to show an operator.
@@ -442,7 +443,17 @@ async def _legacy_auth_server(fetcher: Fetcher, server_url: str) -> AuthServer:
     )
     if found is not None:
         metadata, url = found
-        return auth_server_from_metadata(fetcher, metadata, url, expected_issuers=(origin, origin + "/"))
+        issuer = metadata.get("issuer")
+        # The origin's document may name an issuer with a path (a tenant) on
+        # that same origin: whoever serves the origin speaks for its paths.
+        # Another origin it may not name: that is what the issuer check stops.
+        if not isinstance(issuer, str) or _origin(issuer) != origin or "?" in issuer or "#" in issuer:
+            raise DiscoveryError(
+                f"authorization server metadata at {url} names issuer {issuer!r}, which is not on the "
+                f"MCP server's origin {origin}; a server without protected resource metadata (MCP "
+                "2025-03-26) is its own authorization server, so refusing it"
+            )
+        return auth_server_from_metadata(fetcher, metadata, url, expected_issuers=(issuer,))
     # No metadata at all: the default endpoints. PKCE cannot be checked; the
     # 2025-03-26 revision required it of every server.
     return AuthServer(

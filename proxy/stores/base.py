@@ -198,6 +198,8 @@ class Connection:
     expires_at: float | None = None  # the access token's; the refresh token has no expiry here
     obtained_at: float = 0.0
     last_error: str | None = None
+    # Whether the sealed tokens include a refresh token (plain, for listings).
+    refreshable: bool = True
     # Bumped by every write; put_connection(expected_version=…) compares it so
     # that a late or stale writer never overwrites newer tokens.
     version: int = 0

@@ -288,6 +288,7 @@ def _encode(c: Connection) -> list[str]:
         "expires_at": None if c.expires_at is None else repr(float(c.expires_at)),
         "obtained_at": repr(float(c.obtained_at)),
         "last_error": c.last_error,
+        "refreshable": None if c.refreshable else "0",  # absent: refreshable, as before the field
         "version": str(int(c.version)),
     }
     # An absent field is None: HSET cannot store a null.
@@ -307,6 +308,7 @@ def _decode(user: str, server: str, fields: Mapping[str, str]) -> Connection:
         expires_at=float(expires_at) if expires_at is not None else None,
         obtained_at=float(fields.get("obtained_at", 0.0)),
         last_error=fields.get("last_error"),
+        refreshable=fields.get("refreshable", "1") != "0",
         version=int(fields.get("version", 0)),
     )
 

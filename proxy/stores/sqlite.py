@@ -45,19 +45,19 @@ T = TypeVar("T")
 EVENT_RETENTION = 600.0
 _SELECT_CONNECTION = (
     "SELECT user, server, state, sealed, issuer, client_id, scopes, expires_at, obtained_at, last_error, "
-    "version FROM connections WHERE user = ? AND server = ?"
+    "refreshable, version FROM connections WHERE user = ? AND server = ?"
 )
 _SELECT_SERVER_CONNECTIONS = (
     "SELECT user, server, state, sealed, issuer, client_id, scopes, expires_at, obtained_at, last_error, "
-    "version FROM connections WHERE server = ? ORDER BY user"
+    "refreshable, version FROM connections WHERE server = ? ORDER BY user"
 )
 _SELECT_USER_CONNECTIONS = (
     "SELECT user, server, state, sealed, issuer, client_id, scopes, expires_at, obtained_at, last_error, "
-    "version FROM connections WHERE user = ? ORDER BY server"
+    "refreshable, version FROM connections WHERE user = ? ORDER BY server"
 )
 _PUT_CONNECTION = (
     "INSERT OR REPLACE INTO connections (user, server, state, sealed, issuer, client_id, scopes, "
-    "expires_at, obtained_at, last_error, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "expires_at, obtained_at, last_error, refreshable, version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -215,7 +215,7 @@ class SQLiteStore(Store, TokenStore):
         c = connection
         values = (
             c.user, c.server, c.state, c.sealed, c.issuer, c.client_id, " ".join(c.scopes),
-            c.expires_at, c.obtained_at, c.last_error, c.version,
+            c.expires_at, c.obtained_at, c.last_error, int(c.refreshable), c.version,
         )  # fmt: skip
 
         def put(db: sqlite3.Connection) -> bool:
@@ -401,7 +401,20 @@ def _statements(sql: str) -> list[str]:
 
 
 def _connection(row: Any) -> Connection:
-    user, server, state, sealed, issuer, client_id, scopes, expires_at, obtained_at, last_error, version = row
+    (
+        user,
+        server,
+        state,
+        sealed,
+        issuer,
+        client_id,
+        scopes,
+        expires_at,
+        obtained_at,
+        last_error,
+        refreshable,
+        version,
+    ) = row
     return Connection(
         user=user,
         server=server,
@@ -413,5 +426,6 @@ def _connection(row: Any) -> Connection:
         expires_at=expires_at,
         obtained_at=obtained_at,
         last_error=last_error,
+        refreshable=bool(refreshable),
         version=version,
     )

@@ -44,6 +44,10 @@ Configuration (keyword arguments of ``run_authorization_server``, passed as JSON
                        ``True`` enables it as oidc-provider has it (https client ids only, loopback
                        addresses refused); ``{"allow_http_loopback": True}`` additionally fetches an
                        ``https://127.0.0.1:<port>/...`` client id over plain http (tests have no TLS).
+``refresh_tokens``     ``"always"`` (default): a refresh token for every client registered with the
+                       ``refresh_token`` grant; ``"offline_access"``: only when ``offline_access`` was
+                       granted too (oidc-provider's own default, as at Okta, Auth0, Entra ID);
+                       ``"never"``: no refresh tokens at all.
 ``faults``             list of injected faults, e.g. ``[{"route": "token", "grant_type":
                        "refresh_token", "status": 503, "count": 1}]`` or ``{"route": "token",
                        "delay": 10}`` (delay only: the real answer comes late). ``count`` defaults
@@ -56,8 +60,8 @@ Behaviour (oidc-provider features): the client credentials grant for clients reg
 ``jwks`` (assertion ``aud``: the issuer or the token endpoint), open Dynamic Client Registration
 (``/reg``), PKCE required (S256 only), RFC 8707 resource indicators (access tokens are RS256 JWTs, ``typ: at+jwt``,
 ``aud`` = the resource, ``scope`` = granted resource scopes, ``client_id``, ``sub``), refresh tokens
-for every client registered with the ``refresh_token`` grant (no ``offline_access`` needed), refresh
-token rotation on every use; replaying a used refresh token (or code) revokes the whole grant
+as ``refresh_tokens`` says (by default for every client registered with the ``refresh_token``
+grant, no ``offline_access`` needed), refresh token rotation on every use; replaying a used refresh token (or code) revokes the whole grant
 (counted in ``refresh_reuse_detected``; the new refresh token stops working too), revocation
 (``/token/revocation``: revoking a refresh token revokes its grant), introspection, RFC 9207
 ``iss`` in every authorization response, devInteractions login (any login + any password; the

@@ -42,6 +42,7 @@ const DEFAULTS = {
   clients: null, // replaces the built-in static clients (array of client metadata)
   discovery: ['oauth', 'openid', 'openid-appended'],
   cimd: false, // Client ID Metadata Document: false | true | {allow_http_loopback: bool}
+  refresh_tokens: 'always', // 'always' | 'offline_access' | 'never', see issueRefreshToken
   faults: [], // see applyFault
   log_success: false, // also print *.success events
 };
@@ -56,6 +57,9 @@ function parseConfig() {
   const out = { ...DEFAULTS, ...cfg };
   out.issuer_path = (out.issuer_path || '').replace(/\/+$/, '');
   if (out.issuer_path && !out.issuer_path.startsWith('/')) out.issuer_path = `/${out.issuer_path}`;
+  if (!['always', 'offline_access', 'never'].includes(out.refresh_tokens)) {
+    throw new TypeError(`refresh_tokens must be always, offline_access or never (got ${out.refresh_tokens})`);
+  }
   return out;
 }
 
@@ -235,9 +239,14 @@ async function buildProvider(issuer) {
         : { enabled: false },
     },
     fetch: cimdFetch,
-    // Refresh tokens for every client registered with the refresh_token grant, offline_access or not.
-    async issueRefreshToken(ctx, client) {
-      return client.grantTypeAllowed('refresh_token');
+    // Refresh tokens only for clients registered with the refresh_token grant, and then:
+    // 'always' whatever the scope; 'offline_access' only when that scope was granted too
+    // (oidc-provider's own default, and Okta's, Auth0's, Entra ID's); 'never' not at all.
+    async issueRefreshToken(ctx, client, code) {
+      if (settings.refresh_tokens === 'never') return false;
+      const allowed = client.grantTypeAllowed('refresh_token');
+      if (settings.refresh_tokens === 'offline_access') return allowed && code.scopes.has('offline_access');
+      return allowed;
     },
     rotateRefreshToken: true,
     async expiresWithSession() {
