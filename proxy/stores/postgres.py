@@ -167,9 +167,10 @@ class PostgresStore(Store):
         try:
             return await fn(conn)
         except asyncio.CancelledError:
-            # Cut off by the deadline: what the server still owes on this
-            # connection would confuse its next user, and waiting for it could
-            # take forever. Closing it also rolls back an open transaction.
+            # Cut off (by the deadline, or the request's end): what the server
+            # still owes on this connection would confuse its next user, and
+            # waiting for it could take forever. Closing it also rolls back an
+            # open transaction.
             conn.terminate()
             raise
         except _LOST_ERRORS as exc:

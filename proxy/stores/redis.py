@@ -43,6 +43,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import InvalidInput
 from proxy.names import RESYNC
@@ -117,8 +118,8 @@ class RedisTokenStore(TokenStore):
     async def _guard(self, doing: str, *, writes: bool = False) -> AsyncIterator[None]:
         """One deadline around the operation; any failure, a hang too, is StoreUnavailable.
 
-        A write cut off by the deadline may still be carried out: Redis runs
-        what it has read once it moves again.
+        A write that timed out may still be carried out: Redis runs what it
+        has read once it moves again.
         """
         deadline = asyncio.timeout(self.timeout)
         try:
@@ -127,8 +128,10 @@ class RedisTokenStore(TokenStore):
         except _ERRORS as exc:
             hung = deadline.expired()
             reason = f"no answer within {self.timeout:g} s" if hung else _reason(exc)
+            timed_out = hung or isinstance(exc, (TimeoutError, RedisTimeoutError))
             raise StoreUnavailable(
-                f"Redis ({self.where}) unavailable while {doing}: {reason}", maybe_applied=writes and hung
+                f"Redis ({self.where}) unavailable while {doing}: {reason}",
+                maybe_applied=writes and timed_out,
             ) from None
 
     async def ping(self) -> None:
