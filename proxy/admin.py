@@ -48,10 +48,14 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
                 return await handler(request, management())
             except StoreUnavailable as exc:
                 log.error("admin request failed: store unavailable", reason=exc.message)
-                # Writes validate first and touch the store last: a refusal here changed nothing.
-                return errors.json_response(
-                    replace(exc.answer(), next_step="nothing was changed, retry when it is back")
+                # Writes validate first and touch the store last: a refusal here changed
+                # nothing, unless a write was cut off by the deadline after it was sent.
+                next_step = (
+                    "the change may still be made when the store answers again: look before retrying"
+                    if exc.maybe_applied
+                    else "nothing was changed, retry when it is back"
                 )
+                return errors.json_response(replace(exc.answer(), next_step=next_step))
             except KeybearerError as exc:
                 if exc.status >= 500:
                     log.error("admin request failed", code=exc.code, reason=exc.message)

@@ -220,12 +220,10 @@ class Keybearer:
         return PlainTextResponse("ok\n")
 
     async def ready(self, _: Request) -> Response:
-        problems = {}
-        for name, store in (("database", self.parts.store), ("tokens", self.parts.tokens)):
-            try:
-                await store.ping()
-            except StoreUnavailable as exc:
-                problems[name] = str(exc)
+        # Both at once, each within store_timeout: the answer comes before the probe gives up.
+        stores: dict[str, Store | TokenStore] = {"database": self.parts.store, "tokens": self.parts.tokens}
+        found = await asyncio.gather(*(_problem(store) for store in stores.values()))
+        problems = {name: problem for name, problem in zip(stores, found, strict=True) if problem}
         if problems:
             return JSONResponse({"ready": False, **problems}, status_code=503)
         return JSONResponse({"ready": True})
@@ -239,6 +237,14 @@ class Keybearer:
         if exc.status_code == 404:
             return errors.json_response(Answer(404, "not_found", "no such page on this proxy"))
         return errors.json_response(Answer(exc.status_code, "http_error", str(exc.detail)))
+
+
+async def _problem(store: Store | TokenStore) -> str | None:
+    try:
+        await store.ping()
+    except StoreUnavailable as exc:
+        return str(exc)
+    return None
 
 
 _OWN = routing.RESERVED | {""}

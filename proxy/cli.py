@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+import structlog
+
 from proxy import logs
 from proxy.app import compose
 from proxy.crypto import check_salt
@@ -24,6 +26,9 @@ from proxy.errors import InvalidInput, KeybearerError, NotFound
 from proxy.management import Management
 from proxy.settings import ConfigError, Settings, load_settings
 from proxy.stores import open_store, open_token_store
+from proxy.stores.base import SchemaStatus
+
+log = structlog.get_logger("keybearer.cli")
 
 
 class Failure(KeybearerError):
@@ -174,6 +179,12 @@ def serve_command(args: argparse.Namespace, settings: Settings) -> int:
     logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     check_exposure(settings)
     app = Keybearer(settings)  # fails here, before listening, on a bad salt or store URL
+    status = asyncio.run(_schema(settings))
+    if status.unknown:
+        # Old and new replicas serve side by side during a rolling update.
+        log.warning("the database schema is newer than this version", unknown=list(status.unknown))
+    elif status.pending and not (settings.migrate_on_start or app.parts.store.embedded):
+        raise Failure(_behind(status))
     if settings.workers > 1:
         # Each worker builds its own app from the same configuration.
         os.environ.update(_flag_env(args))
@@ -241,12 +252,41 @@ def _store_command(fn: StoreCommand) -> Callable[[argparse.Namespace, Settings],
 
         async def go() -> int:
             parts = compose(settings)
+            # An embedded store migrates itself; a shared one only by `keybearer migrate`.
+            _require_schema(await _schema(settings), migrates=parts.store.embedded)
             async with parts.opened():
                 return int(await fn(args, parts.management) or 0)
 
         return asyncio.run(go())
 
     return run
+
+
+async def _schema(settings: Settings) -> SchemaStatus:
+    store = open_store(settings)
+    await store.open()
+    try:
+        return await store.schema_status()
+    finally:
+        await store.close()
+
+
+def _require_schema(status: SchemaStatus, *, migrates: bool) -> None:
+    """Refuse to work on a schema this version does not match."""
+    if status.unknown:
+        raise Failure(
+            f"the database schema is newer than this keybearer: it has migration(s) {', '.join(status.unknown)}, "
+            "which this version does not know; use the keybearer version that migrated it, or a newer one"
+        )
+    if status.pending and not migrates:
+        raise Failure(_behind(status))
+
+
+def _behind(status: SchemaStatus) -> str:
+    return (
+        f"the database schema is behind this keybearer: {len(status.pending)} migration(s) pending "
+        f"({', '.join(status.pending)}); run `keybearer migrate` with the same settings first"
+    )
 
 
 def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -256,6 +296,7 @@ def migrate_command(args: argparse.Namespace, settings: Settings) -> int:
         store = open_store(settings)
         await store.open()
         try:
+            _require_schema(await store.schema_status(), migrates=True)
             return await store.migrate()
         finally:
             await store.close()

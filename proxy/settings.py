@@ -343,6 +343,10 @@ class Settings:
     postgres_pool_size: int = setting(10, "int")
     # Off behind PgBouncer in transaction mode, which cannot keep prepared statements.
     postgres_statement_cache: bool = setting(True, "bool")
+    # One deadline for each Redis or PostgreSQL operation, retries included: a
+    # store that hangs answers 503 this soon, like one that is down. /ready
+    # answers within it too (keep readiness probes' timeouts above it).
+    store_timeout: float = setting(3.0, "float")
     # OAuth, the browser side.
     callback_path: str = setting("/oauth/callback", "path")
     connect_link_ttl: float = setting(3600.0, "float")
@@ -585,8 +589,16 @@ def _convert(kind: str, value: Any, key: str) -> Any:
             raise ConfigError(key, f"must be an http(s) base URL without query (got {value!r})")
         value = value.rstrip("/")
     elif kind == "prefix":
-        if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", value):
-            raise ConfigError(key, f"must be 1-64 characters of letters, digits, _ . : - (got {value!r})")
+        if ":" in value:
+            # ':' separates the parts of every key: "kbt:cache" would put one
+            # deployment's keys under another's "kbt:cache:*" (its cache).
+            raise ConfigError(
+                key,
+                f"must not contain ':', which separates the parts of Redis keys (got {value!r}); "
+                "deployments sharing a Redis need prefixes that do not nest, e.g. kbt-a and kbt-b",
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
+            raise ConfigError(key, f"must be 1-64 characters of letters, digits, _ . - (got {value!r})")
     elif kind == "path":
         if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+", value) or any(
             s in (".", "..") for s in value.split("/")

@@ -7,7 +7,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from services import POSTGRES_URL, REDIS_URL, unreachable
 from support import ProxyProcess, free_port, self_signed_certificate, wait_for_port
+
+# Its fixtures are a plugin (below), and this module imports it first.
+pytest.register_assert_rewrite("peers.private_stores")
+from peers.private_stores import RedisServer  # noqa: E402
+
+# Private Redis and PostgreSQL servers, for tests that break them.
+pytest_plugins = ["peers.private_stores"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -87,56 +94,6 @@ async def redis_prefix(run_id: str) -> AsyncIterator[str]:
         async for key in client.scan_iter(match=f"{prefix}*"):
             await client.delete(key)
         await client.aclose()
-
-
-class RedisServer:
-    """A private `redis-server` on a free loopback port, for tests that kill it or need a topology."""
-
-    def __init__(self, workdir: Path, args: Sequence[str] = (), port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.workdir = workdir
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.args = list(args)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        log = (self.workdir / "redis.log").open("ab")
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), *self.args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-        )  # fmt: skip
-        wait_for_port(self.port, self.proc)
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def cli(self, *args: str) -> str:
-        return subprocess.run(
-            ["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, check=True, timeout=10
-        ).stdout
-
-
-@pytest.fixture
-def redis_server_factory(tmp_path: Path) -> Iterator[Callable[..., RedisServer]]:
-    """Start private redis-servers (`factory(args=[...])`); all are killed after the test."""
-    started: list[RedisServer] = []
-
-    def factory(args: Sequence[str] = (), name: str | None = None) -> RedisServer:
-        server = RedisServer(tmp_path / (name or f"redis-{len(started)}"), args)
-        started.append(server)
-        return server.start()
-
-    yield factory
-    for server in started:
-        server.kill()
 
 
 @pytest.fixture(scope="session")

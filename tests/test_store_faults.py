@@ -8,24 +8,18 @@ object works again, without being re-created.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from conftest import RedisServer
-from support import free_port, wait_for_port
+from peers.private_stores import PostgresServer, RedisServer
+from support import free_port
 
 from proxy.settings import parse_server
 from proxy.stores import Connection, StoreUnavailable
 from proxy.stores.postgres import PostgresStore
 from proxy.stores.redis import RESYNC, RedisTokenStore
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PASSWORD = "pw-never-in-messages-7f3a"
 
 
@@ -145,66 +139,16 @@ async def test_redis_events_wait_out_an_outage(redis_server_factory: Callable[..
 # -- PostgreSQL ----------------------------------------------------------------------
 
 
-class PostgresServer:
-    """A private PostgreSQL cluster in a temporary directory, run as the postgres OS user."""
-
-    def __init__(self) -> None:
-        # Not under pytest's tmp_path: that is private to root, and the server runs as postgres.
-        self.root = Path(tempfile.mkdtemp(prefix="kb-pg-"))
-        self.data = self.root / "data"
-        self.port = free_port()
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
-
-    def _run(self, *cmd: str) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=60)
-
-    def init(self) -> None:
-        if os.geteuid() == 0:
-            shutil.chown(self.root, "postgres", "postgres")
-        self._run(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-o", options,
-                  "-l", str(self.root / "log"), "-w", "start")  # fmt: skip
-        wait_for_port(self.port)
-
-    def crash(self) -> None:
-        # Immediate mode: what a crash or an OOM-killed server looks like to clients.
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def remove(self) -> None:
-        with_stop = self.data / "postmaster.pid"
-        if with_stop.exists():
-            self.crash()
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def private_postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
-        yield server
-    finally:
-        server.remove()
-
-
 @pytest.fixture
 async def pg_store(private_postgres: PostgresServer) -> AsyncIterator[PostgresStore]:
-    store = PostgresStore(private_postgres.url, pool_size=3, connect_timeout=2)
+    store = PostgresStore(private_postgres.url, pool_size=3, timeout=2)
     await store.open()
     try:
         await store.migrate()
         yield store
     finally:
         await store.close()
-        if not (private_postgres.data / "postmaster.pid").exists():
+        if not private_postgres.running:
             private_postgres.start()  # the next test finds it up
 
 
@@ -259,7 +203,7 @@ async def test_postgres_pool_recovers_from_a_restart_it_never_saw(
 
 async def test_postgres_unreachable_at_open(private_postgres: PostgresServer) -> None:
     port = free_port()
-    store = PostgresStore(f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/postgres", connect_timeout=2)
+    store = PostgresStore(f"postgresql://postgres:{PASSWORD}@127.0.0.1:{port}/postgres", timeout=2)
     with pytest.raises(StoreUnavailable) as exc:
         await store.open()
     assert_unavailable(exc, f"127.0.0.1:{port}")

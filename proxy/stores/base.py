@@ -59,12 +59,18 @@ def without_operator_keys(server_id: str, raw: object) -> object:
 
 
 class StoreUnavailable(Unavailable):
-    """The backing service cannot be reached: 503, and the same request may work later."""
+    """The backing service cannot be reached or did not answer in time: 503, and
+    the same request may work later.
+
+    `maybe_applied`: a write was cut off by the deadline after the store may
+    have received it, so it may still be carried out. Otherwise nothing was written.
+    """
 
     code = "store_unavailable"
 
-    def __init__(self, message: str, retry_after: int = 5) -> None:
+    def __init__(self, message: str, retry_after: int = 5, *, maybe_applied: bool = False) -> None:
         super().__init__(message, retry_after=retry_after)
+        self.maybe_applied = maybe_applied
 
 
 class Store(abc.ABC):
@@ -88,6 +94,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def migrate(self) -> list[str]:
         """Apply pending migrations; return the names applied."""
+
+    @abc.abstractmethod
+    async def schema_status(self) -> SchemaStatus:
+        """How the stored schema compares with this version's migrations; changes nothing."""
 
     @abc.abstractmethod
     async def changes(self) -> int:
@@ -123,6 +133,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_secrets(self) -> list[tuple[str, str, str]]:
         """Every (kind, name, ciphertext): what key rotation walks."""
+
+
+@dataclass(frozen=True)
+class SchemaStatus:
+    # This version's migrations not applied yet: `keybearer migrate` applies them.
+    pending: tuple[str, ...]
+    # Applied migrations this version does not know: a newer version migrated the schema.
+    unknown: tuple[str, ...]
+
+
+def schema_status(backend: str, applied: Iterable[str]) -> SchemaStatus:
+    known = [version for version, _ in migrations(backend)]
+    done = set(applied)
+    return SchemaStatus(
+        pending=tuple(v for v in known if v not in done),
+        unknown=tuple(sorted(done - set(known))),
+    )
 
 
 def migrations(backend: str) -> list[tuple[str, str]]:
@@ -164,7 +191,9 @@ def open_token_store(settings: Settings, store: Store | None = None) -> TokenSto
     if settings.redis_url:
         from proxy.stores.redis import RedisTokenStore
 
-        return RedisTokenStore.from_url(settings.redis_url, prefix=settings.redis_prefix)
+        return RedisTokenStore.from_url(
+            settings.redis_url, prefix=settings.redis_prefix, timeout=settings.store_timeout
+        )
     scheme = settings.database_url.partition(":")[0].lower()
     if scheme != "sqlite":
         raise ConfigError(

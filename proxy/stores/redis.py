@@ -8,7 +8,18 @@ Keys, under a configurable prefix (default "mcp"):
     {prefix}:pending:{key}              string with TTL: a pending authorization
     {prefix}:lock:{name}                string with TTL: a lock holder's token
     {prefix}:cache:{key}                string with TTL
-    {prefix}:events                     pub/sub channel
+    {prefix}:events                     pub/sub channel (database 0)
+    {prefix}:events:db{n}               pub/sub channel (database n > 0)
+
+Pub/sub ignores the database number, so the channel names it: deployments
+sharing one Redis on different databases hear only their own events. A prefix
+never contains ':' (settings refuse it), so no deployment's keys can fall
+under another's, e.g. "kbt:cache:*" under a prefix "kbt:cache".
+
+Every operation has one deadline (`timeout`, the store_timeout setting)
+around all of it, redis-py's retries and health checks included: a Redis that
+hangs answers StoreUnavailable as soon as one that is down would, after at
+most that long.
 
 Every script touches one key, so everything works on Redis Cluster, where a
 script may not span slots. The two sets are an index for listing without
@@ -21,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -32,6 +43,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from proxy.errors import InvalidInput
 from proxy.names import RESYNC
@@ -43,9 +55,11 @@ log = structlog.get_logger("keybearer.stores.redis")
 RedisClient = Redis | RedisCluster
 
 
-# Seconds. Short: an unreachable Redis must become a 503 quickly, not hang a request.
-SOCKET_TIMEOUT = 5.0
-# One quick retry absorbs a pooled connection that died with a Redis restart.
+# Seconds for a whole operation, retries included: an unreachable or hung Redis
+# must become a 503 quickly, not hold a request.
+DEFAULT_TIMEOUT = 3.0
+# Quick retries absorb pooled connections that died with a Redis restart;
+# they run inside the operation's deadline.
 RETRIES = 2
 EVENTS_BACKOFF = (0.1, 5.0)
 
@@ -69,17 +83,28 @@ return 0
 
 
 class RedisTokenStore(TokenStore):
-    def __init__(self, client: RedisClient, *, prefix: str = "mcp", where: str = "Redis") -> None:
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = "mcp",
+        where: str = "Redis",
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
         self.client = client
         self.prefix = prefix
         self.where = where
+        self.timeout = timeout
+        database = _database(client)
+        self.channel = f"{prefix}:events" if database == 0 else f"{prefix}:events:db{database}"
         self._closed = False
         self._put_script = client.register_script(_PUT_CONNECTION)
         self._release_script = client.register_script(_RELEASE_LOCK)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "mcp") -> RedisTokenStore:
-        return cls(redis_client_from_url(url), prefix=prefix, where=describe_redis_url(url))
+    def from_url(cls, url: str, *, prefix: str = "mcp", timeout: float = DEFAULT_TIMEOUT) -> RedisTokenStore:
+        client = redis_client_from_url(url, timeout)
+        return cls(client, prefix=prefix, where=describe_redis_url(url), timeout=timeout)
 
     async def open(self) -> None:
         self._closed = False
@@ -89,17 +114,28 @@ class RedisTokenStore(TokenStore):
         with contextlib.suppress(*_ERRORS):
             await self.client.aclose()
 
-    @contextlib.contextmanager
-    def _guard(self, doing: str) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def _guard(self, doing: str, *, writes: bool = False) -> AsyncIterator[None]:
+        """One deadline around the operation; any failure, a hang too, is StoreUnavailable.
+
+        A write that timed out may still be carried out: Redis runs what it
+        has read once it moves again.
+        """
+        deadline = asyncio.timeout(self.timeout)
         try:
-            yield
+            async with deadline:
+                yield
         except _ERRORS as exc:
+            hung = deadline.expired()
+            reason = f"no answer within {self.timeout:g} s" if hung else _reason(exc)
+            timed_out = hung or isinstance(exc, (TimeoutError, RedisTimeoutError))
             raise StoreUnavailable(
-                f"Redis ({self.where}) unavailable while {doing}: {_reason(exc)}"
+                f"Redis ({self.where}) unavailable while {doing}: {reason}",
+                maybe_applied=writes and timed_out,
             ) from None
 
     async def ping(self) -> None:
-        with self._guard("pinging"):
+        async with self._guard("pinging"):
             await self.client.ping()
 
     # -- keys ------------------------------------------------------------------------
@@ -120,7 +156,7 @@ class RedisTokenStore(TokenStore):
 
     async def get_connection(self, user: str, server: str) -> Connection | None:
         key = self._tokens(user, server)
-        with self._guard("reading a connection"):
+        async with self._guard("reading a connection"):
             fields = _fields(await self.client.hgetall(key))
         return _decode(user, server, fields) if fields else None
 
@@ -129,7 +165,7 @@ class RedisTokenStore(TokenStore):
         # A key that exists is always indexed: index before a write that may
         # create the key; a write expecting a version finds the key indexed.
         creates = expected_version in (None, 0)
-        with self._guard("writing a connection"):
+        async with self._guard("writing a connection", writes=True):
             if creates:
                 await self._index(connection.user, connection.server)
             expected = "" if expected_version is None else str(expected_version)
@@ -144,20 +180,20 @@ class RedisTokenStore(TokenStore):
 
     async def delete_connection(self, user: str, server: str) -> bool:
         key = self._tokens(user, server)
-        with self._guard("deleting a connection"):
+        async with self._guard("deleting a connection", writes=True):
             deleted = await self.client.delete(key)
             await self.client.srem(self._server_users(server), user)
             await self.client.srem(self._user_servers(user), server)
         return bool(deleted)
 
     async def list_connections(self, server: str) -> list[Connection]:
-        with self._guard("listing a server's connections"):
+        async with self._guard("listing a server's connections"):
             users = _members(await self.client.smembers(self._server_users(server)))
             rows = await self._hgetall_many([self._tokens(u, server) for u in users])
         return [_decode(u, server, f) for u, f in zip(users, rows, strict=True) if f]
 
     async def list_user_connections(self, user: str) -> list[Connection]:
-        with self._guard("listing a user's connections"):
+        async with self._guard("listing a user's connections"):
             servers = _members(await self.client.smembers(self._user_servers(user)))
             rows = await self._hgetall_many([self._tokens(user, s) for s in servers])
         return [_decode(user, s, f) for s, f in zip(servers, rows, strict=True) if f]
@@ -173,7 +209,7 @@ class RedisTokenStore(TokenStore):
     async def delete_server_connections(self, server: str) -> int:
         index = self._server_users(server)
         deleted = 0
-        with self._guard("deleting a server's connections"):
+        async with self._guard("deleting a server's connections", writes=True):
             for user in _members(await self.client.smembers(index)):
                 deleted += await self.client.delete(self._tokens(user, server))
                 await self.client.srem(self._user_servers(user), server)
@@ -184,50 +220,46 @@ class RedisTokenStore(TokenStore):
     # -- pending authorizations, locks, cache --------------------------------------
 
     async def put_pending(self, key: str, sealed: str, ttl: float) -> None:
-        with self._guard("storing a pending authorization"):
+        async with self._guard("storing a pending authorization", writes=True):
             await self.client.set(f"{self.prefix}:pending:{key}", sealed, px=_ms(ttl))
 
     async def take_pending(self, key: str) -> str | None:
-        with self._guard("taking a pending authorization"):
+        async with self._guard("taking a pending authorization", writes=True):
             value = await self.client.getdel(f"{self.prefix}:pending:{key}")
         return _text(value)
 
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_urlsafe(16)
-        with self._guard("taking a lock"):
+        async with self._guard("taking a lock", writes=True):
             taken = await self.client.set(f"{self.prefix}:lock:{name}", token, nx=True, px=_ms(ttl))
         return token if taken else None
 
     async def release_lock(self, name: str, token: str) -> None:
-        with self._guard("releasing a lock"):
+        async with self._guard("releasing a lock", writes=True):
             await self._release_script(keys=[f"{self.prefix}:lock:{name}"], args=[token])
 
     async def cache_get(self, key: str) -> str | None:
-        with self._guard("reading the cache"):
+        async with self._guard("reading the cache"):
             value = await self.client.get(f"{self.prefix}:cache:{key}")
         return _text(value)
 
     async def cache_set(self, key: str, value: str, ttl: float) -> None:
-        with self._guard("writing the cache"):
+        async with self._guard("writing the cache", writes=True):
             await self.client.set(f"{self.prefix}:cache:{key}", value, px=_ms(ttl))
 
     async def cache_delete_prefix(self, prefix: str) -> int:
         # SCAN walks the whole keyspace: fine for an admin action, never on the hot path.
         pattern = f"{_glob_escape(f'{self.prefix}:cache:{prefix}')}*"
         deleted = 0
-        with self._guard("clearing the cache"):
+        async with self._guard("clearing the cache", writes=True):
             async for key in self.client.scan_iter(match=pattern, count=500):
                 deleted += await self.client.unlink(key)
         return deleted
 
     # -- events ----------------------------------------------------------------------
 
-    @property
-    def channel(self) -> str:
-        return f"{self.prefix}:events"
-
     async def publish(self, event: str) -> None:
-        with self._guard("publishing an event"):
+        async with self._guard("publishing an event", writes=True):
             await self.client.publish(self.channel, event)
 
     async def events(self) -> AsyncIterator[str]:
@@ -338,6 +370,13 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _database(client: RedisClient) -> int:
+    """The database number the client uses (a cluster has only 0)."""
+    if isinstance(client, RedisCluster):
+        return 0
+    return int(client.connection_pool.connection_kwargs.get("db") or 0)
+
+
 # -- clients from URLs -------------------------------------------------------------------
 
 
@@ -359,19 +398,21 @@ _MULTI_HOST_OPTIONS = {"sentinel_username", "sentinel_password", "ssl_ca_certs",
 MAX_CONNECTIONS = 256
 
 
-def redis_client_from_url(url: str) -> RedisClient:
+def redis_client_from_url(url: str, timeout: float = DEFAULT_TIMEOUT) -> RedisClient:
     """A client for redis://, rediss://, redis+sentinel:// or redis+cluster:// URLs.
 
     redis+sentinel://[:password@]host1:26379,host2:26379/<master name>[/db]
     (the password is the master's; `?sentinel_password=` for the sentinels),
     redis+cluster://[:password@]host:port[,host:port]; a `rediss+` scheme
-    turns TLS on for either.
+    turns TLS on for either. `timeout` bounds each socket read, connect and
+    wait for a pooled connection; RedisTokenStore puts one deadline around
+    each whole operation on top.
     """
     scheme = url.partition("://")[0].lower()
     common: dict[str, Any] = {
         "decode_responses": True,
-        "socket_timeout": SOCKET_TIMEOUT,
-        "socket_connect_timeout": SOCKET_TIMEOUT,
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), RETRIES),
     }
     if scheme in ("redis", "rediss", "unix"):
@@ -380,7 +421,7 @@ def redis_client_from_url(url: str) -> RedisClient:
         # of failing (redis-py's default pool raises at 100 in flight, which a
         # refresh storm on one replica exceeds).
         pool = BlockingConnectionPool.from_url(
-            url, max_connections=MAX_CONNECTIONS, timeout=SOCKET_TIMEOUT, health_check_interval=10, **common
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, health_check_interval=10, **common
         )
         return Redis.from_pool(pool)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
@@ -419,8 +460,8 @@ def _sentinel_client(target: RedisTarget, common: dict[str, Any]) -> Redis:
     sentinel = Sentinel(
         target.hosts,
         sentinel_kwargs={
-            "socket_timeout": SOCKET_TIMEOUT,
-            "socket_connect_timeout": SOCKET_TIMEOUT,
+            "socket_timeout": common["socket_timeout"],
+            "socket_connect_timeout": common["socket_timeout"],
             **{k: v for k, v in sentinel_auth.items() if v},
             **tls,
         },

@@ -32,10 +32,12 @@ from proxy.names import SERVER_SECRET_KINDS
 from proxy.settings import ConfigError, ServerConfig
 from proxy.stores.base import (
     Connection,
+    SchemaStatus,
     Store,
     StoreUnavailable,
     TokenStore,
     migrations,
+    schema_status,
     stored_servers,
 )
 
@@ -122,6 +124,9 @@ class SQLiteStore(Store, TokenStore):
 
     async def migrate(self) -> list[str]:
         return await self._run(_migrate)
+
+    async def schema_status(self) -> SchemaStatus:
+        return schema_status("sqlite", await self._run(_applied_migrations))
 
     async def changes(self) -> int:
         # data_version moves when another connection commits; our own writes
@@ -393,6 +398,14 @@ def _migrate(db: sqlite3.Connection) -> list[str]:
 
     # Two processes starting at once apply each migration exactly once.
     return _transaction(db, apply)
+
+
+def _applied_migrations(db: sqlite3.Connection) -> list[str]:
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    ).fetchone():
+        return []
+    return [row[0] for row in db.execute("SELECT version FROM schema_migrations")]
 
 
 def _statements(sql: str) -> list[str]:
