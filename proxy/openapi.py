@@ -146,12 +146,15 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "user": {"type": "string"},
             "server": {"type": "string"},
-            "state": {"enum": ["connected", "must_reconnect"]},
+            # refused: a client_credentials server's own token, refused by its authorization server.
+            "state": {"enum": ["connected", "must_reconnect", "refused"]},
             "issuer": nullable({"type": "string"}),
             "scopes": strings(),
             "expires_at": nullable({"type": "number"}),
             "obtained_at": {"type": "number"},
             "last_error": nullable({"type": "string"}),
+            # False when the authorization server issued no refresh token: reconnect at expiry.
+            "refreshable": {"type": "boolean"},
         },
         "required": [
             "user",
@@ -162,6 +165,7 @@ SCHEMAS: dict[str, Schema] = {
             "expires_at",
             "obtained_at",
             "last_error",
+            "refreshable",
         ],
         "additionalProperties": False,
     },

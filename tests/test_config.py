@@ -82,6 +82,15 @@ def test_secret_from_file_twin(tmp_path: Path) -> None:
         ({"listen": "nonsense"}, "listen"),
         ({"max_body_bytes": "lots"}, "max_body_bytes"),
         ({"servers": ["a", "b"]}, "servers"),
+        # Without an audience, a token the issuer made for any other service would pass.
+        (
+            {
+                "inbound_auth": "jwt",
+                "jwt_jwks_url": "https://idp.example/jwks",
+                "jwt_issuer": "https://idp.example",
+            },
+            "jwt_audience",
+        ),
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, config: dict, key: str) -> None:

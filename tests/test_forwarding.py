@@ -192,6 +192,21 @@ async def test_headers_both_ways(proxy: ProxyProcess) -> None:
     assert API_KEY not in json.dumps(dict(answer.headers))
 
 
+async def test_every_connection_header_names_hop_headers(proxy: ProxyProcess) -> None:
+    """RFC 9110 §7.6.1: every Connection header's tokens are hop-by-hop, not only the last's."""
+    sent = [
+        ("Connection", "X-First-Hop"),
+        ("Connection", "keep-alive"),
+        ("X-First-Hop", "must-not-pass"),
+        ("X-Custom", "kept"),
+    ]
+    async with httpx.AsyncClient() as client:
+        answer = await client.post(f"{proxy.url}/alice/echo", headers=sent, content=b"{}")
+    assert answer.status_code == 200
+    got = answer.json()["headers"]
+    assert "x-first-hop" not in got and got["x-custom"] == "kept"
+
+
 async def test_stored_key_set_by_cli_while_serving(proxy: ProxyProcess) -> None:
     url = f"{proxy.url}/alice/stored"
     missing = await raw_post(url, INITIALIZE)

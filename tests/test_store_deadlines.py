@@ -156,6 +156,7 @@ async def shared(
         "redis_prefix": PREFIX,
         "migrate_on_start": True,
         "admin_token": ADMIN_TOKEN,
+        "api_servers_allowed_networks": ["127.0.0.0/8"],
         "servers": {
             "open": {"url": upstream.mcp_url, "auth": "none"},
             "keyed": {"url": upstream.mcp_url, "auth": "api_key", "api_key_env": "DEADLINES_KEY"},

@@ -42,8 +42,10 @@ async def store_token(
     store: SQLiteStore, keyring: Keyring, access: str, expires_at: float, version: int
 ) -> None:
     sealed = seal(keyring, "alice", SERVER.id, TokenSet(access, "refresh-1"))
+    # Obtained an hour ago: a long-lived token, whose refresh is due refresh_skew before expiry.
     conn = Connection(user="alice", server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
-                      scopes=("mcp",), expires_at=expires_at, obtained_at=time.time(), version=version)  # fmt: skip
+                      scopes=("mcp",), expires_at=expires_at, obtained_at=time.time() - 3600,
+                      version=version)  # fmt: skip
     await store.put_connection(conn)
 
 
