@@ -199,6 +199,7 @@ class Keybearer:
                 await store.ping()
             except StoreUnavailable as exc:
                 problems[name] = str(exc)
+            metrics.store_up(name, name not in problems)
         if problems:
             return JSONResponse({"ready": False, **problems}, status_code=503)
         return JSONResponse({"ready": True})

@@ -8,7 +8,10 @@
 #
 # test:  chromium (the real browser of the OAuth tests, driven by Playwright),
 #        nodejs + npm when `node` / `npm` are not on PATH (the OAuth authorization server
-#        peer, oidc-provider, whose npm packages tests/peers/oauth installs itself).
+#        peer, oidc-provider, whose npm packages tests/peers/oauth installs itself),
+#        prometheus when `promtool` is not on PATH (it checks and unit-tests the alert rules in
+#        deploy/prometheus; the package's server is not started where policy-rc.d forbids it,
+#        as in containers, and is not used by the tests).
 # bench: wrk, nginx-light.
 set -euo pipefail
 
@@ -22,6 +25,7 @@ for group in "${groups[@]}"; do
       packages+=(chromium)
       command -v node >/dev/null 2>&1 || packages+=(nodejs)
       command -v npm >/dev/null 2>&1 || packages+=(npm)
+      command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
       ;;
     bench)
       packages+=(wrk nginx-light)
