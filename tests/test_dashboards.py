@@ -188,7 +188,9 @@ def test_dashboard_shape() -> None:
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """promtool parses each query, as the expression of a recording rule."""
-    rules = [{"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_queries())]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(dashboard_queries())
+    ]
     path = tmp_path / "dashboard.rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     run_promtool("check", "rules", str(path))
@@ -251,7 +253,10 @@ def test_monitoring_component(tmp_path: Path) -> None:
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind["NetworkPolicy"]}
     assert [p["port"] for r in policies["keybearer"]["ingress"] for p in r["ports"]] == ["http"]
     assert [p["port"] for r in policies["keybearer-metrics"]["ingress"] for p in r["ports"]] == ["metrics"]
-    assert policies["keybearer-metrics"]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert (
+        policies["keybearer-metrics"]["podSelector"]["matchLabels"].items()
+        <= pod["metadata"]["labels"].items()
+    )
 
     (rule,) = by_kind["PrometheusRule"]
     assert rule["spec"] == operator_rule()["spec"]
@@ -284,7 +289,10 @@ def every_queried_name() -> dict[str, set[str]]:
     for title, expr in dashboard_queries():
         for name in metric_names(expr):
             found.setdefault(name, set()).add(f"dashboard panel {title!r}")
-    for where, groups in (("rules", load_yaml(RULES)["groups"]), ("PrometheusRule", operator_rule()["spec"]["groups"])):
+    for where, groups in (
+        ("rules", load_yaml(RULES)["groups"]),
+        ("PrometheusRule", operator_rule()["spec"]["groups"]),
+    ):
         for alert, rule in alerts(groups).items():
             for name in metric_names(rule["expr"]):
                 found.setdefault(name, set()).add(f"{where} {alert}")
@@ -298,10 +306,11 @@ async def seed_token_due_for_refresh(db: Path, salt: str, user: str, server: str
     try:
         now = time.time()
         sealed = seal(Keyring(salt), user, server, TokenSet("access-token-of-bob", "refresh-token-of-bob"))
-        await store.put_connection(
-            Connection(user=user, server=server, sealed=sealed, issuer="https://as.invalid", client_id="c",
-                       scopes=(), expires_at=now + 30, obtained_at=now - 3600, version=1)  # fmt: skip
-        )
+        connection = Connection(
+            user=user, server=server, sealed=sealed, issuer="https://as.invalid", client_id="c",
+            scopes=(), expires_at=now + 30, obtained_at=now - 3600, version=1,
+        )  # fmt: skip
+        await store.put_connection(connection)
     finally:
         await store.close()
 
