@@ -224,6 +224,8 @@ class Keybearer:
         stores: dict[str, Store | TokenStore] = {"database": self.parts.store, "tokens": self.parts.tokens}
         found = await asyncio.gather(*(_problem(store) for store in stores.values()))
         problems = {name: problem for name, problem in zip(stores, found, strict=True) if problem}
+        for name in stores:
+            metrics.store_up(name, name not in problems)
         if problems:
             return JSONResponse({"ready": False, **problems}, status_code=503)
         return JSONResponse({"ready": True})

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
+from proxy import metrics
 from proxy.names import SERVERS_CHANGED, Event, parse_event
 from proxy.stores import Store, StoreUnavailable, TokenStore
 
@@ -50,6 +51,9 @@ class ChangeFeed:
 
     async def start(self) -> None:
         self._seen_changes = await self.store.changes()
+        self._database_up(True)
+        if self.tokens is not self.store:
+            await self._check_tokens()
         self._tasks = [asyncio.create_task(self._poll()), asyncio.create_task(self._follow())]
 
     async def stop(self) -> None:
@@ -62,14 +66,33 @@ class ChangeFeed:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.store.poll_interval)
+            if self.tokens is not self.store:
+                await self._check_tokens()
             try:
                 changes = await self.store.changes()
             except StoreUnavailable as exc:
+                self._database_up(False)
                 log.warning("store unavailable; serving from cache", reason=str(exc))
                 continue
+            self._database_up(True)
             if changes != self._seen_changes and await self._dispatch(SERVERS_CHANGED):
                 # Only now: a reload that failed is retried at the next poll.
                 self._seen_changes = changes
+
+    # The poll doubles as the stores' health check (keybearer_store_up): the gauge
+    # stays current without anyone calling /ready.
+    def _database_up(self, up: bool) -> None:
+        metrics.store_up("database", up)
+        if self.tokens is self.store:  # one SQLite file holds both
+            metrics.store_up("tokens", up)
+
+    async def _check_tokens(self) -> None:
+        try:
+            await self.tokens.ping()
+        except StoreUnavailable:
+            metrics.store_up("tokens", False)  # the events channel logs the outage
+        else:
+            metrics.store_up("tokens", True)
 
     async def _follow(self) -> None:
         async for event in self.tokens.events():

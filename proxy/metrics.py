@@ -45,6 +45,15 @@ TIME_TO_EXPIRY = Histogram(
     ["server"],
     buckets=(0, 30, 60, 300, 900, 1800, 3600, 7200, 86400),
 )
+# Set by every check of a store: the change feed's poll (every few seconds) and
+# /ready. With several workers a store counts as up only when every live worker
+# reached it at its last check.
+STORE_UP = Gauge(
+    "keybearer_store_up",
+    "1 when the store answered its last check, 0 when it did not",
+    ["store"],
+    multiprocess_mode="livemin",
+)
 
 
 def render() -> tuple[bytes, str]:
@@ -69,3 +78,8 @@ def upstream_latency(server: str) -> Any:
 
 def refresh_result(server: str, result: str) -> None:
     REFRESHES.labels(server, result).inc()
+
+
+def store_up(store: str, up: bool) -> None:
+    """`store` is "database" (servers, secrets) or "tokens" (per-user tokens), as /ready names them."""
+    STORE_UP.labels(store).set(1 if up else 0)

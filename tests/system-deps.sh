@@ -11,7 +11,10 @@
 #        peer, oidc-provider, and the MCP Inspector's CLI, whose npm packages
 #        tests/peers/oauth and tests/peers/inspector install themselves),
 #        tinyproxy (the corporate forward proxy of tests/test_egress_proxy.py; the
-#        tests start their own on loopback, never the system service).
+#        tests start their own on loopback, never the system service),
+#        prometheus when `promtool` is not on PATH (it checks and unit-tests the alert rules in
+#        deploy/prometheus; the package's server is not started where policy-rc.d forbids it,
+#        as in containers, and is not used by the tests).
 # bench: wrk, nginx-light.
 set -euo pipefail
 
@@ -25,6 +28,7 @@ for group in "${groups[@]}"; do
       packages+=(chromium tinyproxy)
       command -v node >/dev/null 2>&1 || packages+=(nodejs)
       command -v npm >/dev/null 2>&1 || packages+=(npm)
+      command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
       ;;
     bench)
       packages+=(wrk nginx-light)

@@ -201,7 +201,7 @@ async def test_metrics_after_traffic(start: Callable[..., Keybearer], upstream: 
     text, samples = scrape(proxy.url + "/metrics")
     assert SECRET_USER not in text
     label_names = {name for s in samples if s.name.startswith("keybearer_") for name in s.labels}
-    assert label_names <= {"server", "status", "result", "le"}, label_names
+    assert label_names <= {"server", "status", "result", "store", "le"}, label_names
 
 
 async def test_metrics_listen_moves_metrics_off_the_main_port(
