@@ -49,6 +49,9 @@ Configuration (keyword arguments of ``run_authorization_server``, passed as JSON
                        "delay": 10}`` (delay only: the real answer comes late). ``count`` defaults
                        to 1, ``-1`` = forever.
 ``log_success``        also print ``grant.success`` / ``authorization.success`` events.
+``account_claims``     ``{sub: {claim: value}}``: more claims of an account (``name``, ``groups``, ...);
+                       every account has ``email`` ``<sub>@example.com``. As an OpenID provider, the
+                       scopes ``profile``, ``email`` and ``groups`` put their claims into the ID token.
 
 Behaviour (oidc-provider features): open Dynamic Client Registration (``/reg``), PKCE required
 (S256 only), RFC 8707 resource indicators (access tokens are RS256 JWTs, ``typ: at+jwt``,
