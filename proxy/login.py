@@ -60,7 +60,8 @@ log = structlog.get_logger("keybearer.login")
 
 CALLBACK_PATH = "/login/callback"
 PENDING_TTL = 600.0  # to sign in at the provider
-# A session's idle clock restarts on use, with one store write at most this often.
+# A session's idle clock restarts on use, with one store write at most this
+# often (and at most four times per idle timeout).
 TOUCH_EVERY = 60.0
 JWKS_TTL = 600.0
 JWKS_MIN_REFETCH = 5.0
@@ -173,7 +174,7 @@ class Sessions:
         if now >= session.expires:
             await self.tokens.delete_session(key)
             raise self.ended(request)
-        if now - session.touched >= TOUCH_EVERY:
+        if now - session.touched >= min(TOUCH_EVERY, self.idle / 4):
             session = replace(session, touched=now)
             await self._save(session)
         return session

@@ -11,6 +11,7 @@ loopback HTTP server) that signs whatever token a case needs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -40,7 +41,7 @@ from support import ROOT, ProxyProcess, free_port
 
 from proxy import links
 from proxy.crypto import Keyring
-from proxy.settings import load_settings
+from proxy.settings import ConfigError, load_settings
 from proxy.stores import open_token_store
 
 pytestmark = pytest.mark.slow
@@ -151,6 +152,46 @@ def pending_count(proxy: ProxyProcess) -> int:
         return int(db.execute("SELECT count(*) FROM pending").fetchone()[0])
 
 
+# -- settings ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"login_issuer": "https://sso.example.com"}, "login_client_id"),
+        ({"login_client_id": "kb"}, "login_issuer"),
+        ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_admin_claim": "groups"},
+         "login_admin_values"),
+        ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_scopes": "profile email"},
+         "login_scopes"),
+        ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "browser_identity_header": "X-User"},
+         "browser_identity_header"),
+        ({"login_issuer": "sso.example.com", "login_client_id": "kb"}, "login_issuer"),
+        ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_user_claim": "a claim"},
+         "login_user_claim"),
+    ],
+)  # fmt: skip
+def test_sign_in_settings_are_checked(settings: dict[str, Any], named: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(settings))
+    with pytest.raises(ConfigError) as refused:
+        load_settings(str(config), env={})
+    assert refused.value.key == named
+
+
+def test_the_issuer_is_kept_exactly_and_the_secret_read_from_its_file(tmp_path: Path) -> None:
+    (tmp_path / "secret").write_text("s3cret-from-a-file\n")
+    env = {"KEYBEARER_LOGIN_ISSUER": "https://tenant.example.com/", "KEYBEARER_LOGIN_CLIENT_ID": "kb",
+           "KEYBEARER_LOGIN_CLIENT_SECRET_FILE": str(tmp_path / "secret"),
+           "KEYBEARER_LOGIN_ADMIN_VALUES": "ops,admins", "KEYBEARER_LOGIN_ADMIN_CLAIM": "groups"}  # fmt: skip
+    settings = load_settings(env=env)
+    assert settings.login_issuer == "https://tenant.example.com/" and settings.signs_in
+    assert settings.login_client_secret == "s3cret-from-a-file"
+    assert (
+        settings.login_admin_values == ("ops", "admins") and settings.login_scopes == "openid profile email"
+    )
+
+
 # -- signing in --------------------------------------------------------------------------
 
 
@@ -195,6 +236,8 @@ async def test_sign_in_connect_disconnect_sign_out(
         assert page.url == f"{people.url}/" and "not connected" in await row(page, "notes").inner_text()
         assert await stored_version(people, "alice", "notes") is None
 
+        forced = await page.request.post(f"{people.url}/logout", form={"csrf": "from another site"})
+        assert forced.status == 403 and (await page.request.get(f"{people.url}/")).status == 200
         await page.get_by_role("button", name="Sign out").click()
         assert "You are signed out" in await page.inner_text("body")
         await shoot(page, "signed-out")
@@ -349,7 +392,9 @@ async def test_two_replicas_share_one_session(
             assert 0 < await raw.pttl(key) <= 7200_000 and "grace" not in await raw.get(key)
 
             cookie = await session_cookie(context)
-            await page.get_by_role("button", name="Sign out").click()
+            await page.goto(f"{b.url}/logout")
+            await page.locator("body > form").get_by_role("button", name="Sign out").click()
+            assert "You are signed out" in await page.inner_text("body")
             await context.add_cookies([cookie])  # type: ignore[list-item]
             answer = await page.goto(f"{a.url}/")
             assert answer is not None and answer.status == 401  # ended on b, so ended on a
@@ -501,13 +546,15 @@ def provider() -> Iterator[Provider]:
 
 
 CLIENT, SECRET = "kb-client", "client-secret-0123456789abcdefghijklmnop"
+IDLE, LIFETIME = 2, 5
 
 
 @pytest.fixture(scope="module")
 def checked(
     provider: Provider, tmp_path_factory: pytest.TempPathFactory, salt: str
 ) -> Iterator[ProxyProcess]:
-    config = {"login_issuer": provider.issuer, "login_client_id": CLIENT, "oauth_allow_http_loopback": True}
+    config = {"login_issuer": provider.issuer, "login_client_id": CLIENT, "oauth_allow_http_loopback": True,
+              "session_idle_timeout": IDLE, "session_lifetime": LIFETIME}  # fmt: skip
     env = {"KEYBEARER_SALT": salt, "KEYBEARER_LOGIN_CLIENT_SECRET": SECRET}
     proc = ProxyProcess(config, tmp_path_factory.mktemp("checked"), env)
     yield proc
@@ -593,3 +640,27 @@ async def test_a_sign_in_goes_back_only_to_this_proxy_and_this_browser(
         provider.id_token = ""
         answer = await started.get("/login/callback", params={"code": "c", "state": state})
         assert answer.status_code == 502 and "without an ID token" in answer.text
+
+
+async def test_a_session_ends_when_unused_and_at_its_lifetime_used_or_not(
+    provider: Provider, checked: ProxyProcess
+) -> None:
+    async with (
+        httpx.AsyncClient(base_url=checked.url) as used,
+        httpx.AsyncClient(base_url=checked.url) as idle,
+    ):
+        assert (await sign_in_with(used, provider, "valid"))[0].status_code == 303
+        assert (await sign_in_with(idle, provider, "valid"))[0].status_code == 303
+        kept = used.cookies["kb_session"]
+        started = time.monotonic()
+        while time.monotonic() - started < LIFETIME - 1:  # used every 0.8 s: longer than the idle timeout
+            assert (await used.get("/")).status_code == 200
+            await asyncio.sleep(0.8)
+        ended = await idle.get("/")
+        assert ended.status_code == 401 and "Your session has ended" in ended.text
+        assert "kb_session=;" in ended.headers["set-cookie"] and "Max-Age=0" in ended.headers["set-cookie"]
+        await asyncio.sleep(max(0.0, LIFETIME + 0.5 - (time.monotonic() - started)))
+        # The browser forgets the cookie at the lifetime; one kept past it opens nothing either.
+        assert (await used.get("/")).headers["location"].startswith("/login")
+        ended = await used.get("/", headers={"Cookie": f"kb_session={kept}"})
+        assert ended.status_code == 401 and "Sign in again" in ended.text
