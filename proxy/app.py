@@ -145,7 +145,7 @@ class Keybearer:
                     console.Console(parts.keyring, parts.sessions, lambda: self.parts.management)
                 ),
                 *admin.routes(settings.admin_token, lambda: self.parts.management),
-                *login.routes(login.LoginPages(settings, parts.sessions, parts.sign_in)),
+                *login.routes(login.LoginPages(parts.sessions, parts.sign_in)),
                 *connect_routes.routes(settings, parts.keyring, parts.flow, parts.sessions, parts.links),
             ],
             exception_handlers={HTTPException: self.http_error},

@@ -552,7 +552,7 @@ def _display_name(claims: Mapping[str, Any], user: str) -> str:
 
 
 class LoginPages:
-    def __init__(self, settings: Settings, sessions: Sessions, party: RelyingParty | None) -> None:
+    def __init__(self, sessions: Sessions, party: RelyingParty | None) -> None:
         self.sessions = sessions
         self.party = party
         self.browser_cookie = cookie_name("kb_login", sessions.secure)

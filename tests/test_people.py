@@ -156,27 +156,29 @@ def pending_count(proxy: ProxyProcess) -> int:
 
 
 @pytest.mark.parametrize(
-    ("settings", "named"),
+    ("settings", "named", "says"),
     [
-        ({"login_issuer": "https://sso.example.com"}, "login_client_id"),
-        ({"login_client_id": "kb"}, "login_issuer"),
+        ({"login_issuer": "https://sso.example.com"}, "login_client_id", "redirect URI"),
+        ({"login_client_id": "kb"}, "login_issuer", "set both, or neither"),
         ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_admin_claim": "groups"},
-         "login_admin_values"),
+         "login_admin_values", "go together"),
         ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_scopes": "profile email"},
-         "login_scopes"),
+         "login_scopes", "include openid"),
         ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "browser_identity_header": "X-User"},
-         "browser_identity_header"),
-        ({"login_issuer": "sso.example.com", "login_client_id": "kb"}, "login_issuer"),
+         "browser_identity_header", "remove browser_identity_header"),
+        ({"login_issuer": "sso.example.com", "login_client_id": "kb"}, "login_issuer", "issuer URL"),
         ({"login_issuer": "https://sso.example.com", "login_client_id": "kb", "login_user_claim": "a claim"},
-         "login_user_claim"),
+         "login_user_claim", "claim name"),
     ],
 )  # fmt: skip
-def test_sign_in_settings_are_checked(settings: dict[str, Any], named: str, tmp_path: Path) -> None:
+def test_sign_in_settings_are_checked(
+    settings: dict[str, Any], named: str, says: str, tmp_path: Path
+) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(json.dumps(settings))
     with pytest.raises(ConfigError) as refused:
         load_settings(str(config), env={})
-    assert refused.value.key == named
+    assert refused.value.key == named and says in str(refused.value)
 
 
 def test_the_issuer_is_kept_exactly_and_the_secret_read_from_its_file(tmp_path: Path) -> None:
@@ -432,6 +434,10 @@ async def test_without_sign_in_links_work_and_operators_get_a_console_link(
         await page.goto(found["connect notes"])
         assert "Connect notes for alice" in await page.inner_text("h1")
 
+        async with httpx.AsyncClient(base_url=proxy.url) as rebinding:  # a page that rebound its own name
+            for path in ("/", "/login", "/logout", "/connections/alice", "/admin/console"):
+                answer = await rebinding.get(path, headers={"Host": "evil.example"})
+                assert answer.status_code == 403 and "evil.example" in answer.text, path
         async with httpx.AsyncClient(
             base_url=proxy.url, headers={"Authorization": f"Bearer {ADMIN}"}
         ) as admin:
