@@ -161,13 +161,15 @@ class Sessions:
         if not sealed_id:
             return None
         session_id = self._session_id(sealed_id)
-        key = _hash(session_id or "")
-        sealed = await self.tokens.get_session(key) if session_id else None
+        if session_id is None:
+            raise self.ended(request)
+        key = _hash(session_id)
+        sealed = await self.tokens.get_session(key)
         if sealed is None:
             raise self.ended(request)
         try:
             data = json.loads(self.keyring.decrypt(SESSION, sealed, f"session:{key}"))
-            session = Session(id=session_id or "", **data)
+            session = Session(id=session_id, **data)
         except (DecryptError, ValueError, TypeError):
             raise self.ended(request) from None
         now = time.time()
@@ -362,10 +364,10 @@ class RelyingParty:
         if not code or len(code) > 2048:
             raise SignInFailed("Your organisation's sign-in sent no authorization code.")
         provider = await self.provider()
-        client = oauth_client.static_registration(
-            provider.auth_server, self.client_id, self.client_secret, self.redirect_uri
-        )
         try:
+            client = oauth_client.static_registration(
+                provider.auth_server, self.client_id, self.client_secret, self.redirect_uri
+            )
             oauth_client.check_callback_issuer(provider.auth_server, params.get("iss"))
             issued = await oauth_client.exchange_code(
                 self.fetcher, provider.auth_server, client, code, self.redirect_uri, pending["verifier"], None
