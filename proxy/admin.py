@@ -81,6 +81,7 @@ def routes(admin_token: str | None, management: Callable[[], Management]) -> lis
         Route("/admin/tokens", guarded(list_tokens), methods=["GET"]),
         Route("/admin/tokens", guarded(create_token), methods=["POST"]),
         Route("/admin/tokens/{token}", guarded(revoke_token), methods=["DELETE"]),
+        Route("/admin/links", guarded(create_links), methods=["POST"]),
         Route("/admin/openapi.json", openapi, methods=["GET"]),
         Route("/admin/{rest:path}", guarded(unknown), methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
     ]
@@ -254,6 +255,20 @@ async def revoke_token(request: Request, m: Management) -> Response:
         raise BadRequest("not a token id")
     await m.revoke_token(token_id)
     return Response(status_code=204)
+
+
+async def create_links(request: Request, m: Management) -> Response:
+    data = await body(request)
+    if isinstance(data, dict) and set(data) == {"console"} and data["console"] is True:
+        return JSONResponse(m.console_link(), headers={"Cache-Control": "no-store"})
+    if not isinstance(data, dict) or "user" not in data or not set(data) <= {"user", "server"}:
+        raise BadRequest(
+            'send {"user": "<user id>", "server": "<oauth server id>"} (server optional) or {"console": true}'
+        )
+    # Links are credentials for a while: never cached on the way.
+    return JSONResponse(
+        m.person_links(data["user"], data.get("server")), headers={"Cache-Control": "no-store"}
+    )
 
 
 async def unknown(request: Request, m: Management) -> Response:

@@ -6,7 +6,8 @@
              -> OAuth clients -> token lifecycle (refresher: the clients) -> connect flow
                              -> service tokens (client_credentials; obtain: the clients)
              -> one credential source per auth type (and grant) -> forwarder
-             -> management (admin API, CLI), browser routes
+             -> links, sessions, the sign-in (login.py) when login_* is set
+             -> management (admin API, console, CLI), browser routes
 
 Requests whose first path segment is one of the proxy's reserved names go to
 a small Starlette app (health, admin API, browser pages); all others go
@@ -31,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, egress, errors, logs, metrics, routing
+from proxy import admin, console, egress, errors, login, logs, metrics, routing
 from proxy.connect import routes as connect_routes
 from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
@@ -47,6 +48,8 @@ from proxy.errors import Answer
 from proxy.events import ChangeFeed
 from proxy.forwarding import Forwarder
 from proxy.inbound import InboundAuth
+from proxy.links import CONSOLE_PATH, Links
+from proxy.login import RelyingParty, Sessions
 from proxy.management import Management
 from proxy.oauth.fetch import Fetcher
 from proxy.registry import Registry
@@ -77,6 +80,9 @@ class Components:
     lifecycle: TokenLifecycle
     flow: ConnectFlow
     sources: Mapping[str, CredentialSource]
+    links: Links
+    sessions: Sessions
+    sign_in: RelyingParty | None
     management: Management
     web_origin: WebOriginGuard
 
@@ -129,11 +135,16 @@ def compose(settings: Settings) -> Components:
     listeners = (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event, service.on_event)
     for listener in listeners:
         feed.subscribe(listener)
-    management = Management(registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings))
+    links = Links(settings, keyring)
+    sessions = Sessions(settings, keyring, tokens)
+    sign_in = RelyingParty(settings, keyring, tokens, fetcher) if settings.signs_in else None
+    management = Management(
+        registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings), links
+    )
     web_origin = WebOriginGuard(settings.public_url, settings.allowed_origins, settings.allowed_hosts)
     return Components(
         settings, keyring, store, tokens, secrets, registry, feed, proxies, fetcher, inbound, clients,
-        lifecycle, flow, sources, management, web_origin,
+        lifecycle, flow, sources, links, sessions, sign_in, management, web_origin,
     )  # fmt: skip
 
 
@@ -147,12 +158,16 @@ class Keybearer:
         )
         self.web = Starlette(
             routes=[
-                Route("/", self.index),
                 Route("/ping", self.ping),
                 Route("/ready", self.ready),
                 *([] if settings.metrics_listen else [Route("/metrics", self.metrics)]),
+                # Before the admin API's catch-all under /admin/.
+                *console.routes(
+                    console.Console(parts.keyring, parts.sessions, lambda: self.parts.management)
+                ),
                 *admin.routes(settings.admin_token, lambda: self.parts.management),
-                *connect_routes.routes(settings, self.parts.keyring, self.parts.flow),
+                *login.routes(login.LoginPages(parts.sessions, parts.sign_in)),
+                *connect_routes.routes(settings, parts.keyring, parts.flow, parts.sessions, parts.links),
             ],
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,
@@ -164,7 +179,8 @@ class Keybearer:
         first = _first_segment(scope["path"])
         if first not in _OWN:
             return await self.forwarder(scope, receive, send)
-        if first in _BROWSER or scope["path"] == self.settings.callback_path:
+        path = scope["path"]
+        if first in _BROWSER or path == self.settings.callback_path or path.startswith(CONSOLE_PATH):
             # People's pages, too, answer only to names a rebinding page cannot take.
             refusal = self.parts.web_origin.refusal(scope["headers"], origin=False)
             if refusal is not None:
@@ -213,9 +229,6 @@ class Keybearer:
 
         return restore
 
-    async def index(self, _: Request) -> Response:
-        return PlainTextResponse("Keybearer: point MCP clients at /<user>/<server>.\n")
-
     async def ping(self, _: Request) -> Response:
         return PlainTextResponse("ok\n")
 
@@ -250,7 +263,8 @@ async def _problem(store: Store | TokenStore) -> str | None:
 
 
 _OWN = routing.RESERVED | {""}
-_BROWSER = frozenset({"connect", "connections"})
+# People's pages: `/`, sign-in, connect and connections (and the console, by its path).
+_BROWSER = frozenset({"", "connect", "connections", "login", "logout"})
 
 
 def check_exposure(settings: Settings) -> None:

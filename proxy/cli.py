@@ -156,6 +156,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("token_id")
     p.set_defaults(run=_store_command(tokens_revoke))
 
+    p = sub.add_parser(
+        "link",
+        parents=[common],
+        help="links for a person (connections; connect with SERVER), or --admin for the operator console",
+    )
+    p.add_argument("user", nargs="?", help="the person's user id")
+    p.add_argument("server", nargs="?", help="an oauth server: also print a connect link for it")
+    p.add_argument("--admin", action="store_true", help="a short-lived link to the operator console")
+    p.set_defaults(run=_store_command(link_command))
+
     keys = sub.add_parser("keys", help="encryption keys")
     keys_sub = keys.add_subparsers(required=True, metavar="ACTION")
     p = keys_sub.add_parser(
@@ -439,6 +449,30 @@ async def tokens_revoke(args: argparse.Namespace, m: Management) -> int:
     except NotFound as exc:
         raise Failure(str(exc)) from None  # nothing to delete: exit 1, like `api-key clear`
     _print(args, {"ok": True}, f"token {args.token_id} revoked")
+    return 0
+
+
+async def link_command(args: argparse.Namespace, m: Management) -> int:
+    if args.admin:
+        if args.user:
+            raise InvalidInput("--admin takes no user: the console link is for operators")
+        info = m.console_link()
+        _print(
+            args,
+            info,
+            f"operator console: {info['console_url']}\n(valid until {_when(info['expires_at'])} UTC)",
+        )
+        return 0
+    if not args.user:
+        raise InvalidInput(
+            "name the person's user id: keybearer link USER [SERVER], or keybearer link --admin"
+        )
+    info = m.person_links(args.user, args.server)
+    lines = [f"connections of {args.user}: {info['connections_url']}"]
+    if "connect_url" in info:
+        lines.append(f"connect {info['server']}: {info['connect_url']}")
+    lines.append(f"(signed links are valid until {_when(info['expires_at'])} UTC)")
+    _print(args, info, "\n".join(lines))
     return 0
 
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Send
 
@@ -45,6 +46,8 @@ class Answer:
     # Set on consent answers: the link a person must open. A JSON-RPC request
     # then gets the -32042 elicitation carrying it.
     elicitation_url: str | None = None
+    # A page's button for the next step: (label, URL).
+    action: tuple[str, str] | None = None
 
     @property
     def text(self) -> str:
@@ -67,6 +70,7 @@ class KeybearerError(Exception):
         code: str | None = None,
         title: str | None = None,
         retry_after: int | None = None,
+        action: tuple[str, str] | None = None,
         **data: Any,
     ) -> None:
         super().__init__(message)
@@ -76,11 +80,15 @@ class KeybearerError(Exception):
         self.code = code or type(self).code
         self.title = title or type(self).title
         self.retry_after = retry_after
+        self.action = action
         self.data = data
 
     def answer(self) -> Answer:
         headers = (("retry-after", str(self.retry_after)),) if self.retry_after else ()
-        return Answer(self.status, self.code, self.message, self.next_step, headers, self.data, self.title)
+        return Answer(
+            self.status, self.code, self.message, self.next_step, headers, self.data, self.title,
+            action=self.action,
+        )  # fmt: skip
 
     def __str__(self) -> str:
         return self.message if not self.next_step else f"{self.message}; {self.next_step}"
@@ -215,8 +223,23 @@ def json_response(answer: Answer) -> Response:
 
 def page_response(answer: Answer) -> HTMLResponse:
     response = pages.problem(
-        answer.title or "Something went wrong", answer.message, answer.next_step or "", answer.status
-    )
+        answer.title or "Something went wrong", answer.message, answer.next_step or "", answer.status,
+        answer.action,
+    )  # fmt: skip
     for name, value in answer.headers:
         response.headers[name] = value
     return response
+
+
+def page_endpoint(
+    handler: Callable[[Request], Awaitable[Response]],
+) -> Callable[[Request], Awaitable[Response]]:
+    """A browser page's handler, its errors answered with a page."""
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except KeybearerError as exc:
+            return page_response(exc.answer())
+
+    return endpoint

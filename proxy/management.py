@@ -7,6 +7,7 @@ request changes nothing, and tells every replica about what it changed.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from typing import Any
 
@@ -16,10 +17,12 @@ from proxy import inbound, logs
 from proxy.connect.clients import server_cache_prefix
 from proxy.errors import Conflict, NotFound
 from proxy.events import ChangeFeed
+from proxy.links import CONSOLE_LINK_TTL, Links
 from proxy.names import SERVERS_CHANGED, SERVICE_USER, SecretKind, connection_changed
 from proxy.registry import Registry
+from proxy.routing import RESERVED
 from proxy.sealed import SealedSecrets
-from proxy.settings import ConfigError, ServerConfig, parse_server
+from proxy.settings import ID_PATTERN, ConfigError, ServerConfig, parse_server
 from proxy.stores import Connection, Store, TokenStore
 from proxy.upstream_policy import UpstreamPolicy
 
@@ -35,6 +38,7 @@ class Management:
         tokens: TokenStore,
         feed: ChangeFeed,
         policy: UpstreamPolicy,
+        links: Links,
     ) -> None:
         self.registry = registry
         self.store = store
@@ -42,6 +46,7 @@ class Management:
         self.tokens = tokens
         self.feed = feed
         self.policy = policy
+        self.links = links
 
     # -- servers -----------------------------------------------------------------
 
@@ -222,6 +227,34 @@ class Management:
         registrations = await self.secrets.delete_owned_by(SecretKind.CLIENT_REGISTRATION, server_id)
         await self._changed(connection_changed(server_id), SERVERS_CHANGED)
         return {"connections": connections, "registrations": registrations, "cache_entries": cached}
+
+    # -- links for people and operators ----------------------------------------------------
+
+    def person_links(self, user: Any, server_id: Any = None) -> dict[str, Any]:
+        """A person's connections link and, for an OAuth server, a connect link: for
+        deployments where people do not sign in (with sign-in, connections are at `/`)."""
+        if not isinstance(user, str) or not ID_PATTERN.fullmatch(user) or user.lower() in RESERVED:
+            raise ConfigError(
+                "user",
+                "must be a user id: 1-128 letters, digits, '.', '_', '@' and '-', not a name the proxy uses",
+            )
+        out: dict[str, Any] = {"user": user, "connections_url": self.links.connections(user)}
+        if server_id is not None:
+            if not isinstance(server_id, str):
+                raise ConfigError("server", "must be a server id")
+            server = self.server(server_id)
+            if server.auth != "oauth":
+                raise ConfigError(
+                    "server",
+                    f"server {server_id!r} uses auth: {server.auth}; people connect only oauth servers",
+                )
+            out.update(server=server.id, connect_url=self.links.connect(user, server.id))
+        out["expires_at"] = int(time.time() + self.links.settings.connect_link_ttl)
+        return out
+
+    def console_link(self) -> dict[str, Any]:
+        """A short-lived link to the operator console, for whoever holds the admin token or the config."""
+        return {"console_url": self.links.console(), "expires_at": int(time.time() + CONSOLE_LINK_TTL)}
 
     # -- inbound caller tokens -----------------------------------------------------------
 

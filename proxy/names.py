@@ -34,8 +34,9 @@ SERVICE_USER = "~service"
 OAUTH_TOKEN = "oauth_token"  # a user's token set, in the token store
 PENDING_STATE = "state"  # an authorization in progress, under its `state`
 LINK = "link"  # signing key of links and CSRF tokens, never encrypting
+SESSION = "session"  # a browser session: its cookie and its record in the token store
 
-KEY_PURPOSES: tuple[str, ...] = (*SecretKind, OAUTH_TOKEN, PENDING_STATE, LINK)
+KEY_PURPOSES: tuple[str, ...] = (*SecretKind, OAUTH_TOKEN, PENDING_STATE, LINK, SESSION)
 
 # The secrets that belong to a server and go with it when it is deleted. Caller
 # tokens have names of their own, which may equal a server id.

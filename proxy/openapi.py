@@ -227,6 +227,41 @@ SCHEMAS: dict[str, Schema] = {
         "required": ["token", "id", "users", "label", "created"],
         "additionalProperties": False,
     },
+    "LinkRequest": {
+        "oneOf": [
+            {
+                "type": "object",
+                "description": "a person's links",
+                "properties": {
+                    "user": {"type": "string", "pattern": f"^{ID_PATTERN.pattern}$"},
+                    "server": {"type": "string", "description": "an oauth server: also a connect link"},
+                },
+                "required": ["user"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "description": "an operator console link",
+                "properties": {"console": {"const": True}},
+                "required": ["console"],
+                "additionalProperties": False,
+            },
+        ]
+    },
+    "Links": {
+        "type": "object",
+        "description": "signed links, valid until expires_at (with sign-in on, connections_url is the home page)",
+        "properties": {
+            "user": {"type": "string"},
+            "server": {"type": "string"},
+            "connections_url": {"type": "string"},
+            "connect_url": {"type": "string"},
+            "console_url": {"type": "string"},
+            "expires_at": {"type": "integer"},
+        },
+        "required": ["expires_at"],
+        "additionalProperties": False,
+    },
     "TokenList": {
         "type": "object",
         "properties": {"tokens": {"type": "array", "items": ref("Token")}},
@@ -351,6 +386,13 @@ PATHS: dict[str, Schema] = {
     },
     "/admin/tokens/{token}": {
         "delete": operation("revoke a caller token", {"204": answer("revoked")}, "400 404 503", params=(TOKEN,)),
+    },
+    "/admin/links": {
+        "post": operation(
+            "a person's connections link and, with an oauth server, a connect link; or an operator console link "
+            "(10 minutes)",
+            {"200": answer("the links", "Links")}, "400 404 413", request="LinkRequest",
+        ),
     },
 }  # fmt: skip
 

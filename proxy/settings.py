@@ -396,9 +396,28 @@ class Settings:
     # public_url's host (web_origin.py).
     allowed_origins: tuple[str, ...] = setting((), "list")
     allowed_hosts: tuple[str, ...] = setting((), "list")
+    # Signing people in with the organisation's OpenID Connect provider (login.py):
+    # off without an issuer, and then signed links are the only way in.
+    login_issuer: str | None = setting(None, "issuer")
+    login_client_id: str | None = setting(None, "str")
+    login_client_secret: str | None = setting(None, "str", secret=True)
+    login_scopes: str = setting("openid profile email", "scopes")
+    # The ID token claim that is the person's user id, and the claim (a string
+    # or a list) that makes an operator when it holds one of the values.
+    login_user_claim: str = setting("sub", "claim")
+    login_admin_claim: str | None = setting(None, "claim")
+    login_admin_values: tuple[str, ...] = setting((), "list")
+    # A browser session ends after this long unused, and after its lifetime whatever happens.
+    session_idle_timeout: float = setting(7200.0, "float")
+    session_lifetime: float = setting(43200.0, "float")
     # From the config file only.
     servers: Mapping[str, ServerConfig] = field(default_factory=dict)
     config_file: str | None = None
+
+    @property
+    def signs_in(self) -> bool:
+        """People sign in with the organisation's provider (the login_* settings)."""
+        return self.login_issuer is not None
 
     @property
     def listens_on_loopback(self) -> bool:
@@ -489,6 +508,7 @@ def load_settings(
         raise ConfigError(
             "jwt_audience", "inbound_auth: jwt needs jwt_audience, the audience of this proxy's tokens"
         )
+    _check_login(settings)
     return settings
 
 
@@ -517,6 +537,33 @@ def _check_client_metadata_url(url: str, allow_http_loopback: bool) -> None:
         raise ConfigError(key, f"must have no query, fragment or credentials (got {url!r})")
     if any(segment in (".", "..") for segment in parts.path.split("/")):
         raise ConfigError(key, f"must have no . or .. path segments (got {url!r})")
+
+
+def _check_login(settings: Settings) -> None:
+    if not settings.signs_in:
+        for name in ("login_client_id", "login_client_secret", "login_admin_claim"):
+            if getattr(settings, name):
+                raise ConfigError(
+                    "login_issuer", f"{name} is set but login_issuer is not: set both, or neither"
+                )
+        return
+    if not settings.login_client_id:
+        raise ConfigError(
+            "login_client_id",
+            "login_issuer needs the client id registered at that provider, with the redirect URI "
+            f"{settings.public_url}/login/callback",
+        )
+    if bool(settings.login_admin_claim) != bool(settings.login_admin_values):
+        raise ConfigError(
+            "login_admin_values",
+            "login_admin_claim and login_admin_values go together: the claim, and the values of it that "
+            "make an operator (e.g. groups and keybearer-admins)",
+        )
+    if settings.browser_identity_header:
+        raise ConfigError(
+            "browser_identity_header",
+            "with login_issuer, people sign in to Keybearer itself; remove browser_identity_header",
+        )
 
 
 def _from_env(env: Mapping[str, str], name: str, secret: bool) -> str | None:
@@ -572,6 +619,13 @@ def _convert(kind: str, value: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(key, f"must be true or false (got {value!r})")
+    if kind == "scopes":
+        scopes = (
+            " ".join(value) if isinstance(value, list) and all(isinstance(v, str) for v in value) else value
+        )
+        if not isinstance(scopes, str) or "openid" not in scopes.split():
+            raise ConfigError(key, f"must be space-separated scopes that include openid (got {value!r})")
+        return " ".join(scopes.split())
     if kind == "list":
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
@@ -612,6 +666,16 @@ def _convert(kind: str, value: Any, key: str) -> Any:
     elif kind == "inbound":
         if value not in ("none", "tokens", "jwt"):
             raise ConfigError(key, f"must be one of none, tokens, jwt (got {value!r})")
+    elif kind == "issuer":
+        # Kept exactly as written: an ID token's `iss` must equal it character for character.
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(
+                key, f"must be the provider's issuer URL, e.g. https://login.example.com (got {value!r})"
+            )
+    elif kind == "claim":
+        if not re.fullmatch(r"[!-~]{1,256}", value):
+            raise ConfigError(key, f"must be a claim name such as sub, email or groups (got {value!r})")
     elif kind == "header":
         if not HEADER_NAME_PATTERN.fullmatch(value):
             raise ConfigError(key, f"must be an HTTP header name (got {value!r})")

@@ -350,6 +350,30 @@ async def test_pending_taken_once_under_concurrency(token_store_factory: TokenSt
     assert taken.count("value") == 1 and taken.count(None) == 5
 
 
+async def test_sessions_are_shared_replaced_ended_and_expire(token_store_factory: TokenStoreFactory) -> None:
+    a, b = await token_store_factory(), await token_store_factory()
+    assert await a.get_session("s1") is None
+    await a.put_session("s1", "kb1.first", ttl=30)
+    assert await b.get_session("s1") == "kb1.first", "another replica reads the same session"
+    await b.put_session("s1", "kb1.touched", ttl=30)
+    assert await a.get_session("s1") == "kb1.touched"
+    assert await a.get_session("s1") == "kb1.touched", "reading does not consume it"
+
+    assert await b.delete_session("s1") is True
+    assert await a.get_session("s1") is None
+    assert await a.delete_session("s1") is False
+
+    await a.put_session("idle", "kb1.idle", ttl=0.2)
+    await asyncio.sleep(0.35)
+    assert await b.get_session("idle") is None
+    assert await b.delete_session("idle") is False
+    await a.put_session("kept", "kb1.kept", ttl=0.4)
+    await asyncio.sleep(0.25)
+    await a.put_session("kept", "kb1.kept", ttl=0.4)  # put again: the idle time starts over
+    await asyncio.sleep(0.25)
+    assert await b.get_session("kept") == "kb1.kept"
+
+
 async def test_locks(token_store_factory: TokenStoreFactory) -> None:
     a, b = await token_store_factory(), await token_store_factory()
     token = await a.acquire_lock("refresh:u:srv", ttl=30)
@@ -444,6 +468,8 @@ async def test_redis_key_layout(redis_prefix: str) -> None:
 
         await tokens.put_pending("abc", "p", ttl=60)
         assert 0 < await raw.pttl(f"{prefix}:pending:abc") <= 60_000
+        await tokens.put_session("h", "s", ttl=60)
+        assert 0 < await raw.pttl(f"{prefix}:session:h") <= 60_000
         await tokens.acquire_lock("refresh", ttl=60)
         assert 0 < await raw.pttl(f"{prefix}:lock:refresh") <= 60_000
         await tokens.cache_set("k", "v", ttl=60)

@@ -1,5 +1,6 @@
-"""The browser side of connecting: connect page, callback, connections page.
+"""The browser side of connecting: home, connect page, callback, connections page.
 
+    GET  /                                              signed in: the person's connections; else how to get a link
     GET  /connect/<user>/<server>?expires&scope&sig   names who and what; sets the browser cookie
     POST /connect/<user>/<server>?…                    (CSRF) -> 303 to the authorization server
     GET  <callback_path>?code&state&iss                 one URL for every server
@@ -9,8 +10,11 @@
 
 The browser that opens the connect link gets a random cookie; the pending
 authorization stores its hash, and the callback must come from the same
-browser. With `browser_identity_header` set, the identity an SSO proxy in
-front asserts must equal the path's user at every step.
+browser. Who the person is: where people sign in (`login_*`, login.py), the
+session's user, who must be the path's user at every step (a link for someone
+else is refused before anything is stored), and whose connections are the
+home page; otherwise, with `browser_identity_header` set, the identity an SSO
+proxy in front asserts; otherwise nobody, and the signed link is the invitation.
 """
 
 from __future__ import annotations
@@ -18,22 +22,22 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import structlog
-from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from proxy import errors, links, pages
+from proxy import links, pages
 from proxy.connect.clients import CLIENT_METADATA_PATH, CLIENT_NAME
 from proxy.connect.flow import ConnectFlow, FlowError, browser_hash, other_browser
 from proxy.connect.lifecycle import MUST_RECONNECT
 from proxy.crypto import Keyring
-from proxy.errors import KeybearerError
+from proxy.errors import Forbidden, page_endpoint
+from proxy.links import Links
+from proxy.login import Session, Sessions, read_form
 from proxy.names import LINK
 from proxy.oauth import client as oauth_client
 from proxy.routing import RESERVED
@@ -43,13 +47,15 @@ log = structlog.get_logger("keybearer.oauth")
 
 COOKIE = "kb_browser"
 COOKIE_MAX_AGE = 86400
-MAX_FORM_BYTES = 4096
 
 
-def routes(settings: Settings, keyring: Keyring, flow: ConnectFlow) -> list[Route]:
-    pages_ = BrowserPages(settings, keyring, flow)
-    guard = _guard
+def routes(
+    settings: Settings, keyring: Keyring, flow: ConnectFlow, sessions: Sessions, links_: Links
+) -> list[Route]:
+    pages_ = BrowserPages(settings, keyring, flow, sessions, links_)
+    guard = page_endpoint
     return [
+        Route("/", guard(pages_.home), methods=["GET"]),
         Route("/connect/{user}/{server}", guard(pages_.connect_page), methods=["GET"]),
         Route("/connect/{user}/{server}", guard(pages_.connect_continue), methods=["POST"]),
         Route(settings.callback_path, guard(pages_.callback), methods=["GET"]),
@@ -59,28 +65,33 @@ def routes(settings: Settings, keyring: Keyring, flow: ConnectFlow) -> list[Rout
     ]
 
 
-def _guard(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(request: Request) -> Response:
-        try:
-            return await handler(request)
-        except KeybearerError as exc:
-            return errors.page_response(exc.answer())
-
-    return endpoint
-
-
 class BrowserPages:
-    def __init__(self, settings: Settings, keyring: Keyring, flow: ConnectFlow) -> None:
+    def __init__(
+        self, settings: Settings, keyring: Keyring, flow: ConnectFlow, sessions: Sessions, links_: Links
+    ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.flow = flow
+        self.sessions = sessions
+        self.links = links_
+
+    # -- home ----------------------------------------------------------------------------
+
+    async def home(self, request: Request) -> Response:
+        if not self.settings.signs_in:
+            return pages.welcome(self.settings.public_url)
+        session = await self.sessions.require(request)
+        person = self.sessions.person(session)
+        if session.user is None:
+            return pages.operator_only(person)
+        return await self._connections(request, session.user, "", person)
 
     # -- connect -------------------------------------------------------------------------
 
     async def connect_page(self, request: Request) -> Response:
         user, server = self._user(request), self._server(request)
         scopes = links.verify(self.keyring, "connect", user, server.id, dict(request.query_params))
-        self._check_identity(request, user)
+        session = await self._check_identity(request, user)
         browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
         response = pages.connect(
             user,
@@ -89,6 +100,7 @@ class BrowserPages:
             _self_url(request),
             self._csrf(browser_id, user),
             scopes,
+            self._person(session),
         )
         self._set_cookie(response, browser_id)
         return response
@@ -96,7 +108,7 @@ class BrowserPages:
     async def connect_continue(self, request: Request) -> Response:
         user, server = self._user(request), self._server(request)
         scopes = links.verify(self.keyring, "connect", user, server.id, dict(request.query_params))
-        self._check_identity(request, user)
+        await self._check_identity(request, user)
         browser_id = self._browser(request)
         await self._check_csrf(request, browser_id, user)
         authorization_url = await self.flow.begin(user, server, browser_id, scopes)
@@ -111,7 +123,7 @@ class BrowserPages:
         # The state is spent from here on, whatever happens next.
         if not hmac.compare_digest(browser_hash(browser_id), pending.browser):
             raise other_browser()
-        self._check_identity(request, pending.user)
+        session = await self._check_identity(request, pending.user)
         if "error" in params:
             error = params.get("error", "")[:64]
             description = params.get("error_description", "")[:300]
@@ -130,16 +142,27 @@ class BrowserPages:
                 "Go back to your agent and retry.",
             )
         await self.flow.finish(pending, code, params.get("iss"))
-        return pages.connected(pending.user, pending.server)
+        return pages.connected(
+            pending.user, pending.server, self.links.connections(pending.user), self._person(session)
+        )
 
     # -- connections ---------------------------------------------------------------------
 
     async def connections_page(self, request: Request) -> Response:
         user = self._user(request)
+        if self.settings.signs_in:
+            # The signed-in person's connections are their home page.
+            await self._check_identity(request, user)
+            return RedirectResponse("/", status_code=303)
         links.verify(self.keyring, "connections", user, "", dict(request.query_params))
-        self._check_identity(request, user)
-        browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
+        self._check_header_identity(request, user)
         query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
+        return await self._connections(request, user, f"?{query}", None)
+
+    async def _connections(
+        self, request: Request, user: str, query: str, person: pages.Person | None
+    ) -> Response:
+        browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
         stored = {c.server: c for c in await self.flow.tokens.list_user_connections(user)}
         rows = []
         for server in sorted(self.flow.registry.servers.values(), key=lambda s: s.id):
@@ -154,31 +177,31 @@ class BrowserPages:
                     expires_at=conn.expires_at if conn else None,
                     last_error=conn.last_error if conn else None,
                     refreshable=conn.refreshable if conn else True,
-                    connect_url=links.connect_url(
-                        self.settings.public_url,
-                        self.keyring,
-                        user,
-                        server.id,
-                        self.settings.connect_link_ttl,
-                    ),
-                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect?{query}"
+                    connect_url=self.links.connect(user, server.id),
+                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect{query}"
                     if conn
                     else None,
                 )
             )
-        response = pages.connections(user, rows, self._csrf(browser_id, user))
+        response = pages.connections(user, rows, self._csrf(browser_id, user), person)
         self._set_cookie(response, browser_id)
         return response
 
     async def disconnect(self, request: Request) -> Response:
         user, server = self._user(request), self._server(request)
-        links.verify(self.keyring, "connections", user, "", dict(request.query_params))
-        self._check_identity(request, user)
+        if self.settings.signs_in:
+            await self._check_identity(request, user)
+            back = "/"
+        else:
+            links.verify(self.keyring, "connections", user, "", dict(request.query_params))
+            self._check_header_identity(request, user)
+            back = f"{links.connections_path(user)}?" + urlencode(
+                {k: request.query_params[k] for k in ("expires", "sig")}
+            )
         await self._check_csrf(request, self._browser(request), user)
         await self.flow.disconnect(user, server)
         log.info("disconnected", user=user, server=server.id)
-        query = urlencode({k: request.query_params[k] for k in ("expires", "sig")})
-        return RedirectResponse(f"{links.connections_path(user)}?{query}", status_code=303)
+        return RedirectResponse(back, status_code=303)
 
     async def client_metadata(self, request: Request) -> Response:
         clients = self.flow.clients
@@ -209,7 +232,27 @@ class BrowserPages:
             )
         return server
 
-    def _check_identity(self, request: Request, user: str) -> None:
+    async def _check_identity(self, request: Request, user: str) -> Session | None:
+        """Where people sign in, the session's user must be `user`; else the SSO header, when set."""
+        if not self.settings.signs_in:
+            self._check_header_identity(request, user)
+            return None
+        session = await self.sessions.require(request)
+        if session.user != user:
+            log.warning("a link for another user refused", user=user, signed_in=session.user)
+            who = f"signed in as {session.user}" if session.user else "signed in with an operator link"
+            raise Forbidden(
+                f"You are {who}, and this link is for the user id {user}. Nothing was changed.",
+                next_step=f"If {user} is you, sign out (the button is on your connections page) and sign in "
+                f"as {user}. Otherwise ask your agent for a link of your own: it gives one whenever a server "
+                "needs you.",
+                title=f"This link is for {user}",
+                code="link_for_someone_else",
+                action=("Your connections", "/"),
+            )
+        return session
+
+    def _check_header_identity(self, request: Request, user: str) -> None:
         header = self.settings.browser_identity_header
         if header is None:
             return
@@ -222,6 +265,9 @@ class BrowserPages:
                 "Sign in as that user, or ask your agent for a link for your own user id.",
                 403,
             )
+
+    def _person(self, session: Session | None) -> pages.Person | None:
+        return self.sessions.person(session) if session else None
 
     def _browser(self, request: Request) -> str:
         browser_id = request.cookies.get(COOKIE)
@@ -238,10 +284,7 @@ class BrowserPages:
         return self.keyring.sign(LINK, f"csrf\n{browser_id}\n{user}".encode())
 
     async def _check_csrf(self, request: Request, browser_id: str, user: str) -> None:
-        declared = request.headers.get("content-length", "0")
-        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
-            raise FlowError("Bad request", "The form is too large.", "Open the link again.")
-        form: FormData = await request.form(max_files=0, max_fields=4)
+        form = await read_form(request)
         token = str(form.get("csrf", ""))
         if not self.keyring.verify(LINK, f"csrf\n{browser_id}\n{user}".encode(), token):
             raise FlowError(

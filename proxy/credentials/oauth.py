@@ -26,6 +26,7 @@ class OAuthTokens:
         self.lifecycle = lifecycle
         self.settings = settings
         self.keyring = keyring
+        self.links = links.Links(settings, keyring)
 
     async def credential(self, server: ServerConfig, user: str) -> Credential | None:
         try:
@@ -72,16 +73,15 @@ class OAuthTokens:
         """A signed connect link, in the error data and in its text. 403 when the
         request cannot carry a JSON-RPC answer, never 401: a 401 would start the
         client's own OAuth discovery against the proxy."""
-        url = links.connect_url(
-            self.settings.public_url, self.keyring, user, server.id, self.settings.connect_link_ttl, scopes
-        )
+        url = self.links.connect(user, server.id, scopes)
+        connections = self.links.connections(user)
         metrics.CONSENT_REQUIRED.labels(server.id).inc()
         return Answer(
             403,
             "connection_required",
             f"{server.id} needs you to connect your account ({reason}). "
-            f"Open this link in your browser, then retry: {url}",
-            data={"connect_url": url, "server": server.id},
+            f"Open this link in your browser, then retry: {url} — all your connections: {connections}",
+            data={"connect_url": url, "connections_url": connections, "server": server.id},
             elicitation_url=url,
         )
 

@@ -235,7 +235,7 @@ class Connection:
 
 
 class TokenStore(abc.ABC):
-    """Per-user tokens, pending authorizations, locks, caches and change events.
+    """Per-user tokens, pending authorizations, browser sessions, locks, caches and change events.
 
     Shared deployments use Redis; the embedded default keeps them in SQLite.
     """
@@ -279,6 +279,16 @@ class TokenStore(abc.ABC):
     @abc.abstractmethod
     async def take_pending(self, key: str) -> str | None:
         """Get and delete in one step: a pending authorization is single-use."""
+
+    @abc.abstractmethod
+    async def put_session(self, key: str, sealed: str, ttl: float) -> None:
+        """Store or replace a browser session; it is gone after `ttl` seconds unless put again."""
+
+    @abc.abstractmethod
+    async def get_session(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def delete_session(self, key: str) -> bool: ...
 
     @abc.abstractmethod
     async def acquire_lock(self, name: str, ttl: float) -> str | None:

@@ -6,6 +6,7 @@ Keys, under a configurable prefix (default "mcp"):
     {prefix}:server:{server}:users      set: users with a connection to the server
     {prefix}:user:{user}:servers        set: servers the user is connected to
     {prefix}:pending:{key}              string with TTL: a pending authorization
+    {prefix}:session:{key}              string with TTL: a browser session
     {prefix}:lock:{name}                string with TTL: a lock holder's token
     {prefix}:cache:{key}                string with TTL
     {prefix}:events                     pub/sub channel (database 0)
@@ -227,6 +228,20 @@ class RedisTokenStore(TokenStore):
         async with self._guard("taking a pending authorization", writes=True):
             value = await self.client.getdel(f"{self.prefix}:pending:{key}")
         return _text(value)
+
+    async def put_session(self, key: str, sealed: str, ttl: float) -> None:
+        async with self._guard("storing a session", writes=True):
+            await self.client.set(f"{self.prefix}:session:{key}", sealed, px=_ms(ttl))
+
+    async def get_session(self, key: str) -> str | None:
+        async with self._guard("reading a session"):
+            value = await self.client.get(f"{self.prefix}:session:{key}")
+        return _text(value)
+
+    async def delete_session(self, key: str) -> bool:
+        async with self._guard("ending a session", writes=True):
+            deleted: int = await self.client.delete(f"{self.prefix}:session:{key}")
+        return deleted > 0
 
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_urlsafe(16)

@@ -9,7 +9,7 @@ deployment, on one connection: token writes then do not move the
 connections' commits), so refreshing a token does not reload the registry.
 `open()`/`close()` are counted, so the same object can be opened as both.
 
-Expiring rows (pending, locks, cache) are ignored once expired and purged on
+Expiring rows (pending, sessions, locks, cache) are ignored once expired and purged on
 later writes. `events()` polls an `events` table, so a `publish` from the CLI
 reaches a running server on the same file within `event_poll_interval`.
 """
@@ -276,6 +276,32 @@ class SQLiteStore(Store, TokenStore):
         if row is None or row[1] <= time.time():
             return None
         return str(row[0])
+
+    async def put_session(self, key: str, sealed: str, ttl: float) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            now = time.time()
+            db.execute("DELETE FROM sessions WHERE expires_at <= ?", (now,))
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (key, sealed, now + ttl))
+
+        await self._write(put)
+
+    async def get_session(self, key: str) -> str | None:
+        row = await self._run(
+            lambda db: db.execute(
+                "SELECT sealed FROM sessions WHERE key = ? AND expires_at > ?", (key, time.time())
+            ).fetchone()
+        )
+        return str(row[0]) if row else None
+
+    async def delete_session(self, key: str) -> bool:
+        count: int = await self._run(
+            lambda db: (
+                db.execute(
+                    "DELETE FROM sessions WHERE key = ? AND expires_at > ?", (key, time.time())
+                ).rowcount
+            )
+        )
+        return count > 0
 
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_urlsafe(16)

@@ -53,6 +53,9 @@ Configuration (keyword arguments of ``run_authorization_server``, passed as JSON
                        "delay": 10}`` (delay only: the real answer comes late). ``count`` defaults
                        to 1, ``-1`` = forever.
 ``log_success``        also print ``grant.success`` / ``authorization.success`` events.
+``account_claims``     ``{sub: {claim: value}}``: more claims of an account (``name``, ``groups``, ...);
+                       every account has ``email`` ``<sub>@example.com``. As an OpenID provider, the
+                       scopes ``profile``, ``email`` and ``groups`` put their claims into the ID token.
 
 Behaviour (oidc-provider features): the client credentials grant for clients registered with it
 (``grant_types: ["client_credentials"]``; JWT access tokens for the ``resource``, lifetime

@@ -45,6 +45,7 @@ const DEFAULTS = {
   refresh_tokens: 'always', // 'always' | 'offline_access' | 'never', see issueRefreshToken
   faults: [], // see applyFault
   log_success: false, // also print *.success events
+  account_claims: {}, // sub -> more claims of that account, e.g. {"carol": {"groups": ["admins"]}}
 };
 
 function parseConfig() {
@@ -205,9 +206,15 @@ async function buildProvider(issuer) {
     jwks: { keys: [signingKey()] },
     cookies: { keys: [crypto.randomBytes(32).toString('hex')] },
     async findAccount(ctx, sub) {
-      return { accountId: sub, async claims() { return { sub }; } };
+      const more = settings.account_claims[sub] ?? {};
+      return { accountId: sub, async claims() { return { email: `${sub}@example.com`, ...more, sub }; } };
     },
     scopes: ['openid', 'offline_access'],
+    // An OpenID Connect provider for sign-in tests: scope claims go into the ID token itself.
+    claims: {
+      openid: ['sub'], profile: ['name', 'preferred_username'], email: ['email'], groups: ['groups'],
+    },
+    conformIdTokenClaims: false,
     responseTypes: ['code'],
     pkce: { required: () => true },
     clientBasedCORS: () => true,
