@@ -85,6 +85,7 @@ class Components:
                 await self.store.migrate()
             await self.registry.load()
             await self.inbound.load()
+            await self.clients.load()
             yield
 
 
