@@ -98,7 +98,7 @@ def compose(settings: Settings) -> Components:
     feed = ChangeFeed(store, tokens)
     fetcher = Fetcher(settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses)
     inbound = InboundAuth(settings, secrets, fetcher)
-    clients = OAuthClients(settings, registry, secrets, tokens, fetcher)
+    clients = OAuthClients(settings, registry, secrets, tokens, fetcher, feed)
     lifecycle = TokenLifecycle(
         keyring, tokens, feed, clients.refresh, settings.refresh_skew, settings.refresh_lock_ttl,
         settings.token_endpoint_cooldown,

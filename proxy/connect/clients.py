@@ -9,7 +9,8 @@ it uses neither.
 
 Static clients and registrations are few and change rarely: every replica
 holds them all in memory (loaded at start, reloaded on `servers` and `resync`
-events), so that refreshes go on while the database is down.
+events, which a registration made here announces), so that refreshes go on
+while the database is down.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import asdict, replace
 import structlog
 
 from proxy.crypto import DecryptError
+from proxy.events import ChangeFeed
 from proxy.names import ALL_USERS, RESYNC, SERVERS_CHANGED, Event, SecretKind, secret_owned_by
 from proxy.oauth import client as oauth_client
 from proxy.oauth.client import AuthServerUnavailable, ClientRegistration, OAuthError, TokenResponse
@@ -62,12 +64,14 @@ class OAuthClients:
         secrets: SealedSecrets,
         tokens: TokenStore,
         fetcher: Fetcher,
+        feed: ChangeFeed,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.secrets = secrets
         self.tokens = tokens
         self.fetcher = fetcher
+        self.feed = feed
         self.redirect_uri = settings.public_url + settings.callback_path
         self.client_id_url = settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
@@ -165,6 +169,7 @@ class OAuthClients:
             record = json.dumps({k: v for k, v in asdict(registration).items() if k != "raw"})
             await self.secrets.put(SecretKind.CLIENT_REGISTRATION, name, record)
             known[name] = record
+            await self.feed.announce(SERVERS_CHANGED)
             log.info("registered OAuth client", server=server.id, issuer=auth_server.issuer)
             return registration
         finally:
@@ -191,6 +196,7 @@ class OAuthClients:
         name = self._registration_name(server, auth_server)
         await self.secrets.delete(SecretKind.CLIENT_REGISTRATION, name)
         (await self._clients(SecretKind.CLIENT_REGISTRATION)).pop(name, None)
+        await self.feed.announce(SERVERS_CHANGED)
 
     def _registration_name(self, server: ServerConfig, auth_server: AuthServer) -> str:
         return f"{server.id}|{auth_server.issuer}|{self.redirect_uri}"
