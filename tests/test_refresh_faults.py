@@ -17,7 +17,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
@@ -141,9 +141,9 @@ def unavailable(answer: httpx.Response) -> bool:
     return body.get("jsonrpc") == "2.0" and bool(body["error"]["message"])
 
 
-async def until(condition: object, timeout: float = 10.0) -> None:
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
-        while not callable(condition) or not condition():
+        while not condition():
             await asyncio.sleep(0.02)
 
 
