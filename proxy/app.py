@@ -99,6 +99,7 @@ class Components:
                 await self.store.migrate()
             await self.registry.load()
             await self.inbound.load()
+            await self.clients.load()
             yield
 
 
@@ -114,7 +115,7 @@ def compose(settings: Settings) -> Components:
         settings.oauth_allow_http_loopback, settings.oauth_allow_private_addresses, egress=proxies
     )
     inbound = InboundAuth(settings, secrets, fetcher)
-    clients = OAuthClients(settings, registry, secrets, tokens, fetcher)
+    clients = OAuthClients(settings, registry, secrets, tokens, fetcher, feed)
     lifecycle = TokenLifecycle(
         keyring, tokens, feed, clients.refresh, settings.refresh_skew, settings.refresh_lock_ttl,
         settings.token_endpoint_cooldown,

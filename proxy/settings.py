@@ -354,9 +354,10 @@ class Settings:
     # path's user for a browser to complete a connection.
     browser_identity_header: str | None = setting(None, "header")
     refresh_skew: float = setting(60.0, "float")
-    # How long one replica may hold a refresh lock before others take over
-    # (a replica that died holding it blocks refreshes at most this long).
-    refresh_lock_ttl: float = setting(30.0, "float")
+    # The refresh lock's lifetime: its holder renews it every third of this
+    # while it lives, so a replica that died holding it blocks that user's
+    # refresh at most this long (others answer 503 meanwhile).
+    refresh_lock_ttl: float = setting(10.0, "float")
     # After repeated failures at one authorization server, how long to stop
     # calling it (requests then get 503 at once instead of waiting on it).
     token_endpoint_cooldown: float = setting(15.0, "float")

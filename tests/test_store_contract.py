@@ -396,6 +396,55 @@ async def test_locks(token_store_factory: TokenStoreFactory) -> None:
     assert await a.acquire_lock("short", ttl=30) is None, "the old holder cannot release the new one's"
 
 
+async def test_lock_renewal(token_store_factory: TokenStoreFactory) -> None:
+    a, b = await token_store_factory(), await token_store_factory()
+    token = await a.acquire_lock("renewed", ttl=0.3)
+    assert token and await a.renew_lock("renewed", token, ttl=30)
+    await asyncio.sleep(0.5)
+    assert await b.acquire_lock("renewed", ttl=30) is None, "a renewed lock outlives its first ttl"
+    assert await b.renew_lock("renewed", "not-the-token", ttl=30) is False
+    await a.release_lock("renewed", token)
+    assert await a.renew_lock("renewed", token, ttl=30) is False, "a released lock is not renewed"
+
+    short = await a.acquire_lock("renewed", ttl=0.2)
+    await asyncio.sleep(0.35)
+    assert short and await a.renew_lock("renewed", short, ttl=30) is False, "nor an expired one"
+    taken = await b.acquire_lock("renewed", ttl=30)
+    assert taken and taken != short, "each acquisition has a token of its own"
+    assert await a.renew_lock("renewed", short, ttl=30) is False, "nor one someone else took"
+    assert await b.renew_lock("renewed", taken, ttl=30) is True
+
+
+async def test_put_connection_fenced_by_the_connection_lock(token_store_factory: TokenStoreFactory) -> None:
+    """The refresh write: the version read and the lock still held, checked in one step."""
+    tokens, other = await token_store_factory(), await token_store_factory()
+    lock = tokens.connection_lock("u", "srv")
+    assert lock != tokens.connection_lock("u", "srv2") and lock != tokens.connection_lock("u2", "srv")
+    assert await tokens.put_connection(Connection(user="u", server="srv", sealed="v1", version=1))
+    holder = await tokens.acquire_lock(lock, ttl=30)
+    assert holder and await other.acquire_lock(lock, ttl=30) is None, "one lock, whoever names it"
+    v2 = Connection(user="u", server="srv", sealed="v2", version=2)
+    assert not await tokens.put_connection(v2, expected_version=1, lock_token="not-the-token")
+    assert not await tokens.put_connection(v2, expected_version=7, lock_token=holder), "the version too"
+    assert not await tokens.put_connection(replace(v2, server="srv2"), expected_version=0, lock_token=holder)
+    assert (await tokens.get_connection("u", "srv")) == Connection(
+        user="u", server="srv", sealed="v1", version=1
+    )
+    assert await tokens.put_connection(v2, expected_version=1, lock_token=holder)
+
+    await tokens.release_lock(lock, holder)
+    v3 = replace(v2, sealed="v3", version=3)
+    assert not await tokens.put_connection(v3, expected_version=2, lock_token=holder), "released"
+    stale = await tokens.acquire_lock(lock, ttl=0.2)
+    await asyncio.sleep(0.35)
+    taken = await other.acquire_lock(lock, ttl=30)
+    assert stale and taken
+    assert not await tokens.put_connection(v3, expected_version=2, lock_token=stale), "expired, taken over"
+    assert await other.put_connection(v3, expected_version=2, lock_token=taken)
+    assert (await tokens.get_connection("u", "srv")) == v3
+    assert [c.server for c in await tokens.list_user_connections("u")] == ["srv"]
+
+
 async def test_lock_is_exclusive_under_concurrency(token_store_factory: TokenStoreFactory) -> None:
     a, b = await token_store_factory(), await token_store_factory()
     got = await asyncio.gather(*((a if i % 2 else b).acquire_lock("one", ttl=30) for i in range(8)))

@@ -145,7 +145,7 @@ async def test_replica_dead_holding_the_lock(
     await wait_expired(tokens, "bob")
     # A process takes the refresh lock the way a replica does, then dies without releasing it.
     holder = subprocess.Popen(
-        [sys.executable, "-c", _LOCK_HOLDER, REDIS_URL, prefix, f"refresh:bob:{SERVER}"],
+        [sys.executable, "-c", _LOCK_HOLDER, REDIS_URL, prefix, "bob", SERVER],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -169,7 +169,7 @@ from proxy.stores.redis import RedisTokenStore
 async def main():
     store = RedisTokenStore.from_url(sys.argv[1], prefix=sys.argv[2])
     await store.open()
-    assert await store.acquire_lock(sys.argv[3], 3.0)
+    assert await store.acquire_lock(store.connection_lock(sys.argv[3], sys.argv[4]), 3.0)
     print("held", flush=True)
     time.sleep(60)
 asyncio.run(main())

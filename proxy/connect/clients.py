@@ -6,6 +6,11 @@ set, the proxy's Client ID Metadata Document, or a dynamic registration,
 stored sealed and reused), and the token endpoint calls made as that client.
 Both the connect flow (flow.py) and the token lifecycle (lifecycle.py) use it;
 it uses neither.
+
+Static clients and registrations are few and change rarely: every replica
+holds them all in memory (loaded at start, reloaded on `servers` and `resync`
+events, which a registration made here announces), so that refreshes go on
+while the database is down.
 """
 
 from __future__ import annotations
@@ -14,13 +19,15 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 
 import structlog
 
 from proxy.crypto import DecryptError
 from proxy.errors import Unavailable
-from proxy.names import ALL_USERS, RESYNC, Event, SecretKind, secret_owned_by
+from proxy.events import ChangeFeed
+from proxy.names import ALL_USERS, RESYNC, SERVERS_CHANGED, Event, SecretKind, secret_owned_by
 from proxy.oauth import client as oauth_client
 from proxy.oauth.client import (
     AssertionKey,
@@ -46,6 +53,8 @@ REGISTRATION_WAIT = 15.0
 # again: longer than a sign-in may take (flow.STATE_TTL), so that one begun
 # with a registration can finish with it.
 RENEW_BEFORE_EXPIRY = 900.0
+# The secrets every replica keeps in memory: what a refresh needs from the database.
+CLIENT_KINDS = (SecretKind.STATIC_CLIENT, SecretKind.CLIENT_REGISTRATION)
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -82,18 +91,32 @@ class OAuthClients:
         secrets: SealedSecrets,
         tokens: TokenStore,
         fetcher: Fetcher,
+        feed: ChangeFeed,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self.secrets = secrets
         self.tokens = tokens
         self.fetcher = fetcher
+        self.feed = feed
         self.redirect_uri = settings.public_url + settings.callback_path
         # The document's URL is its client id: the proxy's own path, unless the
         # operator hosts the document elsewhere.
         self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
         self._discoveries: dict[str, tuple[float, str, Discovery]] = {}
+        # kind -> name -> value: every static client and registration (see load)
+        self._known: dict[SecretKind, dict[str, str]] | None = None
+
+    async def load(self) -> None:
+        """Read every static client and registration. On failure what was known stays."""
+        self._known = {kind: await self.secrets.all(kind) for kind in CLIENT_KINDS}
+
+    async def _clients(self, kind: SecretKind) -> dict[str, str]:
+        if self._known is None:
+            await self.load()
+        assert self._known is not None
+        return self._known[kind]
 
     # -- discovery -------------------------------------------------------------------
 
@@ -115,12 +138,15 @@ class OAuthClients:
         self._discoveries[server.id] = (now + min(60.0, self.settings.metadata_cache_ttl), server.url, found)
         return found
 
-    def on_event(self, event: Event) -> None:
-        """A reset or a changed definition ends what was discovered for the server."""
+    async def on_event(self, event: Event) -> None:
+        """A reset or a changed definition ends what was discovered for the server;
+        stored secrets that changed are read again."""
         if event.kind == RESYNC:
             self._discoveries.clear()
         elif event.kind == "connection" and event.user == ALL_USERS and event.server:
             self._discoveries.pop(event.server, None)
+        if event.kind in (SERVERS_CHANGED, RESYNC):
+            await self.load()
 
     # -- the client ------------------------------------------------------------------
 
@@ -149,10 +175,17 @@ class OAuthClients:
         for the one that registers instead of each registering a client of its own
         (the connections made with a client overwritten in the store could not refresh)."""
         name = self._registration_name(server, auth_server)
+        known = await self._clients(SecretKind.CLIENT_REGISTRATION)
+        kept = self._unexpired(server, auth_server, known.get(name))
+        if kept is not None:
+            return kept
         deadline = time.monotonic() + REGISTRATION_WAIT
         while True:
-            kept = await self._stored_registration(server, auth_server, name)
-            if kept is not None:
+            # Not known here yet, or expiring: another replica may have registered moments ago.
+            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+            kept = self._unexpired(server, auth_server, stored)
+            if stored and kept is not None:
+                known[name] = stored
                 return kept
             lock = await self.tokens.acquire_lock(f"register:{name}", REGISTRATION_WAIT)
             if lock is not None:
@@ -163,24 +196,28 @@ class OAuthClients:
                 )
             await asyncio.sleep(0.2)
         try:
-            kept = await self._stored_registration(server, auth_server, name)
-            if kept is not None:
+            stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+            kept = self._unexpired(server, auth_server, stored)
+            if stored and kept is not None:
+                known[name] = stored
                 return kept
             registration = await oauth_client.register_client(
                 self.fetcher, auth_server, self.redirect_uri, CLIENT_NAME, server.scopes
             )
-            record = {k: v for k, v in asdict(registration).items() if k != "raw"}
-            await self.secrets.put(SecretKind.CLIENT_REGISTRATION, name, json.dumps(record))
+            record = json.dumps({k: v for k, v in asdict(registration).items() if k != "raw"})
+            await self.secrets.put(SecretKind.CLIENT_REGISTRATION, name, record)
+            known[name] = record
+            await self.feed.announce(SERVERS_CHANGED)
             log.info("registered OAuth client", server=server.id, issuer=auth_server.issuer)
             return registration
         finally:
             await self.tokens.release_lock(f"register:{name}", lock)
 
-    async def _stored_registration(
-        self, server: ServerConfig, auth_server: AuthServer, name: str
+    @staticmethod
+    def _unexpired(
+        server: ServerConfig, auth_server: AuthServer, stored: str | None
     ) -> ClientRegistration | None:
-        """The stored registration, unless its secret expires soon."""
-        stored = await self.secrets.get(SecretKind.CLIENT_REGISTRATION, name)
+        """A stored registration, unless its secret expires soon."""
         if not stored:
             return None
         kept = _registration_from_json(stored)
@@ -199,7 +236,7 @@ class OAuthClients:
         current = await self.client_for(server, auth_server)
         if not conn.client_id or current.client_id == conn.client_id:
             return current
-        for name, raw in (await self.secrets.all(SecretKind.CLIENT_REGISTRATION)).items():
+        for name, raw in (await self._clients(SecretKind.CLIENT_REGISTRATION)).items():
             if secret_owned_by(name, server.id):
                 earlier = _registration_from_json(raw)
                 if earlier.client_id == conn.client_id and earlier.issuer == auth_server.issuer:
@@ -207,9 +244,10 @@ class OAuthClients:
         return current  # the authorization server decides
 
     async def forget_registration(self, server: ServerConfig, auth_server: AuthServer) -> None:
-        await self.secrets.delete(
-            SecretKind.CLIENT_REGISTRATION, self._registration_name(server, auth_server)
-        )
+        name = self._registration_name(server, auth_server)
+        await self.secrets.delete(SecretKind.CLIENT_REGISTRATION, name)
+        (await self._clients(SecretKind.CLIENT_REGISTRATION)).pop(name, None)
+        await self.feed.announce(SERVERS_CHANGED)
 
     def _registration_name(self, server: ServerConfig, auth_server: AuthServer) -> str:
         return f"{server.id}|{auth_server.issuer}|{self.redirect_uri}"
@@ -224,7 +262,7 @@ class OAuthClients:
 
     async def _stored_client(self, server: ServerConfig) -> tuple[str, str | None, str | None] | None:
         """The static client set by `keybearer oauth-client set`: id, secret, auth method."""
-        stored = await self.secrets.get(SecretKind.STATIC_CLIENT, server.id)
+        stored = (await self._clients(SecretKind.STATIC_CLIENT)).get(server.id)
         if not stored:
             return None
         record = json.loads(stored)
@@ -272,8 +310,15 @@ class OAuthClients:
 
     # -- token endpoint calls as that client -------------------------------------------
 
-    async def refresh(self, server: ServerConfig, conn: Connection, refresh_token: str) -> TokenResponse:
-        """The refresh call for a stored connection (the lifecycle's refresher)."""
+    async def refresh(
+        self,
+        server: ServerConfig,
+        conn: Connection,
+        refresh_token: str,
+        before_call: Callable[[], Awaitable[None]],
+    ) -> TokenResponse:
+        """The refresh call for a stored connection (the lifecycle's refresher).
+        `before_call` runs right before the token request and may stop it by raising."""
         try:
             found = await self.discovery(server)
             registration = await self.client_for_connection(server, found.auth_server, conn)
@@ -281,6 +326,7 @@ class OAuthClients:
             raise AuthServerUnavailable(str(exc)) from None
         if conn.issuer and found.auth_server.issuer != conn.issuer:
             raise OAuthError("invalid_grant", "the server's authorization server changed")
+        await before_call()
         try:
             return await oauth_client.refresh(
                 self.fetcher, found.auth_server, registration, refresh_token,

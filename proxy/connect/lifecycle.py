@@ -3,10 +3,16 @@
 Refresh is single-flight twice over. In one process, concurrent requests for
 the same (user, server) share one refresh task. Across replicas, a lock in
 the token store lets one replica call the authorization server while the
-others wait and then read what it wrote. The write itself is conditional on
-the version read, so a late or stale writer can never put older tokens over
-newer ones. This matters because providers rotate refresh tokens and treat a
-second use of the old one as theft, revoking the whole grant.
+others wait and then read what it wrote. The lock is renewed while its holder
+lives, and checked again right before the token call (a holder that stalled
+past its lock's expiry does not call). The write is conditional on the
+version read and the lock, so a late or stale writer can never put older
+tokens over newer ones. This matters because providers rotate refresh tokens
+and treat a second use of the old one as theft, revoking the whole grant.
+
+Rotated tokens the store cannot take (it failed after the token call) are
+held in this process, sealed, used meanwhile and written when the store is
+back: the old refresh token is spent, and the new one exists nowhere else.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +47,13 @@ RECENT_TTL = 1.0
 LIFETIME_FRACTION = 0.25
 # While another replica refreshes, look at the store this often even without an event.
 WAIT_POLL = 0.25
+# A request waiting on another replica's refresh gets 503 after this long: a live
+# holder renews its lock, so waiting out a dead one's would hang requests for its TTL.
+REFRESH_WAIT = 4.0
+# Rotated tokens the store could not take are written again this often.
+HELD_RETRY = 0.25
+# At most this many unwritten token sets per process (each a few kB, sealed).
+MAX_HELD = 10_000
 # Errors that mean the grant is gone: only the user can fix it, by reconnecting.
 GRANT_LOST = ("invalid_grant", "invalid_client", "unauthorized_client")
 
@@ -60,6 +74,12 @@ class TemporarilyUnavailable(Unavailable):
     pass
 
 
+class LockLost(Exception):
+    """Right before the token call: the refresh lock is no longer ours, or the
+    stored tokens changed. Calling now could send a refresh token another
+    holder is sending (or has sent): the provider would revoke the grant."""
+
+
 @dataclass(frozen=True)
 class TokenSet:
     access_token: str
@@ -71,8 +91,20 @@ class TokenSet:
 
 
 # The refresh call itself (clients.OAuthClients.refresh, wired in app.py): it
-# knows the client and the authorization server; the lifecycle knows when.
-Refresher = Callable[[ServerConfig, Connection, str], Awaitable[TokenResponse]]
+# knows the client and the authorization server; the lifecycle knows when, and
+# hands it a check to run right before the token request (it raises LockLost).
+BeforeCall = Callable[[], Awaitable[None]]
+Refresher = Callable[[ServerConfig, Connection, str, BeforeCall], Awaitable[TokenResponse]]
+
+
+@dataclass
+class Held:
+    """Rotated tokens the store has not taken yet: the newest this user has."""
+
+    conn: Connection  # sealed, as it will be stored
+    replaces: int  # the stored version they follow
+    lock: str
+    lock_token: str | None  # the refresh lock, kept (renewed) until they are written
 
 
 def record(user: str, server: str) -> str:
@@ -173,7 +205,7 @@ class TokenLifecycle:
         feed: ChangeFeed,
         refresher: Refresher,
         refresh_skew: float,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = 10.0,
         cooldown: float = 15.0,
     ) -> None:
         self.keyring = keyring
@@ -188,6 +220,9 @@ class TokenLifecycle:
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
         # One per (user, server) this process waits on while another replica refreshes.
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
+        # Rotated tokens waiting for the store, and the task writing each.
+        self._held: dict[tuple[str, str], Held] = {}
+        self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
@@ -231,8 +266,14 @@ class TokenLifecycle:
         conn = await self._load(server, user)
         tokens = self._open(conn, server)
         if conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time():
+            if (user, server.id) in self._held:
+                # The newest tokens are not stored yet: never refresh past them.
+                if conn.expires_at <= time.time():
+                    raise TemporarilyUnavailable(
+                        "token storage is unavailable and the access token expired; retry shortly", 5
+                    )
             # Without a refresh token nothing can be done early: used until it expires.
-            if tokens.refresh_token or conn.expires_at <= time.time():
+            elif tokens.refresh_token or conn.expires_at <= time.time():
                 conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is None:
             return tokens.access_token, float("inf")
@@ -302,17 +343,16 @@ class TokenLifecycle:
     async def _refresh_across_replicas(
         self, server: ServerConfig, seen: Connection
     ) -> tuple[Connection, TokenSet]:
-        lock_name = f"refresh:{seen.user}:{seen.server}"
-        deadline = time.monotonic() + self.lock_ttl + 5
+        lock = self.store.connection_lock(seen.user, seen.server)
+        deadline = time.monotonic() + REFRESH_WAIT
         key = (seen.user, seen.server)
         try:
             while True:
-                token = await self.store.acquire_lock(lock_name, self.lock_ttl)
+                token = await self._acquire(lock)
                 if token is not None:
-                    try:
-                        return await self._refresh_holding_lock(server, seen)
-                    finally:
-                        await self.store.release_lock(lock_name, token)
+                    done = await self._refresh_locked(server, seen, lock, token)
+                    if done is not None:
+                        return done
                 # Another replica is refreshing: wait for its write (announced by an
                 # event, or found by looking again), then use it.
                 waiting = self._waiting[key] = asyncio.Event()
@@ -323,34 +363,99 @@ class TokenLifecycle:
                 if current.version != seen.version:
                     return current, self._open(current, server)
                 if time.monotonic() > deadline:
+                    # A live holder renews its lock and will write soon; a dead one's
+                    # lock expires within lock_ttl. Either way, not worth a hung request.
                     raise TemporarilyUnavailable(
                         f"another replica is refreshing the token for {server.id!r} and has not finished; "
                         "retry shortly",
-                        5,
+                        max(1, math.ceil(self.lock_ttl / 3)),
                     )
         finally:
             self._waiting.pop(key, None)
 
+    async def _acquire(self, lock: str) -> str | None:
+        try:
+            return await self.store.acquire_lock(lock, self.lock_ttl)
+        except StoreUnavailable as exc:
+            raise TemporarilyUnavailable(f"token storage is unavailable ({exc}); retry shortly", 5) from None
+
+    async def _refresh_locked(
+        self, server: ServerConfig, seen: Connection, lock: str, token: str
+    ) -> tuple[Connection, TokenSet] | None:
+        """The refresh under our lock, renewed meanwhile; None when the lock was
+        lost before the token call (then wait like any other replica)."""
+        renewing = asyncio.create_task(self._renew(lock, token))
+        try:
+            return await self._refresh_holding_lock(server, seen, lock, token)
+        finally:
+            renewing.cancel()
+            held = self._held.get((seen.user, seen.server))
+            if held is None or held.lock_token != token:
+                await self._release(lock, token)  # else its writer keeps it until they are stored
+
+    async def _renew(self, lock: str, token: str) -> None:
+        """Keep the lock while its holder lives: a replica that dies holding it
+        blocks others only until its last renewal's TTL runs out."""
+        while True:
+            await asyncio.sleep(self.lock_ttl / 3)
+            try:
+                if not await self.store.renew_lock(lock, token, self.lock_ttl):
+                    log.warning("refresh lock lost while refreshing", lock=lock)
+                    return
+            except StoreUnavailable as exc:
+                log.warning("refresh lock not renewed; retrying", lock=lock, reason=str(exc))
+
+    async def _release(self, lock: str, token: str) -> None:
+        # Never raises: an error here would hide the one that ended the refresh,
+        # and the lock expires by itself.
+        try:
+            await self.store.release_lock(lock, token)
+        except StoreUnavailable as exc:
+            log.warning("refresh lock not released; it expires by itself", lock=lock, reason=str(exc))
+
     async def _refresh_holding_lock(
-        self, server: ServerConfig, seen: Connection
-    ) -> tuple[Connection, TokenSet]:
+        self, server: ServerConfig, seen: Connection, lock: str, token: str
+    ) -> tuple[Connection, TokenSet] | None:
         current = await self._load(server, seen.user)
         if current.version != seen.version:
             return current, self._open(current, server)  # someone refreshed between our read and the lock
+        if (seen.user, seen.server) in self._held:
+            raise TemporarilyUnavailable("the newest tokens wait for token storage; retry shortly", 5)
         tokens = self._open(current, server)
         if not tokens.refresh_token:
             await self._mark_reconnect(
                 current, "the provider gave no refresh token and the access token expired"
             )
             raise NeedsConsent("the access token expired and cannot be refreshed")
+
+        async def before_call() -> None:
+            # A holder that stalled (paused, partitioned) past its lock's expiry
+            # must not send the refresh token the next holder may be sending.
+            if not await self.store.renew_lock(lock, token, self.lock_ttl):
+                raise LockLost(lock)
+            now = await self.store.get_connection(current.user, current.server)
+            if now is None or now.version != current.version:
+                raise LockLost(lock)
+
         issuer = current.issuer or ""
         try:
             self.breaker.check(issuer)
-            issued = await self.refresher(server, current, tokens.refresh_token)
+            issued = await self.refresher(server, current, tokens.refresh_token, before_call)
+        except LockLost:
+            log.warning("refresh lock lost before the token call; not calling", server=server.id)
+            latest = await self._load(server, seen.user)
+            if latest.version != current.version:
+                return latest, self._open(latest, server)
+            return None
         except OAuthError as exc:
             self.breaker.succeeded(issuer)
             metrics.refresh_result(server.id, exc.error if exc.error in GRANT_LOST else "error")
             if exc.error in GRANT_LOST:
+                # A holder that died or stalled may have used this refresh token and
+                # written its result since: look once more before asking for a reconnect.
+                latest = await self._load(server, seen.user)
+                if latest.version != current.version:
+                    return latest, self._open(latest, server)
                 await self._mark_reconnect(current, f"the provider refused the refresh: {exc.error}")
                 raise NeedsConsent(f"the provider refused to refresh the token ({exc.error})") from None
             raise TemporarilyUnavailable(
@@ -362,33 +467,122 @@ class TokenLifecycle:
             log.warning(
                 "token endpoint unavailable; keeping stored tokens", server=server.id, reason=str(exc)
             )
-            if current.expires_at is not None and current.expires_at > time.time():
-                return current, tokens  # still valid: use it while the provider recovers
-            raise TemporarilyUnavailable(
-                f"the authorization server of {server.id!r} is unavailable and the access token has expired; "
-                "the stored connection is kept, retry in a moment",
-                15,
-            ) from None
+            return self._still_valid(
+                current, tokens, f"the authorization server of {server.id!r} is unavailable", 15
+            )
+        except StoreUnavailable as exc:
+            # What the refresh needs from a store (a registration not yet known
+            # here, the lock check) cannot be read: the token endpoint was not called.
+            log.warning("refresh needs a store that is unavailable", server=server.id, reason=str(exc))
+            return self._still_valid(current, tokens, "a store the refresh needs is unavailable", 5)
         self.breaker.succeeded(issuer)
+        metrics.refresh_result(server.id, "refreshed")
         fresh = new_connection(
             self.keyring, current, current.user, current.server, issued,
             issuer=issuer, client_id=current.client_id or "", requested_scopes=current.scopes,
             resource=server.url, keep_refresh_token=tokens.refresh_token,
         )  # fmt: skip
-        if not await self.store.put_connection(fresh, expected_version=current.version):
-            # Only a reconnect or a delete can have written under our lock: theirs wins.
-            newer = await self._load(server, seen.user)
+        return await self._store_refreshed(server, current, fresh, lock, token)
+
+    def _still_valid(
+        self, current: Connection, tokens: TokenSet, why: str, retry_after: int
+    ) -> tuple[Connection, TokenSet]:
+        if current.expires_at is not None and current.expires_at > time.time():
+            return current, tokens  # still valid: use it while the refresh cannot be made
+        raise TemporarilyUnavailable(
+            f"{why} and the access token has expired; the stored connection is kept, retry in a moment",
+            retry_after,
+        )
+
+    async def _store_refreshed(
+        self, server: ServerConfig, current: Connection, fresh: Connection, lock: str, token: str
+    ) -> tuple[Connection, TokenSet]:
+        """Write what the provider issued; whatever the store does, never lose it:
+        the refresh token it replaces is spent."""
+        try:
+            written = await self.store.put_connection(
+                fresh, expected_version=current.version, lock_token=token
+            )
+            if written:
+                log.info("token refreshed", server=server.id, user=current.user)
+                await self.changed(current.user, current.server)
+                return fresh, self._open(fresh, server)
+            latest = await self.store.get_connection(current.user, current.server)
+        except StoreUnavailable as exc:
+            log.warning("token storage failed after a refresh; the new tokens are kept here until it is back",
+                        server=server.id, user=current.user, reason=str(exc))  # fmt: skip
+            self._hold(Held(fresh, current.version, lock, token))
+            return fresh, self._open(fresh, server)
+        if latest is None or latest.version != current.version:
+            # A reconnect or a delete wrote since: theirs wins.
+            newer = await self._load(server, current.user)
             return newer, self._open(newer, server)
-        metrics.refresh_result(server.id, "refreshed")
-        log.info("token refreshed", server=server.id, user=current.user)
-        await self.changed(current.user, current.server)
-        return fresh, self._open(fresh, server)
+        # Nobody wrote, but the lock expired under us (we stalled past it). Ours are
+        # the newest tokens, and the next holder checks the version right before its
+        # token call: writing them now is what keeps it from reusing the old one.
+        log.warning("refresh lock lost before the write; storing the new tokens by version", server=server.id)
+        self._hold(Held(fresh, current.version, lock, None))
+        conn = await self._load(server, current.user)
+        return conn, self._open(conn, server)
+
+    def _hold(self, held: Held) -> None:
+        key = (held.conn.user, held.conn.server)
+        if key not in self._held and len(self._held) >= MAX_HELD:
+            log.error("too many refreshed tokens wait for token storage; these are dropped",
+                      server=held.conn.server, user=held.conn.user)  # fmt: skip
+            raise TemporarilyUnavailable("token storage is unavailable; retry shortly", 5)
+        self._held[key] = held
+        if key not in self._writers:
+            self._writers[key] = asyncio.create_task(self._write_held(key))
+
+    async def _write_held(self, key: tuple[str, str]) -> None:
+        """Write held tokens as soon as the store takes them; requests try too (_load)."""
+        try:
+            while (held := self._held.get(key)) is not None:
+                await asyncio.sleep(HELD_RETRY)
+                with contextlib.suppress(StoreUnavailable):
+                    if held.lock_token is not None and not await self.store.renew_lock(
+                        held.lock, held.lock_token, self.lock_ttl
+                    ):
+                        held.lock_token = None
+                    await self._settle(held, await self.store.get_connection(*key))
+        finally:
+            self._writers.pop(key, None)
+
+    async def _settle(self, held: Held, stored: Connection | None) -> Connection | None:
+        """Write `held` if the store still has the tokens it follows; else whoever
+        wrote meanwhile (a reconnect, a delete) wins. Returns what is now current."""
+        key = (held.conn.user, held.conn.server)
+        if stored is not None and stored.version == held.replaces:
+            # By version only: the lock guards the token call, and ours is done.
+            if await self.store.put_connection(held.conn, expected_version=held.replaces):
+                await self._drop(key, held)
+                log.info("refreshed tokens stored", server=held.conn.server, user=held.conn.user)
+                await self.changed(held.conn.user, held.conn.server)
+                return held.conn
+            stored = await self.store.get_connection(*key)
+        await self._drop(key, held)
+        return stored
+
+    async def _drop(self, key: tuple[str, str], held: Held) -> None:
+        if self._held.get(key) is held:
+            del self._held[key]
+            if held.lock_token is not None:
+                await self._release(held.lock, held.lock_token)
 
     async def _load(self, server: ServerConfig, user: str) -> Connection:
+        key = (user, server.id)
         try:
             conn = await self.store.get_connection(user, server.id)
+            if key in self._held:
+                conn = await self._settle(self._held[key], conn)
         except StoreUnavailable as exc:
-            raise TemporarilyUnavailable(f"token storage is unavailable ({exc}); retry shortly", 5) from None
+            held = self._held.get(key)
+            if held is None:
+                raise TemporarilyUnavailable(
+                    f"token storage is unavailable ({exc}); retry shortly", 5
+                ) from None
+            conn = held.conn  # the newest tokens, kept here until the store is back
         if conn is None:
             raise NeedsConsent(f"{server.id!r} is not connected for this user")
         if conn.state == MUST_RECONNECT or conn.sealed is None:

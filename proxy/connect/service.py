@@ -74,7 +74,9 @@ def refusal_message(server: ServerConfig, exc: OAuthError | ServiceClientUnusabl
     return f"{what} ({exc}); the operator must {check}"
 
 
-async def _never_refreshed(server: ServerConfig, conn: Connection, refresh_token: str) -> TokenResponse:
+async def _never_refreshed(
+    server: ServerConfig, conn: Connection, refresh_token: str, before_call: Callable[[], Awaitable[None]]
+) -> TokenResponse:
     """TokenLifecycle's refresher, which service tokens never call: they are
     renewed by a new grant (ServiceTokens._refresh_holding_lock)."""
     raise AssertionError("a service token is renewed by a new grant, not refreshed")
@@ -124,7 +126,7 @@ class ServiceTokens(TokenLifecycle):
             return tokens.access_token, float("inf")
         remaining = conn.expires_at - time.time()
         metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return tokens.access_token, remaining - self.skew
+        return tokens.access_token, remaining - self.ahead(conn)
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The server refused the token: a new one, unless another request got it already."""
@@ -137,8 +139,8 @@ class ServiceTokens(TokenLifecycle):
         return tokens.access_token
 
     async def _refresh_holding_lock(
-        self, server: ServerConfig, seen: Connection
-    ) -> tuple[Connection, TokenSet]:
+        self, server: ServerConfig, seen: Connection, lock: str, token: str
+    ) -> tuple[Connection, TokenSet] | None:
         current = await self._load(server, seen.user)
         if current.version != seen.version:
             return current, self._open(current, server)  # another replica was first
@@ -165,7 +167,7 @@ class ServiceTokens(TokenLifecycle):
             self.keyring, current, current.user, current.server, grant.issued,
             issuer=grant.issuer, client_id=grant.client_id, requested_scopes=grant.scopes, resource=server.url,
         )  # fmt: skip
-        if not await self.store.put_connection(fresh, expected_version=current.version):
+        if not await self.store.put_connection(fresh, expected_version=current.version, lock_token=token):
             newer = await self._load(server, seen.user)  # a reset or a new client under our lock
             return newer, self._open(newer, server)
         metrics.refresh_result(server.id, "obtained")
@@ -208,7 +210,7 @@ class ServiceTokens(TokenLifecycle):
         return tokens if tokens.resource in (None, server.url) else None
 
     def _due(self, conn: Connection) -> bool:
-        return conn.expires_at is not None and conn.expires_at - self.skew <= time.time()
+        return conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
 
     async def _refuse(self, server: ServerConfig, current: Connection, message: str) -> ServiceTokenFailed:
         """Record the failure, for every replica and the listings."""

@@ -254,11 +254,15 @@ class TokenStore(abc.ABC):
     async def get_connection(self, user: str, server: str) -> Connection | None: ...
 
     @abc.abstractmethod
-    async def put_connection(self, connection: Connection, *, expected_version: int | None = None) -> bool:
+    async def put_connection(
+        self, connection: Connection, *, expected_version: int | None = None, lock_token: str | None = None
+    ) -> bool:
         """Store `connection` (its `version` is written as given).
 
         With `expected_version`, only when the stored version equals it (0 means
-        "none stored"); returns False, changing nothing, when it does not.
+        "none stored"); with `lock_token`, only while the connection's lock
+        (`connection_lock`) is held with that token: both checked in one atomic
+        step. Returns False, changing nothing, when either does not hold.
         """
 
     @abc.abstractmethod
@@ -292,11 +296,22 @@ class TokenStore(abc.ABC):
 
     @abc.abstractmethod
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
-        """A token proving ownership, or None when someone else holds it."""
+        """A token proving ownership (a new random one per acquisition), or None
+        when someone else holds it."""
+
+    @abc.abstractmethod
+    async def renew_lock(self, name: str, token: str, ttl: float) -> bool:
+        """Hold the lock `ttl` seconds from now, if it is still held with this
+        token; False when it is not (it expired, or someone else took it)."""
 
     @abc.abstractmethod
     async def release_lock(self, name: str, token: str) -> None:
         """Release only if still held with this token."""
+
+    def connection_lock(self, user: str, server: str) -> str:
+        """The name of the lock that guards refreshing one connection; the lock
+        `put_connection(lock_token=…)` checks."""
+        return f"refresh:{user}:{server}"
 
     @abc.abstractmethod
     async def cache_get(self, key: str) -> str | None: ...

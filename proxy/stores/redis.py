@@ -8,6 +8,7 @@ Keys, under a configurable prefix (default "mcp"):
     {prefix}:pending:{key}              string with TTL: a pending authorization
     {prefix}:session:{key}              string with TTL: a browser session
     {prefix}:lock:{name}                string with TTL: a lock holder's token
+    {prefix}:lock:refresh:{<tokens key>}    the lock guarding a connection's refresh
     {prefix}:cache:{key}                string with TTL
     {prefix}:events                     pub/sub channel (database 0)
     {prefix}:events:db{n}               pub/sub channel (database n > 0)
@@ -22,8 +23,9 @@ around all of it, redis-py's retries and health checks included: a Redis that
 hangs answers StoreUnavailable as soon as one that is down would, after at
 most that long.
 
-Every script touches one key, so everything works on Redis Cluster, where a
-script may not span slots. The two sets are an index for listing without
+Every script touches one key, or a connection's hash and its refresh lock,
+whose key names the hash in braces (a hash tag: both share a Cluster slot),
+so everything works on Redis Cluster, where a script may not span slots. The two sets are an index for listing without
 KEYS/SCAN; they are not updated atomically with the token hash (different
 slots), and listings skip index entries whose hash is gone.
 """
@@ -66,14 +68,24 @@ EVENTS_BACKOFF = (0.1, 5.0)
 
 _ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError, TimeoutError)
 
-# KEYS[1] token hash; ARGV[1] expected version or "" for none; ARGV[2..] field, value, …
+# KEYS[1] token hash, KEYS[2] its refresh lock; ARGV[1] expected version or "" for none;
+# ARGV[2] the lock token the writer must hold or "" for none; ARGV[3..] field, value, …
 _PUT_CONNECTION = """
 if ARGV[1] ~= '' and (redis.call('HGET', KEYS[1], 'version') or '0') ~= ARGV[1] then
   return 0
 end
+if ARGV[2] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return 1
+"""
+_RENEW_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
 """
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -101,6 +113,7 @@ class RedisTokenStore(TokenStore):
         self._closed = False
         self._put_script = client.register_script(_PUT_CONNECTION)
         self._release_script = client.register_script(_RELEASE_LOCK)
+        self._renew_script = client.register_script(_RENEW_LOCK)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "mcp", timeout: float = DEFAULT_TIMEOUT) -> RedisTokenStore:
@@ -161,8 +174,11 @@ class RedisTokenStore(TokenStore):
             fields = _fields(await self.client.hgetall(key))
         return _decode(user, server, fields) if fields else None
 
-    async def put_connection(self, connection: Connection, *, expected_version: int | None = None) -> bool:
+    async def put_connection(
+        self, connection: Connection, *, expected_version: int | None = None, lock_token: str | None = None
+    ) -> bool:
         key = self._tokens(connection.user, connection.server)
+        lock = self._lock(self.connection_lock(connection.user, connection.server))
         # A key that exists is always indexed: index before a write that may
         # create the key; a write expecting a version finds the key indexed.
         creates = expected_version in (None, 0)
@@ -170,7 +186,9 @@ class RedisTokenStore(TokenStore):
             if creates:
                 await self._index(connection.user, connection.server)
             expected = "" if expected_version is None else str(expected_version)
-            written = await self._put_script(keys=[key], args=[expected, *_encode(connection)])
+            written = await self._put_script(
+                keys=[key, lock], args=[expected, lock_token or "", *_encode(connection)]
+            )
             if written and not creates:
                 await self._index(connection.user, connection.server)
         return bool(written)
@@ -243,15 +261,28 @@ class RedisTokenStore(TokenStore):
             deleted: int = await self.client.delete(f"{self.prefix}:session:{key}")
         return deleted > 0
 
+    def _lock(self, name: str) -> str:
+        return f"{self.prefix}:lock:{name}"
+
+    def connection_lock(self, user: str, server: str) -> str:
+        # The token hash's key as a hash tag: the lock lands in the hash's Cluster
+        # slot, so that one script can check both.
+        return f"refresh:{{{self._tokens(user, server)}}}"
+
     async def acquire_lock(self, name: str, ttl: float) -> str | None:
         token = secrets.token_urlsafe(16)
         async with self._guard("taking a lock", writes=True):
-            taken = await self.client.set(f"{self.prefix}:lock:{name}", token, nx=True, px=_ms(ttl))
+            taken = await self.client.set(self._lock(name), token, nx=True, px=_ms(ttl))
         return token if taken else None
+
+    async def renew_lock(self, name: str, token: str, ttl: float) -> bool:
+        async with self._guard("renewing a lock", writes=True):
+            renewed = await self._renew_script(keys=[self._lock(name)], args=[token, _ms(ttl)])
+        return bool(renewed)
 
     async def release_lock(self, name: str, token: str) -> None:
         async with self._guard("releasing a lock", writes=True):
-            await self._release_script(keys=[f"{self.prefix}:lock:{name}"], args=[token])
+            await self._release_script(keys=[self._lock(name)], args=[token])
 
     async def cache_get(self, key: str) -> str | None:
         async with self._guard("reading the cache"):

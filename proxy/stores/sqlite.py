@@ -216,8 +216,11 @@ class SQLiteStore(Store, TokenStore):
         )
         return _connection(row) if row else None
 
-    async def put_connection(self, connection: Connection, *, expected_version: int | None = None) -> bool:
+    async def put_connection(
+        self, connection: Connection, *, expected_version: int | None = None, lock_token: str | None = None
+    ) -> bool:
         c = connection
+        lock = self.connection_lock(c.user, c.server)
         values = (
             c.user, c.server, c.state, c.sealed, c.issuer, c.client_id, " ".join(c.scopes),
             c.expires_at, c.obtained_at, c.last_error, int(c.refreshable), c.version,
@@ -230,6 +233,8 @@ class SQLiteStore(Store, TokenStore):
                 ).fetchone()
                 if (row[0] if row else 0) != expected_version:
                     return False
+            if lock_token is not None and not _holds(db, lock, lock_token):
+                return False
             db.execute(_PUT_CONNECTION, values)
             return True
 
@@ -318,6 +323,18 @@ class SQLiteStore(Store, TokenStore):
         )
         return token if count > 0 else None
 
+    async def renew_lock(self, name: str, token: str, ttl: float) -> bool:
+        now = time.time()
+        count = await self._run(
+            lambda db: (
+                db.execute(
+                    "UPDATE locks SET expires_at = ? WHERE name = ? AND token = ? AND expires_at > ?",
+                    (now + ttl, name, token, now),
+                ).rowcount
+            )
+        )
+        return bool(count > 0)
+
     async def release_lock(self, name: str, token: str) -> None:
         await self._run(
             lambda db: db.execute("DELETE FROM locks WHERE name = ? AND token = ?", (name, token))
@@ -374,6 +391,13 @@ class SQLiteStore(Store, TokenStore):
                 last = event_id
                 yield event
             await asyncio.sleep(self.event_poll_interval)
+
+
+def _holds(db: sqlite3.Connection, name: str, token: str) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM locks WHERE name = ? AND token = ? AND expires_at > ?", (name, token, time.time())
+    ).fetchone()
+    return row is not None
 
 
 def _last_event_id(db: sqlite3.Connection) -> int:

@@ -51,7 +51,8 @@ Configuration (keyword arguments of ``run_authorization_server``, passed as JSON
 ``faults``             list of injected faults, e.g. ``[{"route": "token", "grant_type":
                        "refresh_token", "status": 503, "count": 1}]`` or ``{"route": "token",
                        "delay": 10}`` (delay only: the real answer comes late). ``count`` defaults
-                       to 1, ``-1`` = forever.
+                       to 1, ``-1`` = forever. ``"route": "discovery"`` applies to the
+                       authorization server's well-known metadata documents.
 ``log_success``        also print ``grant.success`` / ``authorization.success`` events.
 ``account_claims``     ``{sub: {claim: value}}``: more claims of an account (``name``, ``groups``, ...);
                        every account has ``email`` ``<sub>@example.com``. As an OpenID provider, the

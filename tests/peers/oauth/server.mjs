@@ -384,7 +384,7 @@ function sendJson(res, status, payload) {
 
 const sleep = (s) => new Promise((r) => { setTimeout(r, s * 1000); });
 
-// A fault: {route: "token", grant_type?: "...", status?: 503, delay?: seconds, count?: n (default 1,
+// A fault: {route: "token" | "discovery", grant_type?: "...", status?: 503, delay?: seconds, count?: n (default 1,
 // -1 forever), body?: {...}}. `delay` without `status` delays the real answer; with `status`, the
 // fault answers that status (after the delay) and the provider never sees the request.
 async function applyFault(route, params, res) {
@@ -495,6 +495,7 @@ async function handle(provider, callback, req, res) {
     const target = discoveryTarget(path);
     if (!target) return sendJson(res, 404, { error: 'not_found' });
     bump(stats.discovery_requests, path);
+    if (await applyFault('discovery', {}, res)) return undefined;
     inner = target.slice(p.length) + url.search;
   } else if (!p) {
     inner = req.url;
