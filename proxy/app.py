@@ -5,8 +5,10 @@
              -> OAuth fetcher -> inbound auth
              -> OAuth clients -> token lifecycle (refresher: the clients) -> connect flow
                              -> service tokens (client_credentials; obtain: the clients)
+             -> the sign-in (login.py) when login_* is set
+                             -> assertion tokens (identity_assertion; obtain: sign-in + clients)
              -> one credential source per auth type (and grant) -> forwarder
-             -> links, sessions, the sign-in (login.py) when login_* is set
+             -> links, sessions
              -> management (admin API, console, CLI), browser routes
 
 Requests whose first path segment is one of the proxy's reserved names go to
@@ -34,6 +36,7 @@ from starlette.types import Receive, Scope, Send
 
 from proxy import admin, console, egress, errors, login, logs, metrics, routing
 from proxy.connect import routes as connect_routes
+from proxy.connect.assertion import AssertionTokens, IdentityAssertions
 from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
 from proxy.connect.lifecycle import TokenLifecycle
@@ -41,6 +44,7 @@ from proxy.connect.service import ServiceTokens
 from proxy.credentials import CredentialSource
 from proxy.credentials.api_key import ApiKeys
 from proxy.credentials.client_credentials import ClientCredentials
+from proxy.credentials.identity_assertion import IdentityAssertion
 from proxy.credentials.none import NoCredential
 from proxy.credentials.oauth import OAuthTokens
 from proxy.crypto import Keyring
@@ -122,8 +126,14 @@ def compose(settings: Settings) -> Components:
     )  # fmt: skip
     flow = ConnectFlow(keyring, registry, tokens, clients, lifecycle)
     service = ServiceTokens(
-        keyring, tokens, feed, clients.client_credentials, settings.refresh_skew, settings.refresh_lock_ttl,
+        keyring, tokens, feed, lambda server, _: clients.client_credentials(server), settings.refresh_skew,
+        settings.refresh_lock_ttl,
         settings.token_endpoint_cooldown,
+    )  # fmt: skip
+    sign_in = RelyingParty(settings, keyring, tokens, fetcher) if settings.signs_in else None
+    assertions = AssertionTokens(
+        keyring, tokens, feed, IdentityAssertions(clients, sign_in, settings.public_url), settings.refresh_skew,
+        settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
     )  # fmt: skip
     # Keyed by ServerConfig.credential_kind: the auth type, and for oauth the grant.
     sources: dict[str, CredentialSource] = {
@@ -131,14 +141,17 @@ def compose(settings: Settings) -> Components:
         "api_key": ApiKeys(registry),
         "oauth": OAuthTokens(lifecycle, settings, keyring),
         "client_credentials": ClientCredentials(service),
+        "identity_assertion": IdentityAssertion(assertions),
     }
     # Each cache hears of the changes that make it stale, on every replica.
-    listeners = (registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event, service.on_event)
+    listeners = (
+        registry.on_event, inbound.on_event, clients.on_event, lifecycle.on_event, service.on_event,
+        assertions.on_event,
+    )  # fmt: skip
     for listener in listeners:
         feed.subscribe(listener)
     links = Links(settings, keyring)
     sessions = Sessions(settings, keyring, tokens)
-    sign_in = RelyingParty(settings, keyring, tokens, fetcher) if settings.signs_in else None
     management = Management(
         registry, store, secrets, tokens, feed, UpstreamPolicy.from_settings(settings), links
     )

@@ -301,6 +301,8 @@ class Identity:
     admin: bool
     name: str
     next_path: str
+    id_token: str = field(repr=False)
+    id_token_expires: float
 
 
 @dataclass(frozen=True)
@@ -386,7 +388,46 @@ class RelyingParty:
         claims = await self._verified(id_token, pending["nonce"])
         user = self._user(claims)
         log.info("signed in", user=user)
-        return Identity(user, self._is_admin(claims), _display_name(claims, user), safe_next(pending["next"]))
+        return Identity(
+            user, self._is_admin(claims), _display_name(claims, user), safe_next(pending["next"]), id_token,
+            float(claims["exp"]),
+        )  # fmt: skip
+
+    # -- the ID token, for servers the organisation authorizes (identity_assertion) -------
+
+    async def keep_id_token(self, identity: Identity) -> None:
+        """The person's newest ID token, sealed, until it expires: the subject of
+        every token exchange for them, whichever browser or agent asks."""
+        ttl = identity.id_token_expires - time.time()
+        if ttl > 0:
+            sealed = self.keyring.encrypt(SESSION, identity.id_token.encode(), f"id_token:{identity.user}")
+            await self.tokens.cache_set(_id_token_key(identity.user), sealed, ttl)
+
+    async def id_token(self, user: str) -> str | None:
+        """The person's unexpired ID token, or None: they must sign in (again)."""
+        sealed = await self.tokens.cache_get(_id_token_key(user))
+        if not sealed:
+            return None
+        try:
+            return self.keyring.decrypt(SESSION, sealed, f"id_token:{user}").decode()
+        except DecryptError:
+            return None
+
+    async def forget_id_token(self, user: str) -> None:
+        await self.tokens.cache_delete_prefix(_id_token_key(user))
+
+    async def exchange(
+        self, id_token: str, audience: str, resource: str | None, scopes: tuple[str, ...]
+    ) -> str:
+        """An ID-JAG for `audience` from the provider, authenticated as at sign-in.
+        OAuthError when the provider refuses, AuthServerUnavailable when it cannot answer."""
+        provider = await self.provider()
+        client = oauth_client.static_registration(
+            provider.auth_server, self.client_id, self.client_secret, self.redirect_uri
+        )
+        return await oauth_client.exchange_id_token(
+            self.fetcher, provider.auth_server, client, id_token, audience, resource, scopes
+        )
 
     async def provider(self) -> Provider:
         """The provider's OpenID configuration, fetched once per metadata_cache_ttl."""
@@ -507,6 +548,11 @@ class RelyingParty:
         return any(isinstance(v, str) and v in self.admin_values for v in held)
 
 
+def _id_token_key(user: str) -> str:
+    # User ids never hold ':' (ID_PATTERN): the trailing one makes the key its own prefix.
+    return f"login:id_token:{user}:"
+
+
 def provider_from_metadata(fetcher: Fetcher, metadata: Mapping[str, Any], url: str, issuer: str) -> Provider:
     """Validate an OpenID provider's configuration: its issuer exactly, endpoints the fetcher accepts."""
     if metadata.get("issuer") != issuer:
@@ -585,6 +631,7 @@ class LoginPages:
         # A sign-in always gets a fresh session: an id planted before it is worth nothing after.
         await self.sessions.forget(request)
         await self.sessions.start(response, identity.user, identity.admin, identity.name)
+        await self.party.keep_id_token(identity)
         return response
 
     async def logout_page(self, request: Request) -> Response:
@@ -600,6 +647,8 @@ class LoginPages:
             self.sessions.check_csrf(session, str(form.get("csrf", "")))
         response = pages.signed_out(self.sessions.signs_in)
         await self.sessions.end(request, response)
+        if session is not None and session.user and self.party is not None:
+            await self.party.forget_id_token(session.user)  # no more exchanges in their name
         return response
 
     async def _session(self, request: Request) -> Session | None:

@@ -22,7 +22,7 @@ from proxy.names import SERVERS_CHANGED, SERVICE_USER, SecretKind, connection_ch
 from proxy.registry import Registry
 from proxy.routing import RESERVED
 from proxy.sealed import SealedSecrets
-from proxy.settings import ID_PATTERN, ConfigError, ServerConfig, parse_server
+from proxy.settings import ID_PATTERN, STATIC_CLIENT_GRANTS, ConfigError, ServerConfig, parse_server
 from proxy.stores import Connection, Store, TokenStore
 from proxy.upstream_policy import UpstreamPolicy
 
@@ -161,9 +161,9 @@ class Management:
             raise ConfigError("auth_method", "must be client_secret_basic, client_secret_post or none")
         if method != "none" and not secret:
             raise ConfigError("client_secret", f"is required with auth_method {method}")
-        if method == "none" and server.grant == "client_credentials":
+        if method == "none" and server.grant in STATIC_CLIENT_GRANTS:
             raise ConfigError(
-                "client_secret", "is required: the client_credentials grant needs a confidential client"
+                "client_secret", f"is required: the {server.grant} grant needs a confidential client"
             )
         record = {"client_id": client_id, "client_secret": secret, "auth_method": method}
         await self.secrets.put(SecretKind.STATIC_CLIENT, server_id, json.dumps(record))

@@ -26,9 +26,13 @@ AuthType = Literal["none", "api_key", "oauth"]
 AUTH_TYPES: tuple[str, ...] = ("none", "api_key", "oauth")
 # How an oauth server's tokens are obtained: per user through the browser
 # (authorization_code), or one for the whole server, as the proxy's own client
-# (client_credentials: machine to machine, no person involved).
-Grant = Literal["authorization_code", "client_credentials"]
-GRANTS: tuple[str, ...] = ("authorization_code", "client_credentials")
+# (client_credentials: machine to machine, no person involved), or per user as
+# the organisation's identity provider allows (identity_assertion: the person's
+# sign-in exchanged for an ID-JAG, presented with a JWT bearer grant).
+Grant = Literal["authorization_code", "client_credentials", "identity_assertion"]
+GRANTS: tuple[str, ...] = ("authorization_code", "client_credentials", "identity_assertion")
+# The grants that act as one static client of the server's authorization server.
+STATIC_CLIENT_GRANTS = ("client_credentials", "identity_assertion")
 # The `aud` of a private_key_jwt client assertion (RFC 7523 §3).
 AssertionAudience = Literal["token_endpoint", "issuer"]
 ASSERTION_AUDIENCES: tuple[str, ...] = ("token_endpoint", "issuer")
@@ -85,7 +89,7 @@ class ServerConfig:
     client_id: str | None = None
     client_secret_env: str | None = None
     client_secret_file: str | None = None
-    # client_credentials only: private_key_jwt client authentication (RFC 7523)
+    # client_credentials and identity_assertion only: private_key_jwt client authentication (RFC 7523)
     # with the PEM private key in this file, instead of a secret.
     client_private_key_file: str | None = None
     client_key_id: str | None = None
@@ -99,9 +103,9 @@ class ServerConfig:
     @property
     def credential_kind(self) -> str:
         """The credential source that serves the server (credentials/): its auth
-        type, or `client_credentials` for an oauth server that uses that grant."""
-        if self.auth == "oauth" and self.grant == "client_credentials":
-            return "client_credentials"
+        type, or for an oauth server its grant when that is not the code flow."""
+        if self.auth == "oauth" and self.grant in STATIC_CLIENT_GRANTS:
+            return self.grant
         return self.auth
 
     @property
@@ -253,19 +257,22 @@ _KEY_SETTINGS = ("client_private_key_file", "client_key_id", "client_assertion_a
 
 
 def _check_client_credentials(values: Mapping[str, Any], key: str) -> None:
-    """The client_credentials grant acts as one static client; its private key
-    (or secret) authenticates it, and only it uses a private key."""
-    if values.get("grant") != "client_credentials":
+    """The client_credentials and identity_assertion grants act as one static
+    client; its private key (or secret) authenticates it, and only they use a private key."""
+    grant = values.get("grant")
+    if grant not in STATIC_CLIENT_GRANTS:
         for name in _KEY_SETTINGS:
             if name in values:
-                raise ConfigError(f"{key}.{name}", "only meaningful with grant: client_credentials")
+                raise ConfigError(
+                    f"{key}.{name}", "only meaningful with grant: client_credentials or identity_assertion"
+                )
         return
     if values["auth"] != "oauth":
         return  # refused below, naming the auth type
     if "client_id" not in values:
         raise ConfigError(
             f"{key}.client_id",
-            "required with grant: client_credentials (the client registered for the proxy at the "
+            f"required with grant: {grant} (the client registered for the proxy at the "
             "server's authorization server)",
         )
     if "client_private_key_file" in values:
@@ -542,6 +549,13 @@ def _check_client_metadata_url(url: str, allow_http_loopback: bool) -> None:
 
 def _check_login(settings: Settings) -> None:
     if not settings.signs_in:
+        for server in settings.servers.values():
+            if server.grant == "identity_assertion":
+                raise ConfigError(
+                    f"servers.{server.id}.grant",
+                    "identity_assertion exchanges the person's sign-in at the organisation's identity "
+                    "provider: set login_issuer and login_client_id (docs/enterprise.md)",
+                )
         for name in ("login_client_id", "login_client_secret", "login_admin_claim"):
             if getattr(settings, name):
                 raise ConfigError(

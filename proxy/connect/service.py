@@ -41,8 +41,9 @@ log = structlog.get_logger("keybearer.oauth")
 REFUSED = "refused"
 NOT_OBTAINED = "not_obtained"  # what _load answers when nothing is stored
 
-# The grant call (clients.OAuthClients.client_credentials, wired in app.py).
-Obtain = Callable[[ServerConfig], Awaitable[ServiceGrant]]
+# The grant call for (server, user): clients.OAuthClients.client_credentials
+# (one token per server), or assertion.IdentityAssertions (one per user), wired in app.py.
+Obtain = Callable[[ServerConfig, str], Awaitable[ServiceGrant]]
 
 # What the operator should check, by the authorization server's error.
 _CHECK = {
@@ -147,11 +148,11 @@ class ServiceTokens(TokenLifecycle):
         breaker = current.issuer or server.url
         try:
             self.breaker.check(breaker)
-            grant = await self.obtain(server)
+            grant = await self.obtain(server, current.user)
         except (OAuthError, ServiceClientUnusable) as exc:
             self.breaker.succeeded(breaker)
             metrics.refresh_result(server.id, "refused")
-            raise await self._refuse(server, current, refusal_message(server, exc)) from None
+            raise await self._refuse(server, current, self.refusal_message(server, exc)) from None
         except AuthServerUnavailable as exc:
             self.breaker.failed(breaker)
             metrics.refresh_result(server.id, "unavailable")
@@ -191,6 +192,9 @@ class ServiceTokens(TokenLifecycle):
         return tokens
 
     # -- helpers ------------------------------------------------------------------------
+
+    def refusal_message(self, server: ServerConfig, exc: OAuthError | ServiceClientUnusable) -> str:
+        return refusal_message(server, exc)
 
     def _usable(self, conn: Connection, server: ServerConfig) -> TokenSet | None:
         """The stored token, or None when there is none to use. A refusal still

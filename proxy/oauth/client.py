@@ -530,6 +530,68 @@ async def client_credentials(
     return await _token_request(fetcher, auth_server, client, data, secrets_in=())
 
 
+# The Identity Assertion JWT Authorization Grant (the MCP enterprise-managed
+# authorization extension): an RFC 8693 token exchange at the organisation's
+# identity provider turns the person's ID token into an ID-JAG, which the
+# server's authorization server takes in an RFC 7523 JWT bearer grant.
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+ID_JAG = "urn:ietf:params:oauth:token-type:id-jag"
+ID_TOKEN = "urn:ietf:params:oauth:token-type:id_token"
+
+
+async def exchange_id_token(
+    fetcher: Fetcher,
+    idp: AuthServer,
+    client: ClientRegistration,
+    id_token: str,
+    audience: str,
+    resource: str | None,
+    scopes: Sequence[str],
+) -> str:
+    """An ID-JAG for `audience` (an authorization server's issuer), from the
+    identity provider the ID token came from (RFC 8693)."""
+    data = {
+        "grant_type": TOKEN_EXCHANGE,
+        "requested_token_type": ID_JAG,
+        "audience": audience,
+        "subject_token": id_token,
+        "subject_token_type": ID_TOKEN,
+    }
+    if resource:
+        data["resource"] = resource
+    if scopes:
+        data["scope"] = " ".join(scopes)
+    what = "token exchange for an ID-JAG"
+    form, headers = _authenticate(client, idp, data)
+    status, answer = await _call(
+        fetcher.post_form(idp.token_endpoint, form, headers=headers), what, (id_token,)
+    )
+    if not 200 <= status < 300:
+        raise _error(status, answer, what, (id_token,), client)
+    assertion = (answer or {}).get("access_token")
+    # RFC 8693 §2.2.1: the issued token travels in access_token, its type beside it
+    # (token_type is N_A: an ID-JAG is not an access token).
+    if (answer or {}).get("issued_token_type") != ID_JAG or not isinstance(assertion, str) or not assertion:
+        raise OAuthError("invalid_response", f"the answer to the {what} carries no ID-JAG", status)
+    _check_token_chars("access_token", assertion, status)
+    return assertion
+
+
+async def jwt_bearer(
+    fetcher: Fetcher,
+    auth_server: AuthServer,
+    client: ClientRegistration,
+    assertion: str,
+    scopes: Sequence[str],
+) -> TokenResponse:
+    """An access token for an ID-JAG (RFC 7523 §2.1), asked for as the client it names."""
+    data = {"grant_type": JWT_BEARER, "assertion": assertion}
+    if scopes:
+        data["scope"] = " ".join(scopes)
+    return await _token_request(fetcher, auth_server, client, data, secrets_in=(assertion,))
+
+
 async def revoke(
     fetcher: Fetcher,
     auth_server: AuthServer,
