@@ -25,6 +25,7 @@ from services import REDIS_URL
 from support import ProxyProcess, free_port
 
 from proxy.settings import ConfigError, Settings, _check_login, parse_server
+from proxy.stores.redis import RedisTokenStore
 
 pytestmark = pytest.mark.slow
 LOGIN_CLIENT, LOGIN_SECRET = "keybearer-login", "login-secret-0123456789abcdef"
@@ -87,6 +88,8 @@ def replicas(
     finally:
         for proc in procs:
             proc.stop()
+    for proc in procs:  # no ID token, ID-JAG or access token (all JWTs) in any log
+        assert "eyJ" not in proc.log()
 
 
 def issuer(org: Enterprise, name: str) -> str:
@@ -216,3 +219,28 @@ async def test_signing_out_ends_the_exchanges_in_the_persons_name(
     await browser.aclose()
     status, answer = await initialize(replicas[2], "erin", "two")
     assert (status, answer["error"]["code"]) == (200, -32042), answer
+
+
+async def test_the_id_token_is_kept_sealed_and_a_provider_failure_is_the_operators(
+    org: Enterprise, replicas: list[ProxyProcess], redis_prefix: str
+) -> None:
+    org.allow("fay", issuer(org, "two"))
+    browser = await sign_in(replicas[0], org, "fay")
+    await browser.aclose()
+    store = RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-idjag")
+    await store.open()
+    try:
+        sealed = await store.cache_get("login:id_token:fay:")
+    finally:
+        await store.close()
+    assert sealed and "eyJ" not in sealed
+    org.exchange_error = "unsupported_grant_type"
+    try:
+        status, answer = await initialize(replicas[1], "fay", "two")
+    finally:
+        org.exchange_error = None
+    assert status == 503, answer
+    error = answer["error"]
+    assert error["data"] == {"error": "identity_provider_failed", "server": "two"}
+    assert "the operator must allow Keybearer's sign-in client the token exchange" in error["message"]
+    assert (await whoami(replicas[1], "fay", "two"))["sub"] == "fay"  # nothing recorded: fine once fixed

@@ -389,7 +389,7 @@ def _no_secret(server: ServerConfig) -> str:
     else:
         where = "set client_secret_env, client_secret_file or client_private_key_file in its config"
     return (
-        f"server {server.id!r} uses the client_credentials grant and its client has no secret; "
+        f"server {server.id!r} uses the {server.grant} grant and its client has no secret; "
         f"the operator must {where}, or run `keybearer oauth-client set {server.id}`"
     )
 

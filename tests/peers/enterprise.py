@@ -24,7 +24,8 @@ endpoint (client_secret_basic) for the RFC 7523 JWT bearer grant that checks
 the ID-JAG as the extension says (signature by the provider's key, `typ`,
 `iss`, `aud`, `client_id` = the authenticated client, `resource`, `exp`, `jti`
 never seen before) and issues RS256 JWT access tokens for the resource that
-live `token_ttl` seconds. `refuse` makes it answer `unauthorized_client`.
+live `token_ttl` seconds. `refuse` makes it answer `unauthorized_client`;
+`exchange_error` makes the provider answer every token exchange with that error.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class Enterprise:
         self.exchanges: Counter[tuple[str, str]] = Counter()
         self.grants: Counter[tuple[str, str]] = Counter()
         self.refusals: list[str] = []  # why an authorization server refused an ID-JAG
+        self.exchange_error: str | None = None  # answer every token exchange with this error
         self.lock = threading.Lock()
 
     def add_client(self, client_id: str, secret: str) -> None:
@@ -130,8 +132,8 @@ class Enterprise:
                 "token_type": "Bearer",
                 "id_token": id_token,
             }
-        if form.get("grant_type") != TOKEN_EXCHANGE:
-            return 400, {"error": "unsupported_grant_type"}
+        if form.get("grant_type") != TOKEN_EXCHANGE or self.exchange_error:
+            return 400, {"error": self.exchange_error or "unsupported_grant_type"}
         if form.get("requested_token_type") != ID_JAG or form.get("subject_token_type") != ID_TOKEN:
             return 400, {"error": "invalid_request"}
         try:
