@@ -71,6 +71,34 @@ async def test_provider_that_refreshes_only_with_offline_access(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rotating", [True, False], ids=["rotating", "non-rotating"])
+async def test_refresh_tokens_rotating_or_not(
+    browser: Browser, tmp_path: Path, salt: str, rotating: bool
+) -> None:
+    """Some providers rotate the refresh token on every use, others keep it (and leave it
+    out of the refresh answer): both refresh again and again, with no reuse detected."""
+    with (
+        run_authorization_server(rotate_refresh_tokens=rotating, access_token_ttl=4) as auth,
+        run_resource_server(auth.issuer) as resource,
+    ):
+        proxy = start_proxy(
+            tmp_path, salt, {"url": resource.mcp_url, "auth": "oauth"}, admin_token=ADMIN_TOKEN
+        )
+        try:
+            link, _ = await elicitation(proxy)
+            await connect_in_browser(browser, link)
+            for _ in range(3):
+                await asyncio.sleep(3.2)  # into the token's last quarter: due
+                assert (await whoami(proxy))["sub"] == "alice"
+            stats = auth.stats()
+            refreshes = [t for t in stats["token_log"] if t["grant_type"] == "refresh_token"]
+            assert len(refreshes) == 3 and all(t["status"] == 200 for t in refreshes), refreshes
+            assert stats["refresh_reuse_detected"] == 0
+        finally:
+            proxy.stop()
+
+
+@pytest.mark.slow
 async def test_provider_without_refresh_tokens(browser: Browser, tmp_path: Path, salt: str) -> None:
     """No refresh token at all (providers whose tokens simply expire). The token is used until
     it expires, the connection says it will not be refreshed, and only then is the agent sent

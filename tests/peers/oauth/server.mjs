@@ -43,6 +43,7 @@ const DEFAULTS = {
   discovery: ['oauth', 'openid', 'openid-appended'],
   cimd: false, // Client ID Metadata Document: false | true | {allow_http_loopback: bool}
   refresh_tokens: 'always', // 'always' | 'offline_access' | 'never', see issueRefreshToken
+  rotate_refresh_tokens: true, // false: a refresh keeps the refresh token (and reuse is no theft)
   faults: [], // see applyFault
   log_success: false, // also print *.success events
   account_claims: {}, // sub -> more claims of that account, e.g. {"carol": {"groups": ["admins"]}}
@@ -255,7 +256,7 @@ async function buildProvider(issuer) {
       if (settings.refresh_tokens === 'offline_access') return allowed && code.scopes.has('offline_access');
       return allowed;
     },
-    rotateRefreshToken: true,
+    rotateRefreshToken: () => settings.rotate_refresh_tokens,
     async expiresWithSession() {
       return false;
     },
