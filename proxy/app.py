@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, console, egress, errors, login, logs, metrics, routing
+from proxy import admin, console, egress, errors, login, logs, metrics, routing, tracing
 from proxy.connect import routes as connect_routes
 from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
@@ -193,6 +193,8 @@ class Keybearer:
         parts = self.parts
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(logs.flush)
+            if tracing.configure(os.environ, trace_user_ids=self.settings.trace_user_ids):
+                stack.push_async_callback(_stop_tracing)
             await stack.enter_async_context(parts.opened())
             await parts.feed.start()
             stack.push_async_callback(parts.feed.stop)
@@ -292,6 +294,12 @@ def from_environment() -> Keybearer:
     settings = load_settings()
     logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     return Keybearer(settings)
+
+
+async def _stop_tracing() -> None:
+    # Exporting what is buffered is a blocking HTTP call, off the event loop.
+    await asyncio.to_thread(tracing.shutdown)
+    tracing.reset()
 
 
 def _first_segment(path: str) -> str:
