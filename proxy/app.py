@@ -154,6 +154,8 @@ class Keybearer:
         self.settings = settings
         self.parts = compose(settings)
         parts = self.parts
+        # Here, so that a missing SDK stops `serve` before it listens, like any bad setting.
+        self.traced = tracing.configure(os.environ, trace_user_ids=settings.trace_user_ids)
         self.forwarder = Forwarder(
             settings, parts.registry, parts.inbound, parts.sources, parts.web_origin, parts.egress
         )
@@ -193,7 +195,7 @@ class Keybearer:
         parts = self.parts
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(logs.flush)
-            if tracing.configure(os.environ, trace_user_ids=self.settings.trace_user_ids):
+            if self.traced:
                 stack.push_async_callback(_stop_tracing)
             await stack.enter_async_context(parts.opened())
             await parts.feed.start()

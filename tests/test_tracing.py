@@ -73,7 +73,9 @@ async def peers() -> AsyncIterator[Peers]:
         if request.headers.get("Authorization", "").removeprefix("Bearer ") in valid:
             return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {"tools": []}})
         challenge = f'Bearer resource_metadata="{found.origin}/.well-known/oauth-protected-resource/mcp"'
-        return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": challenge})
+        return web.json_response(
+            {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": challenge}
+        )
 
     async def protected_resource(_: web.Request) -> web.Response:
         return web.json_response({"resource": f"{found.origin}/mcp", "authorization_servers": [found.origin]})
@@ -136,7 +138,12 @@ async def _seed_expired(database: Path, salt: str, issuer: str) -> None:
 
 
 async def _proxy(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers, env: dict[str, str], **config: Any
+    proxy_factory: type[ProxyProcess],
+    tmp_path: Path,
+    salt: str,
+    peers: Peers,
+    env: dict[str, str],
+    **config: Any,
 ) -> ProxyProcess:
     await _seed_expired(tmp_path / "keybearer.db", salt, peers.origin)
     servers = {"guarded": {"url": f"{peers.origin}/mcp", "auth": "oauth", "client_id": "tracer"}}
@@ -249,3 +256,18 @@ async def test_with_tracing_off_nothing_is_exported_and_no_traceparent_added(
     assert peers.upstream_headers[-1]["traceparent"] == agents  # passed on as any other header
     await asyncio.sleep(0.5)  # ten export intervals
     assert peers.exports == []
+
+
+def test_an_endpoint_without_the_sdk_stops_the_proxy_before_it_listens(
+    proxy_factory: type[ProxyProcess], tmp_path: Path
+) -> None:
+    # An installation without the otel extra: the SDK's package cannot be imported.
+    shadow = tmp_path / "no-sdk" / "opentelemetry"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text('raise ImportError("the otel extra is not installed")\n')
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "PYTHONPATH": str(shadow.parent)}
+    with pytest.raises(RuntimeError, match="did not start") as failed:
+        proxy_factory({"servers": {}}, env)
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT: set, but the OpenTelemetry SDK is not installed" in str(failed.value)
+    assert "pip install 'keybearer[otel]'" in str(failed.value)
+    assert "Traceback" not in str(failed.value)
