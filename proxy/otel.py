@@ -20,6 +20,8 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from starlette.types import Scope
 
+from proxy.errors import KeybearerError
+
 if TYPE_CHECKING:
     from proxy.tracing import Attributes, Facts, Headers
 
@@ -38,24 +40,40 @@ class Tracer:
         self.propagator = TraceContextTextMapPropagator()
         self.trace_user_ids = trace_user_ids
 
+    @contextlib.contextmanager
     def span(
         self, name: str, attributes: Attributes | None = None, *, client: bool = False
-    ) -> contextlib.AbstractContextManager[Span]:
+    ) -> Iterator[Span]:
         kind = SpanKind.CLIENT if client else SpanKind.INTERNAL
-        return self.tracer.start_as_current_span(name, kind=kind, attributes=attributes)
+        with self._started(name, kind, attributes) as span:
+            yield span
 
     @contextlib.contextmanager
     def request(self, scope: Scope, facts: Facts) -> Iterator[Span]:
-        with self.tracer.start_as_current_span(
-            "forward",
-            context=self._extract(scope["headers"]),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"]},
-        ) as span:
+        parent = self._extract(scope["headers"])
+        attributes = {"http.request.method": scope["method"]}
+        with self._started("forward", SpanKind.SERVER, attributes, parent) as span:
             try:
                 yield span
             finally:
                 self._report(span, facts)
+
+    @contextlib.contextmanager
+    def _started(
+        self, name: str, kind: SpanKind, attributes: Attributes | None, parent: Context | None = None
+    ) -> Iterator[Span]:
+        # Not the SDK's exception recording: a message may hold what a trace must not
+        # (a consent answer's signed link, a user id), so a failure is named by its type.
+        with self.tracer.start_as_current_span(
+            name, parent, kind, attributes, record_exception=False, set_status_on_exception=False
+        ) as span:
+            try:
+                yield span
+            except BaseException as exc:
+                code = exc.code if isinstance(exc, KeybearerError) else type(exc).__name__
+                span.set_attribute("error.type", code)
+                span.set_status(Status(StatusCode.ERROR))
+                raise
 
     def _report(self, span: Span, facts: Facts) -> None:
         if facts.server is not None:

@@ -271,3 +271,26 @@ def test_an_endpoint_without_the_sdk_stops_the_proxy_before_it_listens(
     assert "OTEL_EXPORTER_OTLP_ENDPOINT: set, but the OpenTelemetry SDK is not installed" in str(failed.value)
     assert "pip install 'keybearer[otel]'" in str(failed.value)
     assert "Traceback" not in str(failed.value)
+
+
+async def test_a_consent_answer_is_named_by_its_code_never_by_its_link(
+    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
+    stranger = "stranger-" + secrets.token_hex(4)
+    async with httpx.AsyncClient(timeout=10) as client:
+        answer = await client.post(
+            f"{proxy.url}/{stranger}/guarded/mcp", content=TOOLS_LIST, headers={"Content-Type": "application/json"}
+        )
+    (elicitation,) = answer.json()["error"]["data"]["elicitations"]  # the agent got its signed link
+    signature = elicitation["url"].rsplit("sig=", 1)[1]
+    deadline = time.monotonic() + 15
+    while not (credential := [s for s in peers.spans() if s.name == "credential"]):
+        assert time.monotonic() < deadline, "no credential span arrived"
+        await asyncio.sleep(0.05)
+    assert _attributes(credential[0])["error.type"] == "connection_required"
+    assert credential[0].status.code == credential[0].status.STATUS_CODE_ERROR
+    exported = b"".join(peers.exports)
+    assert stranger.encode() not in exported
+    assert signature.encode() not in exported
