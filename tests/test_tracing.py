@@ -281,7 +281,9 @@ async def test_a_consent_answer_is_named_by_its_code_never_by_its_link(
     stranger = "stranger-" + secrets.token_hex(4)
     async with httpx.AsyncClient(timeout=10) as client:
         answer = await client.post(
-            f"{proxy.url}/{stranger}/guarded/mcp", content=TOOLS_LIST, headers={"Content-Type": "application/json"}
+            f"{proxy.url}/{stranger}/guarded/mcp",
+            content=TOOLS_LIST,
+            headers={"Content-Type": "application/json"},
         )
     (elicitation,) = answer.json()["error"]["data"]["elicitations"]  # the agent got its signed link
     signature = elicitation["url"].rsplit("sig=", 1)[1]
