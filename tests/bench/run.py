@@ -9,7 +9,8 @@ only figures from the same run are compared, as ratios.
    directly, to nginx (1 worker, proxy_pass + a fixed Authorization header), to a bare
    aiohttp pass-through (the floor Python allows), to the same pass-through as a raw ASGI
    app on uvicorn (the floor of Keybearer's serving stack), and to Keybearer (auth none and
-   api_key on SQLite; oauth with a stored token on PostgreSQL + Redis).
+   api_key on SQLite; oauth with a stored token on PostgreSQL + Redis), and the api_key
+   sidecar again with every request traced to a local OTLP receiver (`--no-traced` skips it).
 2. Event streams: delay of stamped events from upstream to client, direct and through
    Keybearer; 5,000 idle GET streams through Keybearer: its RSS and CPU while idle.
 3. Refresh storm: 3 Keybearer replicas sharing PostgreSQL + Redis, one expired token,
