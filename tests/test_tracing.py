@@ -40,6 +40,7 @@ class Peers:
     origin: str = ""
     otlp: str = ""
     issued: list[str] = field(default_factory=list)  # every token handed out
+    valid: set[str] = field(default_factory=set)  # access tokens the MCP server takes
     upstream_headers: list[dict[str, str]] = field(default_factory=list)
     exports: list[bytes] = field(default_factory=list)
 
@@ -65,12 +66,11 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
 @pytest.fixture
 async def peers() -> AsyncIterator[Peers]:
     found = Peers()
-    valid: set[str] = set()
 
     async def mcp(request: web.Request) -> web.Response:
         await request.read()
         found.upstream_headers.append(dict(request.headers))
-        if request.headers.get("Authorization", "").removeprefix("Bearer ") in valid:
+        if request.headers.get("Authorization", "").removeprefix("Bearer ") in found.valid:
             return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {"tools": []}})
         challenge = f'Bearer resource_metadata="{found.origin}/.well-known/oauth-protected-resource/mcp"'
         return web.json_response(
@@ -94,7 +94,7 @@ async def peers() -> AsyncIterator[Peers]:
             return web.json_response({"error": "invalid_grant"}, status=400)
         access, refresh = "at-new-" + secrets.token_urlsafe(12), "rt-new-" + secrets.token_urlsafe(12)
         found.issued += [access, refresh]
-        valid.add(access)
+        found.valid.add(access)
         return web.json_response(
             {"access_token": access, "token_type": "Bearer", "expires_in": 3600, "refresh_token": refresh}
         )
@@ -128,13 +128,19 @@ async def _seed_expired(database: Path, salt: str, issuer: str) -> None:
     await store.open()
     try:
         await store.migrate()
-        sealed = seal(Keyring(salt), USER, "guarded", TokenSet(OLD_ACCESS, OLD_REFRESH))
-        await store.put_connection(Connection(
-            user=USER, server="guarded", sealed=sealed, issuer=issuer, client_id="tracer", scopes=(),
-            expires_at=time.time() - 60, obtained_at=time.time() - 3660, version=1,
-        ))  # fmt: skip
+        await _store(store, salt, issuer, OLD_ACCESS, time.time() - 60, version=1)
     finally:
         await store.close()
+
+
+async def _store(
+    store: SQLiteStore, salt: str, issuer: str, access: str, expires_at: float, version: int
+) -> None:
+    sealed = seal(Keyring(salt), USER, "guarded", TokenSet(access, OLD_REFRESH))
+    await store.put_connection(Connection(
+        user=USER, server="guarded", sealed=sealed, issuer=issuer, client_id="tracer", scopes=(),
+        expires_at=expires_at, obtained_at=time.time() - 3660, version=version,
+    ))  # fmt: skip
 
 
 async def _proxy(
@@ -296,3 +302,35 @@ async def test_a_consent_answer_is_named_by_its_code_never_by_its_link(
     exported = b"".join(peers.exports)
     assert stranger.encode() not in exported
     assert signature.encode() not in exported
+
+
+async def test_waiting_on_another_replicas_refresh_is_a_lock_wait_span(
+    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
+    # Another replica (this test) holds the refresh lock, then writes what it got.
+    store = SQLiteStore(str(tmp_path / "keybearer.db"))
+    await store.open()
+    try:
+        lock = store.connection_lock(USER, "guarded")
+        holder = await store.acquire_lock(lock, 30)
+        assert holder is not None
+        calling = asyncio.create_task(_call(proxy, {}))
+        await asyncio.sleep(0.6)  # the proxy looks at the store every 0.25 s meanwhile
+        assert not calling.done()
+        fresh = "at-other-replica-" + secrets.token_urlsafe(8)
+        peers.valid.add(fresh)
+        await _store(store, salt, peers.origin, fresh, time.time() + 3600, version=2)
+        await store.release_lock(lock, holder)
+        assert (await calling).status_code == 200
+    finally:
+        await store.close()
+    assert peers.issued == []  # the proxy made no token call of its own
+    deadline = time.monotonic() + 15
+    while not (refresh := [s for s in peers.spans() if s.name == "refresh"]):
+        assert time.monotonic() < deadline, "no refresh span arrived"
+        await asyncio.sleep(0.05)
+    waits = [s for s in peers.spans() if s.name == "refresh lock wait"]
+    assert waits and all(w.parent_span_id == refresh[0].span_id for w in waits)
+    assert sum(w.end_time_unix_nano - w.start_time_unix_nano for w in waits) >= 0.4e9
