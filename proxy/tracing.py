@@ -77,25 +77,28 @@ def shutdown() -> None:
     """Export what is still buffered (at most a few seconds)."""
 
 
-def enabled(environ: Mapping[str, str]) -> bool:
+def _endpoint_variable(environ: Mapping[str, str]) -> str | None:
+    """The variable that asks for traces, unless they are switched off the standard way."""
     if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return False
+        return None
     if environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower() == "none":
-        return False
-    return bool(
-        environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-    )
+        return None
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        if environ.get(name):
+            return name
+    return None
 
 
 def configure(environ: Mapping[str, str], *, trace_user_ids: bool) -> bool:
     """Turn traces on when the environment asks for them; True if it did."""
-    if not enabled(environ):
+    variable = _endpoint_variable(environ)
+    if variable is None:
         return False
     try:
         from proxy import otel
     except ImportError:
         raise ConfigError(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            variable,
             "set, but the OpenTelemetry SDK is not installed: pip install 'keybearer[otel]', "
             "or unset it to run without traces",
         ) from None
@@ -105,7 +108,7 @@ def configure(environ: Mapping[str, str], *, trace_user_ids: bool) -> bool:
 
 
 def reset() -> None:
-    """Back to the no-ops (after shutdown, and between in-process tests)."""
+    """Back to the no-ops, after shutdown."""
     _bind(*_NO_OPS)
 
 
