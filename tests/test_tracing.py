@@ -6,12 +6,14 @@ proxy's span as parent, and with tracing off nothing sent and nothing added."""
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -30,6 +32,7 @@ OLD_ACCESS = "at-old-" + secrets.token_urlsafe(12)
 OLD_REFRESH = "rt-old-" + secrets.token_urlsafe(12)
 AGENT_TRACE = secrets.token_hex(16)
 AGENT_SPAN = secrets.token_hex(8)
+CODE = "code-" + secrets.token_urlsafe(12)
 TOOLS_LIST = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
 
 
@@ -90,7 +93,9 @@ async def peers() -> AsyncIterator[Peers]:
 
     async def token(request: web.Request) -> web.Response:
         form = await request.post()
-        if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != OLD_REFRESH:
+        refreshes = form.get("grant_type") == "refresh_token" and form.get("refresh_token") == OLD_REFRESH
+        exchanges = form.get("grant_type") == "authorization_code" and form.get("code") == CODE
+        if not (refreshes or exchanges):
             return web.json_response({"error": "invalid_grant"}, status=400)
         access, refresh = "at-new-" + secrets.token_urlsafe(12), "rt-new-" + secrets.token_urlsafe(12)
         found.issued += [access, refresh]
@@ -334,3 +339,41 @@ async def test_waiting_on_another_replicas_refresh_is_a_lock_wait_span(
     waits = [s for s in peers.spans() if s.name == "refresh lock wait"]
     assert waits and all(w.parent_span_id == refresh[0].span_id for w in waits)
     assert sum(w.end_time_unix_nano - w.start_time_unix_nano for w in waits) >= 0.4e9
+
+
+async def test_the_connect_flow_traces_its_oauth_calls(
+    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
+    person = "person-" + secrets.token_hex(4)
+    async with httpx.AsyncClient(base_url=proxy.url, timeout=10) as browser:
+        consent = await browser.post(
+            f"/{person}/guarded/mcp", content=TOOLS_LIST, headers={"Content-Type": "application/json"}
+        )
+        link = consent.json()["error"]["data"]["elicitations"][0]["url"]
+        page = await browser.get(link)
+        match = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert match is not None, page.text
+        begun = await browser.post(link, data={"csrf": match.group(1)})
+        assert begun.status_code == 303, begun.text
+        state = parse_qs(urlsplit(begun.headers["location"]).query)["state"][0]
+        finished = await browser.get("/oauth/callback", params={"code": CODE, "state": state})
+        assert finished.status_code == 200, finished.text
+    deadline = time.monotonic() + 15
+    while not {"connect begin", "connect finish"} <= {s.name for s in peers.spans()}:
+        assert time.monotonic() < deadline, "the connect spans never arrived"
+        await asyncio.sleep(0.05)
+    spans = peers.spans()
+    (begin,) = [s for s in spans if s.name == "connect begin"]
+    (finish,) = [s for s in spans if s.name == "connect finish"]
+    fetches = [s for s in spans if s.name == "oauth fetch"]
+    under_begin = {_attributes(s)["url.full"] for s in fetches if s.parent_span_id == begin.span_id}
+    assert f"{peers.origin}/.well-known/oauth-authorization-server" in under_begin
+    under_finish = {_attributes(s)["url.full"]: s for s in fetches if s.parent_span_id == finish.span_id}
+    exchange = under_finish[f"{peers.origin}/token"]
+    assert _attributes(exchange)["http.response.status_code"] == 200
+    assert _attributes(finish) == {"keybearer.server": "guarded"}
+    exported = b"".join(peers.exports)
+    for secret in (CODE, person, *peers.issued):
+        assert secret.encode() not in exported
