@@ -34,7 +34,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from proxy import admin, console, egress, errors, login, logs, metrics, routing
+from proxy import admin, console, egress, errors, login, logs, metrics, routing, tracing
 from proxy.connect import routes as connect_routes
 from proxy.connect.assertion import AssertionTokens, IdentityAssertions
 from proxy.connect.clients import OAuthClients
@@ -167,6 +167,8 @@ class Keybearer:
         self.settings = settings
         self.parts = compose(settings)
         parts = self.parts
+        # Here, so that a missing SDK stops `serve` before it listens, like any bad setting.
+        self.traced = tracing.configure(os.environ, trace_user_ids=settings.trace_user_ids)
         self.forwarder = Forwarder(
             settings, parts.registry, parts.inbound, parts.sources, parts.web_origin, parts.egress
         )
@@ -206,6 +208,8 @@ class Keybearer:
         parts = self.parts
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(logs.flush)
+            if self.traced:
+                stack.push_async_callback(_stop_tracing)
             await stack.enter_async_context(parts.opened())
             await parts.feed.start()
             stack.push_async_callback(parts.feed.stop)
@@ -305,6 +309,12 @@ def from_environment() -> Keybearer:
     settings = load_settings()
     logs.configure(settings.log_level, flush_interval=logs.SERVER_FLUSH_INTERVAL)
     return Keybearer(settings)
+
+
+async def _stop_tracing() -> None:
+    # Exporting what is buffered is a blocking HTTP call, off the event loop.
+    await asyncio.to_thread(tracing.shutdown)
+    tracing.reset()
 
 
 def _first_segment(path: str) -> str:

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 from starlette.types import Message, Receive, Scope, Send
 
-from proxy import errors, legacy_sse, logs, metrics, routing, upstream
+from proxy import errors, legacy_sse, logs, metrics, routing, tracing, upstream
 from proxy.credentials import Credential, CredentialSource, Refusal
 from proxy.egress import Egress
 from proxy.errors import Answer, KeybearerError, TooLarge
@@ -111,7 +111,8 @@ class Forwarder:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         facts = RequestFacts(scope, _request_id(scope))
         try:
-            await self._handle(facts, receive, send)
+            with tracing.request(scope, facts):
+                await self._handle(facts, receive, send)
         finally:
             label = facts.server if facts.server in self.registry.servers else "-"
             metrics.request_counter(label, facts.status).inc()
@@ -149,7 +150,10 @@ class Forwarder:
             announced = self.announced.get(server) if route.subpath else frozenset()
             url = routing.upstream_url(server, route.subpath, scope["query_string"], announced)
             source = self.sources[server.credential_kind]
-            credential = await source.credential(server, route.user)
+            with tracing.span(
+                "credential", {"keybearer.server": server.id, "keybearer.auth": server.credential_kind}
+            ):
+                credential = await source.credential(server, route.user)
             await self._forward(facts, server, source, route, url, credential, body, receive, send)
         except ClientGone:
             facts.outcome = "client_disconnected"
@@ -176,9 +180,12 @@ class Forwarder:
             for attempt in (1, 2):
                 headers = request_headers(facts.scope, credential)
                 started = time.perf_counter()
-                response = await self.pool.request(
-                    facts.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
-                )
+                with tracing.span("upstream", {"keybearer.server": server.id}, client=True) as span:
+                    tracing.inject(headers)
+                    response = await self.pool.request(
+                        facts.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+                    )
+                    span.set_attribute("http.response.status_code", response.status)
                 metrics.upstream_latency(server.id).observe(time.perf_counter() - started)
                 if response.status in (401, 403):
                     refusal = Refusal(

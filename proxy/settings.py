@@ -345,6 +345,8 @@ class Settings:
     # a non-stream body. An open event stream has no read timeout.
     upstream_timeout: float = setting(60.0, "float")
     log_level: str = setting("info", "level")
+    # Traces name the user (enduser.id) only when the operator allows it (docs/operations.md "Traces").
+    trace_user_ids: bool = setting(False, "bool")
     # Shared deployments.
     migrate_on_start: bool = setting(False, "bool")
     postgres_pool_size: int = setting(10, "int")

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 
 import structlog
 
+from proxy import tracing
 from proxy.connect.clients import OAuthClients
 from proxy.connect.lifecycle import TokenLifecycle, new_connection, unseal
 from proxy.crypto import DecryptError, Keyring
@@ -84,8 +85,9 @@ class ConnectFlow:
     ) -> str:
         """Prepare an authorization; return the URL to send the browser to."""
         try:
-            found = await self.clients.discovery(server)
-            registration = await self.clients.client_for(server, found.auth_server)
+            with tracing.span("connect begin", {"keybearer.server": server.id}):
+                found = await self.clients.discovery(server)
+                registration = await self.clients.client_for(server, found.auth_server)
         except (DiscoveryError, UnsafeURL, FetchError, OAuthError, AuthServerUnavailable) as exc:
             log.warning("cannot start authorization", server=server.id, reason=str(exc))
             raise FlowError(
@@ -155,17 +157,18 @@ class ConnectFlow:
             )
         registration: ClientRegistration | None = None
         try:
-            found = await self.clients.discovery(server)
-            if found.auth_server.issuer != pending.issuer:
-                raise OAuthError("invalid_response", "the authorization server changed during sign-in")
-            oauth_client.check_callback_issuer(found.auth_server, iss)
-            registration = await self.clients.client_for(server, found.auth_server)
-            if registration.client_id != pending.client_id:
-                raise OAuthError("invalid_client", "the client changed during sign-in")
-            issued = await oauth_client.exchange_code(
-                self.clients.fetcher, found.auth_server, registration, code, pending.redirect_uri, pending.verifier,
-                pending.resource,
-            )  # fmt: skip
+            with tracing.span("connect finish", {"keybearer.server": server.id}):
+                found = await self.clients.discovery(server)
+                if found.auth_server.issuer != pending.issuer:
+                    raise OAuthError("invalid_response", "the authorization server changed during sign-in")
+                oauth_client.check_callback_issuer(found.auth_server, iss)
+                registration = await self.clients.client_for(server, found.auth_server)
+                if registration.client_id != pending.client_id:
+                    raise OAuthError("invalid_client", "the client changed during sign-in")
+                issued = await oauth_client.exchange_code(
+                    self.clients.fetcher, found.auth_server, registration, code, pending.redirect_uri, pending.verifier,
+                    pending.resource,
+                )  # fmt: skip
         except OAuthError as exc:
             if exc.error == "invalid_client" and registration is not None and registration.source == "dcr":
                 # The next attempt registers afresh.

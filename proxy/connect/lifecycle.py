@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import structlog
 
-from proxy import metrics
+from proxy import metrics, tracing
 from proxy.crypto import DecryptError, Keyring
 from proxy.errors import KeybearerError, Unavailable
 from proxy.events import ChangeFeed
@@ -330,7 +330,8 @@ class TokenLifecycle:
         future: asyncio.Future[tuple[Connection, TokenSet]] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            result = await self._refresh_across_replicas(server, seen)
+            with tracing.span("refresh", {"keybearer.server": server.id}):
+                result = await self._refresh_across_replicas(server, seen)
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -356,7 +357,7 @@ class TokenLifecycle:
                 # Another replica is refreshing: wait for its write (announced by an
                 # event, or found by looking again), then use it.
                 waiting = self._waiting[key] = asyncio.Event()
-                with contextlib.suppress(TimeoutError):
+                with tracing.span("refresh lock wait"), contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(WAIT_POLL + secrets.randbelow(50) / 1000):
                         await waiting.wait()
                 current = await self._load(server, seen.user)

@@ -44,6 +44,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from proxy import tracing
 from proxy.egress import Egress
 from proxy.errors import UpstreamFailed
 
@@ -328,6 +329,18 @@ class Fetcher:
         return status, _json_object(body)
 
     async def _request(
+        self, method: str, url: str, **options: Any
+    ) -> tuple[int, CIMultiDictProxy[str], bytes]:
+        self.check_url(url)
+        # The address without its query: a query may carry what is not the trace's to keep.
+        shown = URL(url).with_user(None).with_query(None).with_fragment(None)
+        attributes = {"http.request.method": method, "url.full": str(shown)}
+        with tracing.span("oauth fetch", attributes, client=True) as span:
+            answer = await self._exchange(method, url, **options)
+            span.set_attribute("http.response.status_code", answer[0])
+            return answer
+
+    async def _exchange(
         self,
         method: str,
         url: str,
@@ -337,7 +350,6 @@ class Fetcher:
         read_body: bool = True,
         redirects_ok: bool = False,
     ) -> tuple[int, CIMultiDictProxy[str], bytes]:
-        self.check_url(url)
         if self._session is None:
             raise RuntimeError("Fetcher.start() was not called")
         target = URL(url)

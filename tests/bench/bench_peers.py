@@ -13,6 +13,7 @@
                401 + resource_metadata for requests without a token it issued, RFC 9728 and
                RFC 8414 metadata, a token endpoint that counts refreshes and rotates refresh
                tokens (a second use of one is `invalid_grant` and counted as reuse), /stats
+    otlp       an OTLP/HTTP trace receiver: POST /v1/traces accepted and counted, GET /stats
     sse        client: opens N event streams, prints the delay of every stamped event (JSON)
     idle       client: opens N event streams, prints when they are open, holds them until its
                standard input closes
@@ -282,6 +283,31 @@ def run_oauth_peer(port: int, token_delay: float, expires_in: int = 3600) -> Non
     web.run_app(app, host=HOST, port=port, access_log=None, print=None, backlog=2048)
 
 
+# --------------------------------------------------------------------------- OTLP receiver
+
+
+def run_otlp_receiver(port: int) -> None:
+    """Where the traced proxy exports its spans: each batch is accepted and counted, not decoded."""
+    import uvloop
+    from aiohttp import web
+
+    stats: Counter[str] = Counter()
+
+    async def traces(request: web.Request) -> web.Response:
+        stats["exports"] += 1
+        stats["bytes"] += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def get_stats(_: web.Request) -> web.Response:
+        return web.json_response(dict(stats))
+
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app.router.add_post("/v1/traces", traces)
+    app.router.add_get("/stats", get_stats)
+    uvloop.install()
+    web.run_app(app, host=HOST, port=port, access_log=None, print=None)
+
+
 # --------------------------------------------------------------------------- clients
 
 
@@ -442,6 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--token-delay-ms", type=float, default=50)
     p.add_argument("--expires-in", type=int, default=3600, help="lifetime of the access tokens it issues")
+    p = sub.add_parser("otlp")
+    p.add_argument("--port", type=int, required=True)
     p = sub.add_parser("sse")
     p.add_argument("--url", required=True)
     p.add_argument("--streams", type=int, default=10)
@@ -468,6 +496,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(asgi_floor_app(args.upstream), args.port)
     elif args.role == "oauth":
         run_oauth_peer(args.port, args.token_delay_ms / 1000, args.expires_in)
+    elif args.role == "otlp":
+        run_otlp_receiver(args.port)
     else:
         import uvloop
 

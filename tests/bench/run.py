@@ -9,7 +9,8 @@ only figures from the same run are compared, as ratios.
    directly, to nginx (1 worker, proxy_pass + a fixed Authorization header), to a bare
    aiohttp pass-through (the floor Python allows), to the same pass-through as a raw ASGI
    app on uvicorn (the floor of Keybearer's serving stack), and to Keybearer (auth none and
-   api_key on SQLite; oauth with a stored token on PostgreSQL + Redis).
+   api_key on SQLite; oauth with a stored token on PostgreSQL + Redis), and the api_key
+   sidecar again with every request traced to a local OTLP receiver (`--no-traced` skips it).
 2. Event streams: delay of stamped events from upstream to client, direct and through
    Keybearer; 5,000 idle GET streams through Keybearer: its RSS and CPU while idle.
 3. Refresh storm: 3 Keybearer replicas sharing PostgreSQL + Redis, one expired token,
@@ -73,6 +74,7 @@ TARGET_OAUTH_RATIO = 0.85
 TARGET_ADDED_P50_MS = 0.6
 TARGET_IDLE_RSS_MB = 400
 TARGET_SSE_P99_MS = 5.0
+TRACED = "keybearer api_key, traced"
 
 
 # --------------------------------------------------------------------------- processes
@@ -647,6 +649,9 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
             url = f"http://{HOST}:{port}/alice/oauth"
             wait_until(lambda url=url: forwards_ok(url), kb, shared_name)
             targets[f"keybearer oauth{suffix}"] = (url, kb.pid)
+    otlp_stats = ""
+    if not args.no_traced:
+        otlp_stats, targets[TRACED] = start_traced(s)
 
     loads: dict[tuple[str, int], list[Load]] = {}
     for round_no in range(1, args.rounds + 1):
@@ -663,6 +668,8 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
     result = {key: median_load(value) for key, value in loads.items()}
     for url, _ in targets.values():
         forwards_ok(url)  # still forwarding correctly after the load
+    if otlp_stats:
+        s.say(f"  [1] OTLP receiver: {json.loads(get(otlp_stats))}")
 
     for level in args.connections:
         floor = result.get(("aiohttp floor", level))
@@ -683,6 +690,10 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
             )
             if load.errors:
                 row.detail = f"{load.errors} errors"
+            untraced = result.get(("keybearer api_key", level))
+            if name == TRACED and untraced and load.us_per_request and untraced.us_per_request:
+                added = load.us_per_request - untraced.us_per_request
+                row.detail = f"tracing adds {added:+.0f} us CPU/req; {row.detail}".rstrip("; ")
             base = name.split(" [")[0]
             if base in ("keybearer api_key", "keybearer oauth") and level == 16 and floor:
                 want = TARGET_API_KEY_RATIO if base.endswith("api_key") else TARGET_OAUTH_RATIO
@@ -694,6 +705,20 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
                 row.result = verdict(added <= TARGET_ADDED_P50_MS and not load.errors, f"+{added:.2f}")
             s.rows.append(row)
     return result
+
+
+def start_traced(s: Setup) -> tuple[str, tuple[str, int | None]]:
+    """The api_key sidecar with every request traced (sampled at 1.0) to a local OTLP
+    receiver: its us/req beside the untraced row's is what tracing costs."""
+    port = free_port()
+    receiver = s.procs.start("otlp", [sys.executable, PEERS, "otlp", "--port", str(port)], LOAD_CPU)
+    stats = f"http://{HOST}:{port}/stats"
+    wait_until(lambda: get(stats) is not None, receiver, "OTLP receiver")
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{HOST}:{port}", "OTEL_TRACES_SAMPLER": "always_on"}
+    kb, kb_port = s.start_keybearer("kb-traced", s.sidecar_config("kb-traced"), PROXY_CPU, env=env)
+    url = f"http://{HOST}:{kb_port}/alice/keyed"
+    wait_until(lambda: forwards_ok(url), kb, "kb-traced")
+    return stats, (url, kb.pid)
 
 
 def shared_servers(s: Setup, peer_port: int | None = None) -> dict[str, Any]:
@@ -1170,6 +1195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-w", "--warmup", type=int, help="warm-up seconds per cell (default 1)")
     parser.add_argument("-r", "--rounds", type=int, default=1, help="rounds of section 1 (median)")
     parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--no-traced", action="store_true", help="skip the traced api_key row")
     parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI (uvicorn) floor")
     parser.add_argument("--no-shared", action="store_true", help="skip PostgreSQL/Redis (OAuth, storm)")
     parser.add_argument("--sse-streams", type=int, default=10)
