@@ -100,13 +100,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import json
 import secrets
-import shutil
 import subprocess
-import tempfile
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -115,11 +112,10 @@ from typing import Any
 from urllib.parse import urlencode
 
 import httpx
-from peers import process
+from peers import npm, process
 
 OAUTH_DIR = Path(__file__).resolve().parent
 SERVER_SCRIPT = OAUTH_DIR / "server.mjs"
-STAMP = OAUTH_DIR / "node_modules" / ".keybearer-installed"
 
 STATIC_CONFIDENTIAL = {"client_id": "static-confidential", "client_secret": "static-confidential-secret"}
 STATIC_PUBLIC = {"client_id": "static-public"}
@@ -128,43 +124,9 @@ STATIC_PUBLIC = {"client_id": "static-public"}
 # --------------------------------------------------------------------------- install
 
 
-def _lock_digest() -> str:
-    data = (OAUTH_DIR / "package-lock.json").read_bytes() + (OAUTH_DIR / "package.json").read_bytes()
-    return hashlib.sha256(data).hexdigest()
-
-
 def ensure_installed() -> None:
-    """``npm ci`` in tests/peers/oauth unless node_modules already matches the lock file.
-
-    Idempotent (a stamp in node_modules records the lock file it was installed from) and safe
-    against concurrent callers (a file lock). Raises RuntimeError with a hint when node/npm are
-    missing or too old (``tests/system-deps.sh`` installs them) or when npm fails.
-    """
-    digest = _lock_digest()
-    if STAMP.exists() and STAMP.read_text() == digest:
-        return
-    npm, node = shutil.which("npm"), shutil.which("node")
-    if npm is None or node is None:
-        raise RuntimeError("node and npm are needed for the OAuth test peer: run tests/system-deps.sh")
-    version = subprocess.run([node, "--version"], capture_output=True, text=True).stdout.strip()
-    if int(version.lstrip("v").split(".")[0] or 0) < 20:
-        raise RuntimeError(f"oidc-provider 9 needs Node.js 20 or newer (22 recommended), found {version}")
-    # In the temp dir: `npm ci` deletes node_modules, and a lock file must outlive it.
-    lock_path = (
-        Path(tempfile.gettempdir())
-        / f"keybearer-npm-{hashlib.sha256(bytes(OAUTH_DIR)).hexdigest()[:12]}.lock"
-    )
-    with lock_path.open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if STAMP.exists() and STAMP.read_text() == digest:
-            return  # installed by another process meanwhile
-        result = subprocess.run(
-            [npm, "ci", "--prefix", str(OAUTH_DIR), "--no-audit", "--no-fund", "--loglevel=error"],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise RuntimeError(f"npm ci failed in {OAUTH_DIR}:\n{result.stdout}\n{result.stderr}")
-        STAMP.write_text(digest)
+    """``npm ci`` here unless node_modules already matches the lock file (peers/npm.py)."""
+    npm.ensure_installed(OAUTH_DIR)
 
 
 # --------------------------------------------------------------------------- process
