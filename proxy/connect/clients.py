@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
+from proxy.bounded import BoundedMap
 from proxy.crypto import DecryptError
 from proxy.errors import Unavailable
 from proxy.events import ChangeFeed
@@ -55,6 +56,8 @@ REGISTRATION_WAIT = 15.0
 RENEW_BEFORE_EXPIRY = 900.0
 # The secrets every replica keeps in memory: what a refresh needs from the database.
 CLIENT_KINDS = (SecretKind.STATIC_CLIENT, SecretKind.CLIENT_REGISTRATION)
+# Servers whose discovered metadata is kept in memory; past that it is read from the token store.
+MAX_DISCOVERIES = 4096
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -104,7 +107,7 @@ class OAuthClients:
         # operator hosts the document elsewhere.
         self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
-        self._discoveries: dict[str, tuple[float, str, Discovery]] = {}
+        self._discoveries: BoundedMap[str, tuple[float, str, Discovery]] = BoundedMap(MAX_DISCOVERIES)
         # kind -> name -> value: every static client and registration (see load)
         self._known: dict[SecretKind, dict[str, str]] | None = None
 
