@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import resource
@@ -1034,6 +1035,243 @@ def section_workers(s: Setup) -> None:
         s.procs.stop(proc)
 
 
+# --------------------------------------------------------------------------- 5. many users
+
+TARGET_MANY_USERS_RATIO = 0.90
+
+# WRK_LUA's request, sent for a different user each time, round-robin.
+ROTATE_LUA = """
+local users, server, n = {users}, "{server}", 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/u" .. (n % users) .. "/" .. server)
+end
+"""
+
+
+def start_private_redis(s: Setup, name: str) -> tuple[Proc, str]:
+    """A Redis of the run's own, so that its command counts are this proxy's alone."""
+    import redis
+
+    port = free_port()
+    proc = s.procs.start(
+        name,
+        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
+        LOAD_CPU,
+    )
+    url = f"redis://{HOST}:{port}/0"
+
+    def up() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.RedisError:
+            return False
+
+    wait_until(up, proc, name)
+    return proc, url
+
+
+def redis_calls(url: str) -> int:
+    """Commands Redis has run (INFO commandstats), not counting INFO itself."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+def seed_users(redis_url: str, prefix: str, salt: str, pairs: list[tuple[str, str]]) -> None:
+    """Connected users written the way RedisTokenStore.put_connection writes them,
+    a thousand to a pipeline (one round trip each, rather than three per user)."""
+
+    async def go() -> None:
+        from proxy.connect.lifecycle import TokenSet, seal
+        from proxy.crypto import Keyring
+        from proxy.stores import Connection
+        from proxy.stores.redis import RedisTokenStore, _encode
+
+        store = RedisTokenStore.from_url(redis_url, prefix=prefix)
+        keyring = Keyring(salt)
+        expires = time.time() + 10 * 365 * 86400
+        try:
+            for start in range(0, len(pairs), 1000):
+                pipe = store.client.pipeline(transaction=False)
+                for user, server in pairs[start : start + 1000]:
+                    sealed = seal(keyring, user, server, TokenSet(f"at-{user}", f"rt-{user}"))
+                    conn = Connection(
+                        user=user, server=server, sealed=sealed, issuer="http://127.0.0.1:9",
+                        client_id="bench", scopes=("mcp",), expires_at=expires, obtained_at=time.time(),
+                        version=1,
+                    )  # fmt: skip
+                    fields = _encode(conn)
+                    pipe.sadd(store._server_users(server), user)
+                    pipe.sadd(store._user_servers(user), server)
+                    pipe.hset(
+                        store._tokens(user, server), mapping=dict(zip(fields[::2], fields[1::2], strict=True))
+                    )
+                await pipe.execute()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def section_users(s: Setup) -> None:
+    """The OAuth path for one user and for many, round-robin, on one proxy: the many
+    rarely repeat within a second, so they show what the token memory holds."""
+    assert s.shared is not None
+    args = s.args
+    users = [f"u{i}" for i in range(args.users)]
+    redis_proc, redis_url = start_private_redis(s, "redis-users")
+    prefix = f"kbusers-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    seed_users(redis_url, prefix, s.salt, [(user, "oauth") for user in users])
+    s.say(f"  [5] {len(users):,} users seeded in {time.monotonic() - started:.1f} s")
+    config = {**s.shared.config(shared_servers(s)), "redis_url": redis_url, "redis_prefix": prefix}
+    kb, port = s.start_keybearer("kb-users", config, PROXY_CPU)
+    one_url = f"http://{HOST}:{port}/u0/oauth"
+    wait_until(lambda: forwards_ok(one_url), kb, "kb-users")
+    rotate = s.workdir / "rotate.lua"
+    rotate.write_text(WRK_LUA + ROTATE_LUA.format(users=len(users), server="oauth"))
+    for level in args.users_connections:
+        measured: dict[str, tuple[Load, float]] = {}
+        for label, lua in (("one", s.lua), ("many", rotate)):
+            warmup = args.warmup
+            if label == "many":  # long enough to reach every user once: the steady state
+                warmup += 2 * math.ceil(len(users) / max(measured["one"][0].rps, 100.0))
+            run_wrk(one_url, level, warmup, lua, kb.pid, s.workdir)
+            calls = redis_calls(redis_url)
+            load = run_wrk(one_url, level, args.duration, lua, kb.pid, s.workdir)
+            trips = (redis_calls(redis_url) - calls - 1) / max(load.requests, 1)
+            measured[label] = (load, trips)
+            s.say(f"  [5] {label} c={level}: {load.rps:,.0f} req/s, {trips:.3f} Redis commands/req")
+        one = measured["one"][0]
+        for label, (load, trips) in measured.items():
+            row = Row(
+                "5",
+                "oauth, 1 user" if label == "one" else f"oauth, {len(users):,} users round-robin",
+                str(level),
+                f"{load.rps:,.0f}",
+                ms(load.p50_ms),
+                ms(load.p99_ms),
+                f"{load.rps / one.rps:.2f}" if one.rps else "-",
+                pct(load.proxy_cpu),
+                pct(load.load_cpu),
+                f"{load.us_per_request:.0f}" if load.us_per_request else "-",
+                detail=f"{trips:.3f} Redis commands/request; proxy RSS {rss_mb(tree(kb.pid)):.0f} MB",
+            )
+            if load.errors:
+                row.detail += f"; {load.errors} errors"
+            if label == "many":
+                row.target = f">= {TARGET_MANY_USERS_RATIO:.2f}x 1 user"
+                ok = load.rps >= TARGET_MANY_USERS_RATIO * one.rps and not load.errors
+                row.result = verdict(ok, f"{load.rps / one.rps:.2f}x" if one.rps else "")
+            s.rows.append(row)
+    s.procs.stop(kb)
+    s.procs.stop(redis_proc)
+
+
+# --------------------------------------------------------------------------- 6. many servers
+
+TARGET_SERVERS_RATIO = 1.10
+
+
+def store_servers(database_url: str, servers: list[Any]) -> None:
+    async def go() -> None:
+        from proxy.stores.postgres import PostgresStore
+
+        store = PostgresStore(database_url)
+        await store.open()
+        try:
+            await store.migrate()
+            for server in servers:
+                await store.put_server(server)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def section_servers(s: Setup) -> None:
+    """The same requests with section 1's 5 servers, and with 1,000 servers (half in the config file,
+    half in the store) and 100,000 stored connections."""
+    assert s.shared is not None
+    from proxy.settings import ServerConfig
+
+    args = s.args
+    up = s.upstream_base
+    half = args.servers // 2
+    users = max(1, args.connections_stored // (args.servers - half))
+    redis_proc, redis_url = start_private_redis(s, "redis-servers")
+    big = SharedStores(s.shared.admin_url, redis_url)
+    try:
+        big.create()
+        stored = [ServerConfig(id=f"s{i}", url=f"{up}/mcp", auth="oauth", client_id="bench", source="store")
+                  for i in range(args.servers - half)]  # fmt: skip
+        started = time.monotonic()
+        store_servers(big.database_url, stored)
+        pairs = [(f"u{u}", server.id) for server in stored for u in range(users)]
+        seed_users(redis_url, big.prefix, s.salt, pairs)
+        s.say(f"  [6] {len(stored)} servers and {len(pairs):,} connections stored in "
+              f"{time.monotonic() - started:.1f} s")  # fmt: skip
+        small_servers = {**s.sidecar_config("x")["servers"], **shared_servers(s)}
+        in_file = {f"f{i}": {"url": f"{up}/mcp", "auth": "api_key", "api_key_env": "BENCH_KEY"}
+                   for i in range(half - len(small_servers))}  # fmt: skip
+        setups = {
+            f"{len(small_servers)} servers": (s.shared.config(small_servers), "alice"),
+            f"{args.servers:,} servers, {len(pairs) // 1000}k conns": (
+                big.config({**small_servers, **in_file}),
+                "u0",
+            ),
+        }
+        started_procs = {}
+        for label, (config, _) in setups.items():
+            name = "kb-servers-" + label.split()[0].replace(",", "")
+            began = time.monotonic()
+            proc, port = s.start_keybearer(name, config, PROXY_CPU)
+            took = time.monotonic() - began
+            started_procs[label] = (proc, port, took, rss_mb(tree(proc.pid)))
+        seed_users(redis_url, big.prefix, s.salt, [("u0", "oauth")])
+        loads: dict[tuple[str, str], Load] = {}
+        for path, server in (("api_key", "keyed"), ("oauth", "oauth")):
+            for label, (proc, port, _, _) in started_procs.items():
+                url = f"http://{HOST}:{port}/{setups[label][1]}/{server}"
+                wait_until(lambda url=url: forwards_ok(url), proc, label)
+                run_wrk(url, 16, args.warmup, s.lua, proc.pid, s.workdir)
+                loads[(label, path)] = run_wrk(url, 16, args.duration, s.lua, proc.pid, s.workdir)
+        small, large = setups
+        for label, (proc, _, took, rss) in started_procs.items():
+            rss_after = rss_mb(tree(proc.pid))
+            for path in ("api_key", "oauth"):
+                load = loads[(label, path)]
+                base = loads[(small, path)]
+                row = Row("6", f"{path}, {label}", "16", f"{load.rps:,.0f}", ms(load.p50_ms), ms(load.p99_ms),
+                          f"{load.rps / base.rps:.2f}" if base.rps else "-", pct(load.proxy_cpu),
+                          pct(load.load_cpu),
+                          f"{load.us_per_request:.0f}" if load.us_per_request else "-")  # fmt: skip
+                if label == large and load.us_per_request and base.us_per_request:
+                    ratio = load.us_per_request / base.us_per_request
+                    row.target = f"us/req <= {TARGET_SERVERS_RATIO:.2f}x"
+                    row.result = verdict(ratio <= TARGET_SERVERS_RATIO and not load.errors, f"{ratio:.2f}x")
+                s.rows.append(row)
+            row = Row("6", f"start-up, {label}", detail=f"ready in {took:.2f} s; RSS {rss:.0f} MB at start, "
+                      f"{rss_after:.0f} MB after the load")  # fmt: skip
+            if label == large:
+                _, _, small_took, small_rss = started_procs[small]
+                row.target = f"<= {TARGET_SERVERS_RATIO:.2f}x {small}"
+                ok = took <= TARGET_SERVERS_RATIO * small_took and rss <= TARGET_SERVERS_RATIO * small_rss
+                row.result = verdict(ok, f"{took / small_took:.2f}x time, {rss / small_rss:.2f}x RSS")
+            s.rows.append(row)
+        for proc, _, _, _ in started_procs.values():
+            s.procs.stop(proc)
+    finally:
+        big.drop()
+        s.procs.stop(redis_proc)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1131,6 +1369,12 @@ def benchmark(args: argparse.Namespace) -> int:
             if "4" in args.sections:
                 s.say("[4] workers")
                 section_workers(s)
+            if "5" in args.sections and s.shared is not None:
+                s.say("[5] many users")
+                section_users(s)
+            if "6" in args.sections and s.shared is not None:
+                s.say("[6] many servers")
+                section_servers(s)
         finally:
             s.procs.stop_all()
             if s.shared is not None:
@@ -1169,7 +1413,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-d", "--duration", type=int, help="seconds per wrk cell (default 5, quick 2)")
     parser.add_argument("-w", "--warmup", type=int, help="warm-up seconds per cell (default 1)")
     parser.add_argument("-r", "--rounds", type=int, default=1, help="rounds of section 1 (median)")
-    parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--sections", default="123456", help="which sections to run, e.g. 12")
     parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI (uvicorn) floor")
     parser.add_argument("--no-shared", action="store_true", help="skip PostgreSQL/Redis (OAuth, storm)")
     parser.add_argument("--sse-streams", type=int, default=10)
@@ -1181,6 +1425,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--storm", type=int, default=500, help="concurrent requests in the refresh storm")
     parser.add_argument("--token-delay-ms", type=float, default=50, help="the token endpoint's own delay")
     parser.add_argument("--worker-connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--users", type=int, default=10_000, help="distinct users in section 5")
+    parser.add_argument("--users-connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--servers", type=int, default=1000, help="servers in section 6")
+    parser.add_argument("--connections-stored", type=int, default=100_000, help="connections in section 6")
     parser.add_argument(
         "--compare",
         type=parse_compare,
