@@ -16,6 +16,7 @@ while the database is down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -108,6 +109,9 @@ class OAuthClients:
         self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
         self._discoveries: BoundedMap[str, tuple[float, str, Discovery]] = BoundedMap(MAX_DISCOVERIES)
+        # One discovery at a time per server and url: a refresh storm of many users
+        # would otherwise probe the server and fetch its metadata once per user.
+        self._discovering: dict[tuple[str, str], asyncio.Task[Discovery]] = {}
         # kind -> name -> value: every static client and registration (see load)
         self._known: dict[SecretKind, dict[str, str]] | None = None
 
@@ -129,6 +133,22 @@ class OAuthClients:
         cached = self._discoveries.get(server.id)
         if cached and cached[0] > now and cached[1] == server.url and not fresh:
             return cached[2]
+        key = (server.id, server.url)
+        running = self._discovering.get(key)
+        if running is None or fresh:
+            # A task, so that a caller that gives up does not end it for the others.
+            running = asyncio.ensure_future(self._discover(server, fresh, now))
+            self._discovering[key] = running
+            running.add_done_callback(functools.partial(self._discovered, key))
+        return await asyncio.shield(running)
+
+    def _discovered(self, key: tuple[str, str], task: asyncio.Task[Discovery]) -> None:
+        if self._discovering.get(key) is task:
+            del self._discovering[key]
+        if not task.cancelled():
+            task.exception()  # its callers have it; retrieved here when all of them gave up
+
+    async def _discover(self, server: ServerConfig, fresh: bool, now: float) -> Discovery:
         key = discovery_cache_key(server)
         found: Discovery | None = None
         if not fresh:

@@ -920,7 +920,38 @@ def section_storm(s: Setup) -> None:
 SHORT_TOKEN_SECONDS = 4
 
 
-def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
+def section_storm_users(s: Setup) -> None:
+    """Many users whose tokens expired at once, each asked for on every replica: one
+    token request per user, every request forwarded."""
+    args = s.args
+    users = args.storm_users
+    (burst, refreshes, stats) = run_storm(
+        s, expires_in=3600, bursts=1, pause=0.0, users=users, requests=users * args.replicas
+    )
+    n = users * args.replicas
+    ok = (stats.get("grants") == users and stats.get("most_per_grant") == 1 and refreshes == users
+          and stats.get("refresh_reused", 0) == 0 and burst["body_ok"] == n)  # fmt: skip
+    s.rows.append(
+        Row(
+            "3",
+            f"storm, {users:,} users, {args.replicas} replicas",
+            str(n),
+            "",
+            ms(burst["p50_ms"]),
+            ms(burst["p99_ms"]),
+            target="1 token req per user",
+            result=verdict(ok, f"{refreshes} for {users}"),
+            detail=f"last done in {burst['all_done_ms']:.0f} ms; {burst['body_ok']}/{n} forwarded with the "
+            f"new token; statuses {burst['statuses']}; AS: {refreshes} token requests for "
+            f"{stats.get('grants', 0)} users, at most {stats.get('most_per_grant', 0)} per user, "
+            f"{stats.get('refresh_reused', 0)} reused",
+        )
+    )
+
+
+def run_storm(
+    s: Setup, *, expires_in: int, bursts: int, pause: float, users: int = 0, requests: int = 0
+) -> Any:
     """Bursts of concurrent requests over the replicas for one seeded, expired connection;
     returns each burst's figures, then the token requests and the peer's stats."""
     assert s.shared is not None
@@ -941,18 +972,20 @@ def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
     import yaml
 
     config_path.write_text(yaml.safe_dump({"listen": f"{HOST}:1", **config}))
+    names = [f"u{i}" for i in range(users)] if users else ["storm"]
     s.shared.seed(
         config_path,
         s.salt,
         [
             {
-                "user": "storm",
+                "user": name,
                 "server": "guarded",
                 "access": "at-0-expired",
-                "refresh": "rt-0",
+                "refresh": f"{name}:seed",
                 "issuer": peer_base,
                 "expires_at": time.time() - 60,
-            },
+            }
+            for name in names
         ],
     )
     replicas = []
@@ -961,8 +994,9 @@ def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
         replicas.append((proc, port))
     bases = [f"http://{HOST}:{port}" for _, port in replicas]
     result = run_client(
-        s, "burst", "--bases", *bases, "--path", "/storm/guarded", "-n", str(args.storm),
-        "--repeat", str(bursts), "--pause", str(pause),
+        s, "burst", "--bases", *bases, "--path", "/{user}/guarded" if users else "/storm/guarded",
+        "-n", str(requests or args.storm), "--repeat", str(bursts), "--pause", str(pause),
+        "--users", str(users or 1),
     )  # fmt: skip
     stats = json.loads(get(f"{peer_base}/stats"))
     s.say(f"  [3] storm ({expires_in} s tokens): {result}; authorization server: {stats}")
@@ -1366,6 +1400,7 @@ def benchmark(args: argparse.Namespace) -> int:
             if "3" in args.sections and s.shared is not None:
                 s.say("[3] refresh storm")
                 section_storm(s)
+                section_storm_users(s)
             if "4" in args.sections:
                 s.say("[4] workers")
                 section_workers(s)
@@ -1423,6 +1458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, help="seconds the idle CPU is measured (default 5)")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--storm", type=int, default=500, help="concurrent requests in the refresh storm")
+    parser.add_argument("--storm-users", type=int, default=1000, help="users in the many-users storm")
     parser.add_argument("--token-delay-ms", type=float, default=50, help="the token endpoint's own delay")
     parser.add_argument("--worker-connections", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--users", type=int, default=10_000, help="distinct users in section 5")
