@@ -1153,23 +1153,39 @@ def seed_users(redis_url: str, prefix: str, salt: str, pairs: list[tuple[str, st
     asyncio.run(go())
 
 
-def section_users(s: Setup) -> None:
-    """The OAuth path for one user and for many, round-robin, on one proxy: the many
-    rarely repeat within a second, so they show what the token memory holds."""
+@dataclass
+class UsersProxy:
+    kb: Proc
+    url: str  # user u0's
+    redis: Proc
+    redis_url: str
+    rotate: Path  # the wrk script that rotates the user
+
+
+def start_users_proxy(s: Setup, name: str, users: list[str]) -> UsersProxy:
+    """A proxy on its own Redis, where each user is connected to `oauth`."""
     assert s.shared is not None
-    args = s.args
-    users = [f"u{i}" for i in range(args.users)]
-    redis_proc, redis_url = start_private_redis(s, "redis-users")
+    redis_proc, redis_url = start_private_redis(s, f"redis-{name}")
     prefix = f"kbusers-{secrets.token_hex(4)}"
     started = time.monotonic()
     seed_users(redis_url, prefix, s.salt, [(user, "oauth") for user in users])
-    s.say(f"  [5] {len(users):,} users seeded in {time.monotonic() - started:.1f} s")
+    s.say(f"  {len(users):,} users seeded in {time.monotonic() - started:.1f} s")
     config = {**s.shared.config(shared_servers(s)), "redis_url": redis_url, "redis_prefix": prefix}
-    kb, port = s.start_keybearer("kb-users", config, PROXY_CPU)
-    one_url = f"http://{HOST}:{port}/u0/oauth"
-    wait_until(lambda: forwards_ok(one_url), kb, "kb-users")
-    rotate = s.workdir / "rotate.lua"
+    kb, port = s.start_keybearer(name, config, PROXY_CPU)
+    url = f"http://{HOST}:{port}/u0/oauth"
+    wait_until(lambda: forwards_ok(url), kb, name)
+    rotate = s.workdir / f"rotate-{name}.lua"
     rotate.write_text(WRK_LUA + ROTATE_LUA.format(users=len(users), server="oauth"))
+    return UsersProxy(kb, url, redis_proc, redis_url, rotate)
+
+
+def section_users(s: Setup) -> None:
+    """The OAuth path for one user and for many, round-robin, on one proxy: the many
+    rarely repeat within a second, so they show what the token memory holds."""
+    args = s.args
+    users = [f"u{i}" for i in range(args.users)]
+    p = start_users_proxy(s, "kb-users", users)
+    kb, one_url, redis_url, rotate = p.kb, p.url, p.redis_url, p.rotate
     for level in args.users_connections:
         measured: dict[str, tuple[Load, float]] = {}
         for label, lua in (("one", s.lua), ("many", rotate)):
@@ -1205,7 +1221,53 @@ def section_users(s: Setup) -> None:
                 row.result = verdict(ok, f"{load.rps / one.rps:.2f}x" if one.rps else "")
             s.rows.append(row)
     s.procs.stop(kb)
-    s.procs.stop(redis_proc)
+    s.procs.stop(p.redis)
+
+
+def section_soak(s: Setup) -> None:
+    """Traffic from many users for a while: the proxy's RSS must stay flat (every
+    in-process cache is bounded). The slope is fitted over the samples after the
+    first pass over every user."""
+    args = s.args
+    users = [f"u{i}" for i in range(args.users)]
+    p = start_users_proxy(s, "kb-soak", users)
+    run_wrk(p.url, 16, 5, p.rotate, p.kb.pid, s.workdir)  # every user once, at least
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    requests = 0
+    while time.monotonic() - started < args.soak_seconds:
+        load = run_wrk(p.url, 16, 10, p.rotate, p.kb.pid, s.workdir)
+        requests += load.requests
+        samples.append((time.monotonic() - started, rss_mb(tree(p.kb.pid))))
+        s.say(f"  [soak] {samples[-1][0]:.0f} s: RSS {samples[-1][1]:.1f} MB, {load.rps:,.0f} req/s")
+    slope = fitted_slope(samples) * 60
+    s.rows.append(
+        Row(
+            "soak",
+            f"RSS over {args.soak_seconds:.0f} s, {len(users):,} users",
+            "16",
+            target=f"slope <= {TARGET_SOAK_MB_PER_MIN} MB/min",
+            result=verdict(slope <= TARGET_SOAK_MB_PER_MIN, f"{slope:+.2f} MB/min"),
+            detail=f"{requests:,} requests; RSS {samples[0][1]:.1f} -> {samples[-1][1]:.1f} MB "
+            f"({len(samples)} samples, 10 s apart)",
+        )
+    )
+    s.procs.stop(p.kb)
+    s.procs.stop(p.redis)
+
+
+TARGET_SOAK_MB_PER_MIN = 1.0
+
+
+def fitted_slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x; 0 for fewer than two points."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
 
 
 # --------------------------------------------------------------------------- 6. many servers
@@ -1410,6 +1472,9 @@ def benchmark(args: argparse.Namespace) -> int:
             if "6" in args.sections and s.shared is not None:
                 s.say("[6] many servers")
                 section_servers(s)
+            if args.soak and s.shared is not None:
+                s.say("[soak] RSS under many users")
+                section_soak(s)
         finally:
             s.procs.stop_all()
             if s.shared is not None:
@@ -1464,6 +1529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=int, default=10_000, help="distinct users in section 5")
     parser.add_argument("--users-connections", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--servers", type=int, default=1000, help="servers in section 6")
+    parser.add_argument("--soak", action="store_true", help="also: RSS under traffic from --users users")
+    parser.add_argument("--soak-seconds", type=float, default=60, help="length of --soak (600: ten minutes)")
     parser.add_argument("--connections-stored", type=int, default=100_000, help="connections in section 6")
     parser.add_argument(
         "--compare",
