@@ -78,7 +78,10 @@ async def sqlite(tmp_path: Path) -> SQLiteStore:
     return store
 
 
-async def test_discoveries_kept_in_memory_are_bounded(sqlite: SQLiteStore) -> None:
+async def test_discoveries_kept_in_memory_are_bounded(
+    sqlite: SQLiteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(clients, "MAX_DISCOVERIES", 50)  # 4,096 takes seconds of SQLite writes
     found = Discovery(
         "http://127.0.0.1:9/mcp",
         None,
@@ -86,12 +89,12 @@ async def test_discoveries_kept_in_memory_are_bounded(sqlite: SQLiteStore) -> No
     )
     oauth = OAuthClients(Settings(), None, None, sqlite, None, None)  # type: ignore[arg-type]
     try:
-        for i in range(clients.MAX_DISCOVERIES + 20):
+        for i in range(70):
             server = ServerConfig(id=f"s{i}", url="http://127.0.0.1:9/mcp", auth="oauth")
             # Found by another replica: read from the token store, kept in memory.
             await sqlite.cache_set(discovery_cache_key(server), _discovery_to_json(found), 3600)
             assert await oauth.discovery(server) == found
-        assert len(oauth._discoveries) == clients.MAX_DISCOVERIES
+        assert len(oauth._discoveries) == 50
     finally:
         await sqlite.close()
 

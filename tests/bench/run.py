@@ -14,10 +14,16 @@ only figures from the same run are compared, as ratios.
    Keybearer; 5,000 idle GET streams through Keybearer: its RSS and CPU while idle.
 3. Refresh storm: 3 Keybearer replicas sharing PostgreSQL + Redis, one expired token,
    500 concurrent requests: token requests seen by the authorization server, time to finish.
+   Then 1,000 users whose tokens expired at once, each asked for on every replica.
 4. Workers: one Keybearer worker against two (KEYBEARER_WORKERS=2), unpinned, with wrk's
    and the upstream's CPU beside them.
+5. Many users: the OAuth path for one user and for 10,000 round-robin, on one proxy with a
+   Redis of its own (its INFO commandstats gives Redis commands per request).
+6. Many servers: 1,000 servers (half file, half store) and 100,000 stored connections
+   against section 1's 5: start-up time, RSS, CPU per request.
+--soak: RSS under traffic from the 10,000 users of section 5, and its slope.
 
-    .venv/bin/python tests/bench/run.py            # about 3.5 minutes
+    .venv/bin/python tests/bench/run.py            # about 6 minutes
     .venv/bin/python tests/bench/run.py --quick    # about 2 minutes
     .venv/bin/python tests/bench/run.py --profile  # py-spy hot spots of the proxy under load
     .venv/bin/python tests/bench/run.py --sections 1 -c 16 -r 3 --compare NAME=/tmp/copy
