@@ -51,8 +51,10 @@ RECENT_TTL = 60.0
 RECENT_MAX = 50_000
 # The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
 LIFETIME_FRACTION = 0.25
-# While another replica refreshes, look at the store this often even without an event.
-WAIT_POLL = 0.25
+# While another replica refreshes, look at the store this often even without an event
+# (which wakes the waiters at once): the fallback for a lost one. Shorter polls from
+# thousands of waiters at once queued Redis commands past the store's deadline.
+WAIT_POLL = 1.0
 # A request waiting on another replica's refresh gets 503 after this long: a live
 # holder renews its lock, so waiting out a dead one's would hang requests for its TTL.
 REFRESH_WAIT = 4.0
