@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable
 from urllib.parse import urljoin, urlsplit
 
+from proxy.bounded import BoundedMap
 from proxy.errors import UpstreamFailed
 from proxy.settings import MCP_ALIAS, UPSTREAM_PATH_PATTERN, ServerConfig
 
@@ -20,6 +21,8 @@ MAX_FIRST_EVENT = 64 * 1024
 # Message endpoints remembered per server: a server announces one path (plus a
 # session query); a hostile one must not grow the proxy's memory.
 MAX_ANNOUNCED_PATHS = 16
+# Servers whose announced paths are kept; one that falls out announces again on its next stream.
+MAX_ANNOUNCING_SERVERS = 4096
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(r"\r\n|\n|\r")
 
@@ -36,7 +39,7 @@ class AnnouncedPaths:
     announced them: once it changes, they are no longer reachable."""
 
     def __init__(self) -> None:
-        self._paths: dict[str, tuple[ServerConfig, frozenset[str]]] = {}
+        self._paths: BoundedMap[str, tuple[ServerConfig, frozenset[str]]] = BoundedMap(MAX_ANNOUNCING_SERVERS)
 
     def get(self, server: ServerConfig) -> frozenset[str]:
         entry = self._paths.get(server.id)

@@ -17,10 +17,14 @@ from pathlib import Path
 import structlog
 
 from proxy import logs
+from proxy.bounded import BoundedMap
 from proxy.names import RESYNC, SERVERS_CHANGED, Event, SecretKind
 from proxy.sealed import SealedSecrets
 from proxy.settings import ServerConfig
 from proxy.stores import Store
+
+# Key files whose contents are kept (by path, re-read when they change).
+MAX_KEY_FILES = 4096
 
 log = structlog.get_logger("keybearer.registry")
 
@@ -44,7 +48,7 @@ class Registry:
         self.secrets = secrets
         self.servers: dict[str, ServerConfig] = dict(config_servers)
         self._stored_keys: dict[str, str] = {}
-        self._file_keys: dict[str, tuple[float, str]] = {}
+        self._file_keys: BoundedMap[str, tuple[float, str]] = BoundedMap(MAX_KEY_FILES)
         # Loads are serialized: the last one to finish read after the last write.
         self._loading = asyncio.Lock()
 

@@ -20,6 +20,7 @@ import ipaddress
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from proxy.bounded import BoundedMap
 from proxy.errors import Answer
 
 MAX_JUDGED = 256
@@ -55,7 +56,7 @@ class WebOriginGuard:
         self.any_host = "*" in hosts
         self.hosts = frozenset({urlsplit(public_url).hostname or "", "localhost", *hosts}) - {""}
         # Host values seen, judged once: an agent sends the same one on every request.
-        self._judged: dict[bytes, bool] = {}
+        self._judged: BoundedMap[bytes, bool] = BoundedMap(MAX_JUDGED)
 
     def refusal(self, headers: Iterable[tuple[bytes, bytes]], *, origin: bool = True) -> Answer | None:
         """The 403 for a request a web page could have sent, or None. People's own
@@ -84,8 +85,6 @@ class WebOriginGuard:
     def _host_ok(self, value: bytes) -> bool:
         judged = self._judged.get(value)
         if judged is None:
-            if len(self._judged) >= MAX_JUDGED:
-                self._judged.clear()
             judged = self._judged[value] = self.host_allowed(value.decode("latin-1"))
         return judged
 

@@ -16,6 +16,7 @@ while the database is down.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -24,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 
 import structlog
 
+from proxy.bounded import BoundedMap
 from proxy.crypto import DecryptError
 from proxy.errors import Unavailable
 from proxy.events import ChangeFeed
@@ -55,6 +57,8 @@ REGISTRATION_WAIT = 15.0
 RENEW_BEFORE_EXPIRY = 900.0
 # The secrets every replica keeps in memory: what a refresh needs from the database.
 CLIENT_KINDS = (SecretKind.STATIC_CLIENT, SecretKind.CLIENT_REGISTRATION)
+# Servers whose discovered metadata is kept in memory; past that it is read from the token store.
+MAX_DISCOVERIES = 4096
 
 
 def discovery_cache_key(server: ServerConfig) -> str:
@@ -104,7 +108,10 @@ class OAuthClients:
         # operator hosts the document elsewhere.
         self.client_id_url = settings.client_metadata_url or settings.public_url + CLIENT_METADATA_PATH
         # server id -> (until, the url it was found for, what was found)
-        self._discoveries: dict[str, tuple[float, str, Discovery]] = {}
+        self._discoveries: BoundedMap[str, tuple[float, str, Discovery]] = BoundedMap(MAX_DISCOVERIES)
+        # One discovery at a time per server and url: a refresh storm of many users
+        # would otherwise probe the server and fetch its metadata once per user.
+        self._discovering: dict[tuple[str, str], asyncio.Task[Discovery]] = {}
         # kind -> name -> value: every static client and registration (see load)
         self._known: dict[SecretKind, dict[str, str]] | None = None
 
@@ -126,6 +133,22 @@ class OAuthClients:
         cached = self._discoveries.get(server.id)
         if cached and cached[0] > now and cached[1] == server.url and not fresh:
             return cached[2]
+        key = (server.id, server.url)
+        running = self._discovering.get(key)
+        if running is None or fresh:
+            # A task, so that a caller that gives up does not end it for the others.
+            running = asyncio.ensure_future(self._discover(server, fresh, now))
+            self._discovering[key] = running
+            running.add_done_callback(functools.partial(self._discovered, key))
+        return await asyncio.shield(running)
+
+    def _discovered(self, key: tuple[str, str], task: asyncio.Task[Discovery]) -> None:
+        if self._discovering.get(key) is task:
+            del self._discovering[key]
+        if not task.cancelled():
+            task.exception()  # its callers have it; retrieved here when all of them gave up
+
+    async def _discover(self, server: ServerConfig, fresh: bool, now: float) -> Discovery:
         key = discovery_cache_key(server)
         found: Discovery | None = None
         if not fresh:

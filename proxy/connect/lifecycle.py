@@ -29,10 +29,11 @@ from dataclasses import dataclass, replace
 import structlog
 
 from proxy import metrics, tracing
+from proxy.bounded import BoundedMap
 from proxy.crypto import DecryptError, Keyring
 from proxy.errors import KeybearerError, Unavailable
 from proxy.events import ChangeFeed
-from proxy.names import OAUTH_TOKEN, Event, connection_changed
+from proxy.names import ALL_USERS, OAUTH_TOKEN, Event, connection_changed
 from proxy.oauth.client import AuthServerUnavailable, OAuthError, TokenResponse
 from proxy.settings import ServerConfig
 from proxy.stores import Connection, StoreUnavailable, TokenStore
@@ -41,12 +42,19 @@ log = structlog.get_logger("keybearer.oauth")
 
 CONNECTED = "connected"
 MUST_RECONNECT = "must_reconnect"
-# Seconds a process remembers a user's opened access token.
-RECENT_TTL = 1.0
+# A process remembers a user's opened access token until its refresh is due or
+# an event names it (every change is announced), and never longer than this, in
+# case an announcement was lost (a lost subscription ends in RESYNC, which
+# clears everything).
+RECENT_TTL = 60.0
+# At most this many remembered tokens (about 300 bytes each).
+RECENT_MAX = 50_000
 # The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
 LIFETIME_FRACTION = 0.25
-# While another replica refreshes, look at the store this often even without an event.
-WAIT_POLL = 0.25
+# While another replica refreshes, look at the store this often even without an event
+# (which wakes the waiters at once): the fallback for a lost one. Shorter polls from
+# thousands of waiters at once queued Redis commands past the store's deadline.
+WAIT_POLL = 1.0
 # A request waiting on another replica's refresh gets 503 after this long: a live
 # holder renews its lock, so waiting out a dead one's would hang requests for its TTL.
 REFRESH_WAIT = 4.0
@@ -216,7 +224,7 @@ class TokenLifecycle:
         self.refresher = refresher
         self.breaker = CircuitBreaker(cooldown=cooldown)
         # (user, server id) -> (until, access token, the server url it is for)
-        self._recent: dict[tuple[str, str], tuple[float, str, str]] = {}
+        self._recent: BoundedMap[tuple[str, str], tuple[float, str, str]] = BoundedMap(RECENT_MAX)
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
         # One per (user, server) this process waits on while another replica refreshes.
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
@@ -231,19 +239,12 @@ class TokenLifecycle:
         if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
             return cached[1]
         token, refresh_in = await self._access_token(server, user)
-        if refresh_in > RECENT_TTL:
-            self._remember(key, token, server.url)
+        if refresh_in > 0:
+            # Saves a Redis read and a decryption on every request but the first.
+            # A change made on another replica (a reconnect, a delete) arrives as
+            # an event and is forgotten then; never kept past the refresh.
+            self._recent[key] = (time.monotonic() + min(refresh_in, RECENT_TTL), token, server.url)
         return token
-
-    def _remember(self, key: tuple[str, str], token: str, url: str) -> None:
-        # A second of in-process memory saves a Redis read and a decryption on
-        # every request of a busy agent; a change made on another replica (a
-        # reconnect, a delete) is seen at most this much later. Never past the
-        # point where a refresh is due: the caller remembers only tokens with
-        # more time than that left.
-        self._recent[key] = (time.monotonic() + RECENT_TTL, token, url)
-        if len(self._recent) > 10_000:
-            self._recent.clear()
 
     def forget(self, user: str, server_id: str) -> None:
         self._recent.pop((user, server_id), None)
@@ -256,7 +257,12 @@ class TokenLifecycle:
 
     def on_event(self, event: Event) -> None:
         """Forget remembered tokens the event names; wake whoever waits on them."""
-        for key in [k for k in (*self._recent, *self._waiting) if event.touches(*k)]:
+        if event.kind == "connection" and event.server and event.user not in (None, ALL_USERS):
+            # The common case, one user's tokens: no walk over everything remembered.
+            keys = [(event.user, event.server)]
+        else:
+            keys = [k for k in (*self._recent, *self._waiting) if event.touches(*k)]
+        for key in keys:
             self._recent.pop(key, None)
             if key in self._waiting:
                 self._waiting[key].set()

@@ -202,7 +202,10 @@ def run_oauth_peer(port: int, token_delay: float, expires_in: int = 3600) -> Non
     origin = f"http://{HOST}:{port}"
     prm_url = f"{origin}/.well-known/oauth-protected-resource/mcp"
     stats: Counter[str] = Counter()
-    state: dict[str, Any] = {"refresh": "rt-0", "valid": set(), "issued": 0}
+    # A refresh token is "<grant>:<secret>"; each grant (a user's) rotates on its own, and
+    # starts from "<grant>:seed", the token the benchmark stored.
+    state: dict[str, Any] = {"refresh": {}, "valid": set(), "issued": 0}
+    per_grant: Counter[str] = Counter()
 
     async def mcp(request: web.Request) -> web.Response:
         await request.read()
@@ -246,16 +249,18 @@ def run_oauth_peer(port: int, token_delay: float, expires_in: int = 3600) -> Non
         if form.get("grant_type") != "refresh_token" or form.get("client_id") != "bench":
             stats["token_bad_request"] += 1
             return web.json_response({"error": "invalid_request"}, status=400)
-        presented = form.get("refresh_token")
+        presented = str(form.get("refresh_token"))
+        grant = presented.partition(":")[0]
+        per_grant[grant] += 1
         if token_delay:
             await asyncio.sleep(token_delay)  # a real authorization server takes its time
-        if presented != state["refresh"]:
+        if presented != state["refresh"].get(grant, f"{grant}:seed"):
             stats["refresh_reused"] += 1  # a provider would now revoke the whole grant
             return web.json_response({"error": "invalid_grant"}, status=400)
         state["issued"] += 1
         n = state["issued"]
         access = f"at-{n}-{secrets.token_urlsafe(16)}"
-        state["refresh"] = f"rt-{n}-{secrets.token_urlsafe(16)}"
+        state["refresh"][grant] = f"{grant}:{n}-{secrets.token_urlsafe(16)}"
         state["valid"].add(access)
         stats["refreshes"] += 1
         return web.json_response(
@@ -263,14 +268,15 @@ def run_oauth_peer(port: int, token_delay: float, expires_in: int = 3600) -> Non
                 "access_token": access,
                 "token_type": "Bearer",
                 "expires_in": expires_in,
-                "refresh_token": state["refresh"],
+                "refresh_token": state["refresh"][grant],
                 "scope": "mcp",
             },
             headers={"Cache-Control": "no-store"},
         )
 
     async def get_stats(_: web.Request) -> web.Response:
-        return web.json_response(dict(stats))
+        most = max(per_grant.values(), default=0)
+        return web.json_response({**stats, "grants": len(per_grant), "most_per_grant": most})
 
     app = web.Application()
     app.router.add_post("/mcp", mcp)
@@ -404,8 +410,11 @@ async def idle_client(url: str, streams: int, batch: int) -> None:
     await session.close()
 
 
-async def burst_client(bases: list[str], path: str, n: int, repeat: int, pause: float) -> dict[str, Any]:
-    """`n` concurrent POSTs spread over `bases`, on connections opened beforehand; `repeat` bursts."""
+async def burst_client(
+    bases: list[str], path: str, n: int, repeat: int, pause: float, users: int = 1
+) -> dict[str, Any]:
+    """`n` concurrent POSTs spread over `bases`, on connections opened beforehand; `repeat` bursts.
+    `{user}` in `path` is u0, u1, … round-robin over `users`."""
     import aiohttp
 
     raise_fd_limit()
@@ -427,7 +436,9 @@ async def burst_client(bases: list[str], path: str, n: int, repeat: int, pause: 
             async def post(i: int, started: float = started) -> tuple[int, bool, float]:
                 try:
                     async with session.post(
-                        bases[i % len(bases)] + path, data=REQUEST_BODY, headers=headers
+                        bases[i % len(bases)] + path.format(user=f"u{i % users}"),
+                        data=REQUEST_BODY,
+                        headers=headers,
                     ) as response:
                         body = await response.read()
                         return response.status, body == RESPONSE_BODY, time.perf_counter() - started
@@ -485,6 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("-n", type=int, default=500)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--pause", type=float, default=0.5)
+    p.add_argument("--users", type=int, default=1, help="users u0… round-robin, for {user} in --path")
     args = parser.parse_args(argv)
 
     if args.role == "upstream":
@@ -507,7 +519,9 @@ def main(argv: list[str] | None = None) -> None:
         elif args.role == "idle":
             uvloop.run(idle_client(args.url, args.streams, args.batch))
         elif args.role == "burst":
-            result = uvloop.run(burst_client(args.bases, args.path, args.n, args.repeat, args.pause))
+            result = uvloop.run(
+                burst_client(args.bases, args.path, args.n, args.repeat, args.pause, args.users)
+            )
             print(json.dumps(result), flush=True)
 
 

@@ -15,10 +15,16 @@ only figures from the same run are compared, as ratios.
    Keybearer; 5,000 idle GET streams through Keybearer: its RSS and CPU while idle.
 3. Refresh storm: 3 Keybearer replicas sharing PostgreSQL + Redis, one expired token,
    500 concurrent requests: token requests seen by the authorization server, time to finish.
+   Then 1,000 users whose tokens expired at once, each asked for on every replica.
 4. Workers: one Keybearer worker against two (KEYBEARER_WORKERS=2), unpinned, with wrk's
    and the upstream's CPU beside them.
+5. Many users: the OAuth path for one user and for 10,000 round-robin, on one proxy with a
+   Redis of its own (its INFO commandstats gives Redis commands per request).
+6. Many servers: 1,000 servers (half file, half store) and 100,000 stored connections
+   against section 1's 5: start-up time, RSS, CPU per request.
+--soak: RSS under traffic from the 10,000 users of section 5, and its slope.
 
-    .venv/bin/python tests/bench/run.py            # about 3.5 minutes
+    .venv/bin/python tests/bench/run.py            # about 6 minutes
     .venv/bin/python tests/bench/run.py --quick    # about 2 minutes
     .venv/bin/python tests/bench/run.py --profile  # py-spy hot spots of the proxy under load
     .venv/bin/python tests/bench/run.py --sections 1 -c 16 -r 3 --compare NAME=/tmp/copy
@@ -35,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import resource
@@ -944,7 +951,38 @@ def section_storm(s: Setup) -> None:
 SHORT_TOKEN_SECONDS = 4
 
 
-def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
+def section_storm_users(s: Setup) -> None:
+    """Many users whose tokens expired at once, each asked for on every replica: one
+    token request per user, every request forwarded."""
+    args = s.args
+    users = args.storm_users
+    (burst, refreshes, stats) = run_storm(
+        s, expires_in=3600, bursts=1, pause=0.0, users=users, requests=users * args.replicas
+    )
+    n = users * args.replicas
+    ok = (stats.get("grants") == users and stats.get("most_per_grant") == 1 and refreshes == users
+          and stats.get("refresh_reused", 0) == 0 and burst["body_ok"] == n)  # fmt: skip
+    s.rows.append(
+        Row(
+            "3",
+            f"storm, {users:,} users, {args.replicas} replicas",
+            str(n),
+            "",
+            ms(burst["p50_ms"]),
+            ms(burst["p99_ms"]),
+            target="1 token req per user",
+            result=verdict(ok, f"{refreshes} for {users}"),
+            detail=f"last done in {burst['all_done_ms']:.0f} ms; {burst['body_ok']}/{n} forwarded with the "
+            f"new token; statuses {burst['statuses']}; AS: {refreshes} token requests for "
+            f"{stats.get('grants', 0)} users, at most {stats.get('most_per_grant', 0)} per user, "
+            f"{stats.get('refresh_reused', 0)} reused",
+        )
+    )
+
+
+def run_storm(
+    s: Setup, *, expires_in: int, bursts: int, pause: float, users: int = 0, requests: int = 0
+) -> Any:
     """Bursts of concurrent requests over the replicas for one seeded, expired connection;
     returns each burst's figures, then the token requests and the peer's stats."""
     assert s.shared is not None
@@ -965,18 +1003,20 @@ def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
     import yaml
 
     config_path.write_text(yaml.safe_dump({"listen": f"{HOST}:1", **config}))
+    names = [f"u{i}" for i in range(users)] if users else ["storm"]
     s.shared.seed(
         config_path,
         s.salt,
         [
             {
-                "user": "storm",
+                "user": name,
                 "server": "guarded",
                 "access": "at-0-expired",
-                "refresh": "rt-0",
+                "refresh": f"{name}:seed",
                 "issuer": peer_base,
                 "expires_at": time.time() - 60,
-            },
+            }
+            for name in names
         ],
     )
     replicas = []
@@ -985,8 +1025,9 @@ def run_storm(s: Setup, *, expires_in: int, bursts: int, pause: float) -> Any:
         replicas.append((proc, port))
     bases = [f"http://{HOST}:{port}" for _, port in replicas]
     result = run_client(
-        s, "burst", "--bases", *bases, "--path", "/storm/guarded", "-n", str(args.storm),
-        "--repeat", str(bursts), "--pause", str(pause),
+        s, "burst", "--bases", *bases, "--path", "/{user}/guarded" if users else "/storm/guarded",
+        "-n", str(requests or args.storm), "--repeat", str(bursts), "--pause", str(pause),
+        "--users", str(users or 1),
     )  # fmt: skip
     stats = json.loads(get(f"{peer_base}/stats"))
     s.say(f"  [3] storm ({expires_in} s tokens): {result}; authorization server: {stats}")
@@ -1057,6 +1098,305 @@ def section_workers(s: Setup) -> None:
             s.rows.append(row)
     for proc, _, _ in started.values():
         s.procs.stop(proc)
+
+
+# --------------------------------------------------------------------------- 5. many users
+
+TARGET_MANY_USERS_RATIO = 0.90
+
+# WRK_LUA's request, sent for a different user each time, round-robin.
+ROTATE_LUA = """
+local users, server, n = {users}, "{server}", 0
+request = function()
+  n = n + 1
+  return wrk.format(nil, "/u" .. (n % users) .. "/" .. server)
+end
+"""
+
+
+def start_private_redis(s: Setup, name: str) -> tuple[Proc, str]:
+    """A Redis of the run's own, so that its command counts are this proxy's alone."""
+    import redis
+
+    port = free_port()
+    proc = s.procs.start(
+        name,
+        ["redis-server", "--bind", HOST, "--port", str(port), "--save", "", "--appendonly", "no"],
+        LOAD_CPU,
+    )
+    url = f"redis://{HOST}:{port}/0"
+
+    def up() -> bool:
+        try:
+            return bool(redis.Redis.from_url(url).ping())
+        except redis.RedisError:
+            return False
+
+    wait_until(up, proc, name)
+    return proc, url
+
+
+def redis_calls(url: str) -> int:
+    """Commands Redis has run (INFO commandstats), not counting INFO itself."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+def seed_users(redis_url: str, prefix: str, salt: str, pairs: list[tuple[str, str]]) -> None:
+    """Connected users written the way RedisTokenStore.put_connection writes them,
+    a thousand to a pipeline (one round trip each, rather than three per user)."""
+
+    async def go() -> None:
+        from proxy.connect.lifecycle import TokenSet, seal
+        from proxy.crypto import Keyring
+        from proxy.stores import Connection
+        from proxy.stores.redis import RedisTokenStore, _encode
+
+        store = RedisTokenStore.from_url(redis_url, prefix=prefix)
+        keyring = Keyring(salt)
+        expires = time.time() + 10 * 365 * 86400
+        try:
+            for start in range(0, len(pairs), 1000):
+                pipe = store.client.pipeline(transaction=False)
+                for user, server in pairs[start : start + 1000]:
+                    sealed = seal(keyring, user, server, TokenSet(f"at-{user}", f"rt-{user}"))
+                    conn = Connection(
+                        user=user, server=server, sealed=sealed, issuer="http://127.0.0.1:9",
+                        client_id="bench", scopes=("mcp",), expires_at=expires, obtained_at=time.time(),
+                        version=1,
+                    )  # fmt: skip
+                    fields = _encode(conn)
+                    pipe.sadd(store._server_users(server), user)
+                    pipe.sadd(store._user_servers(user), server)
+                    pipe.hset(
+                        store._tokens(user, server), mapping=dict(zip(fields[::2], fields[1::2], strict=True))
+                    )
+                await pipe.execute()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+@dataclass
+class UsersProxy:
+    kb: Proc
+    url: str  # user u0's
+    redis: Proc
+    redis_url: str
+    rotate: Path  # the wrk script that rotates the user
+
+
+def start_users_proxy(s: Setup, name: str, users: list[str]) -> UsersProxy:
+    """A proxy on its own Redis, where each user is connected to `oauth`."""
+    assert s.shared is not None
+    redis_proc, redis_url = start_private_redis(s, f"redis-{name}")
+    prefix = f"kbusers-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    seed_users(redis_url, prefix, s.salt, [(user, "oauth") for user in users])
+    s.say(f"  {len(users):,} users seeded in {time.monotonic() - started:.1f} s")
+    config = {**s.shared.config(shared_servers(s)), "redis_url": redis_url, "redis_prefix": prefix}
+    kb, port = s.start_keybearer(name, config, PROXY_CPU)
+    url = f"http://{HOST}:{port}/u0/oauth"
+    wait_until(lambda: forwards_ok(url), kb, name)
+    rotate = s.workdir / f"rotate-{name}.lua"
+    rotate.write_text(WRK_LUA + ROTATE_LUA.format(users=len(users), server="oauth"))
+    return UsersProxy(kb, url, redis_proc, redis_url, rotate)
+
+
+def section_users(s: Setup) -> None:
+    """The OAuth path for one user and for many, round-robin, on one proxy: the many
+    rarely repeat within a second, so they show what the token memory holds."""
+    args = s.args
+    users = [f"u{i}" for i in range(args.users)]
+    p = start_users_proxy(s, "kb-users", users)
+    kb, one_url, redis_url, rotate = p.kb, p.url, p.redis_url, p.rotate
+    for level in args.users_connections:
+        measured: dict[str, tuple[Load, float]] = {}
+        for label, lua in (("one", s.lua), ("many", rotate)):
+            warmup = args.warmup
+            if label == "many":  # long enough to reach every user once: the steady state
+                warmup += 2 * math.ceil(len(users) / max(measured["one"][0].rps, 100.0))
+            run_wrk(one_url, level, warmup, lua, kb.pid, s.workdir)
+            calls = redis_calls(redis_url)
+            load = run_wrk(one_url, level, args.duration, lua, kb.pid, s.workdir)
+            trips = (redis_calls(redis_url) - calls - 1) / max(load.requests, 1)
+            measured[label] = (load, trips)
+            s.say(f"  [5] {label} c={level}: {load.rps:,.0f} req/s, {trips:.3f} Redis commands/req")
+        one = measured["one"][0]
+        for label, (load, trips) in measured.items():
+            row = Row(
+                "5",
+                "oauth, 1 user" if label == "one" else f"oauth, {len(users):,} users round-robin",
+                str(level),
+                f"{load.rps:,.0f}",
+                ms(load.p50_ms),
+                ms(load.p99_ms),
+                f"{load.rps / one.rps:.2f}" if one.rps else "-",
+                pct(load.proxy_cpu),
+                pct(load.load_cpu),
+                f"{load.us_per_request:.0f}" if load.us_per_request else "-",
+                detail=f"{trips:.3f} Redis commands/request; proxy RSS {rss_mb(tree(kb.pid)):.0f} MB",
+            )
+            if load.errors:
+                row.detail += f"; {load.errors} errors"
+            if label == "many":
+                row.target = f">= {TARGET_MANY_USERS_RATIO:.2f}x 1 user"
+                ok = load.rps >= TARGET_MANY_USERS_RATIO * one.rps and not load.errors
+                row.result = verdict(ok, f"{load.rps / one.rps:.2f}x" if one.rps else "")
+            s.rows.append(row)
+    s.procs.stop(kb)
+    s.procs.stop(p.redis)
+
+
+def section_soak(s: Setup) -> None:
+    """Traffic from many users for a while: the proxy's RSS must stay flat (every
+    in-process cache is bounded). The slope is fitted over the samples after the
+    first pass over every user."""
+    args = s.args
+    users = [f"u{i}" for i in range(args.users)]
+    p = start_users_proxy(s, "kb-soak", users)
+    run_wrk(p.url, 16, 5, p.rotate, p.kb.pid, s.workdir)  # every user once, at least
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    requests = 0
+    while time.monotonic() - started < args.soak_seconds:
+        load = run_wrk(p.url, 16, 10, p.rotate, p.kb.pid, s.workdir)
+        requests += load.requests
+        samples.append((time.monotonic() - started, rss_mb(tree(p.kb.pid))))
+        s.say(f"  [soak] {samples[-1][0]:.0f} s: RSS {samples[-1][1]:.1f} MB, {load.rps:,.0f} req/s")
+    slope = fitted_slope(samples) * 60
+    s.rows.append(
+        Row(
+            "soak",
+            f"RSS over {args.soak_seconds:.0f} s, {len(users):,} users",
+            "16",
+            target=f"slope <= {TARGET_SOAK_MB_PER_MIN} MB/min",
+            result=verdict(slope <= TARGET_SOAK_MB_PER_MIN, f"{slope:+.2f} MB/min"),
+            detail=f"{requests:,} requests; RSS {samples[0][1]:.1f} -> {samples[-1][1]:.1f} MB "
+            f"({len(samples)} samples, 10 s apart)",
+        )
+    )
+    s.procs.stop(p.kb)
+    s.procs.stop(p.redis)
+
+
+TARGET_SOAK_MB_PER_MIN = 1.0
+
+
+def fitted_slope(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of y over x; 0 for fewer than two points."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
+# --------------------------------------------------------------------------- 6. many servers
+
+TARGET_SERVERS_RATIO = 1.10
+
+
+def store_servers(database_url: str, servers: list[Any]) -> None:
+    async def go() -> None:
+        from proxy.stores.postgres import PostgresStore
+
+        store = PostgresStore(database_url)
+        await store.open()
+        try:
+            await store.migrate()
+            for server in servers:
+                await store.put_server(server)
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
+def section_servers(s: Setup) -> None:
+    """The same requests with section 1's 5 servers, and with 1,000 servers (half in the config file,
+    half in the store) and 100,000 stored connections."""
+    assert s.shared is not None
+    from proxy.settings import ServerConfig
+
+    args = s.args
+    up = s.upstream_base
+    half = args.servers // 2
+    users = max(1, args.connections_stored // (args.servers - half))
+    redis_proc, redis_url = start_private_redis(s, "redis-servers")
+    big = SharedStores(s.shared.admin_url, redis_url)
+    try:
+        big.create()
+        stored = [ServerConfig(id=f"s{i}", url=f"{up}/mcp", auth="oauth", client_id="bench", source="store")
+                  for i in range(args.servers - half)]  # fmt: skip
+        started = time.monotonic()
+        store_servers(big.database_url, stored)
+        pairs = [(f"u{u}", server.id) for server in stored for u in range(users)]
+        seed_users(redis_url, big.prefix, s.salt, pairs)
+        s.say(f"  [6] {len(stored)} servers and {len(pairs):,} connections stored in "
+              f"{time.monotonic() - started:.1f} s")  # fmt: skip
+        small_servers = {**s.sidecar_config("x")["servers"], **shared_servers(s)}
+        in_file = {f"f{i}": {"url": f"{up}/mcp", "auth": "api_key", "api_key_env": "BENCH_KEY"}
+                   for i in range(half - len(small_servers))}  # fmt: skip
+        setups = {
+            f"{len(small_servers)} servers": (s.shared.config(small_servers), "alice"),
+            f"{args.servers:,} servers, {len(pairs) // 1000}k conns": (
+                big.config({**small_servers, **in_file}),
+                "u0",
+            ),
+        }
+        started_procs = {}
+        for label, (config, _) in setups.items():
+            name = "kb-servers-" + label.split()[0].replace(",", "")
+            began = time.monotonic()
+            proc, port = s.start_keybearer(name, config, PROXY_CPU)
+            took = time.monotonic() - began
+            started_procs[label] = (proc, port, took, rss_mb(tree(proc.pid)))
+        seed_users(redis_url, big.prefix, s.salt, [("u0", "oauth")])
+        loads: dict[tuple[str, str], Load] = {}
+        for path, server in (("api_key", "keyed"), ("oauth", "oauth")):
+            for label, (proc, port, _, _) in started_procs.items():
+                url = f"http://{HOST}:{port}/{setups[label][1]}/{server}"
+                wait_until(lambda url=url: forwards_ok(url), proc, label)
+                run_wrk(url, 16, args.warmup, s.lua, proc.pid, s.workdir)
+                loads[(label, path)] = run_wrk(url, 16, args.duration, s.lua, proc.pid, s.workdir)
+        small, large = setups
+        for label, (proc, _, took, rss) in started_procs.items():
+            rss_after = rss_mb(tree(proc.pid))
+            for path in ("api_key", "oauth"):
+                load = loads[(label, path)]
+                base = loads[(small, path)]
+                row = Row("6", f"{path}, {label}", "16", f"{load.rps:,.0f}", ms(load.p50_ms), ms(load.p99_ms),
+                          f"{load.rps / base.rps:.2f}" if base.rps else "-", pct(load.proxy_cpu),
+                          pct(load.load_cpu),
+                          f"{load.us_per_request:.0f}" if load.us_per_request else "-")  # fmt: skip
+                if label == large and load.us_per_request and base.us_per_request:
+                    ratio = load.us_per_request / base.us_per_request
+                    row.target = f"us/req <= {TARGET_SERVERS_RATIO:.2f}x"
+                    row.result = verdict(ratio <= TARGET_SERVERS_RATIO and not load.errors, f"{ratio:.2f}x")
+                s.rows.append(row)
+            row = Row("6", f"start-up, {label}", detail=f"ready in {took:.2f} s; RSS {rss:.0f} MB at start, "
+                      f"{rss_after:.0f} MB after the load")  # fmt: skip
+            if label == large:
+                _, _, small_took, small_rss = started_procs[small]
+                row.target = f"<= {TARGET_SERVERS_RATIO:.2f}x {small}"
+                ok = took <= TARGET_SERVERS_RATIO * small_took and rss <= TARGET_SERVERS_RATIO * small_rss
+                row.result = verdict(ok, f"{took / small_took:.2f}x time, {rss / small_rss:.2f}x RSS")
+            s.rows.append(row)
+        for proc, _, _, _ in started_procs.values():
+            s.procs.stop(proc)
+    finally:
+        big.drop()
+        s.procs.stop(redis_proc)
 
 
 # --------------------------------------------------------------------------- main
@@ -1153,9 +1493,19 @@ def benchmark(args: argparse.Namespace) -> int:
             if "3" in args.sections and s.shared is not None:
                 s.say("[3] refresh storm")
                 section_storm(s)
+                section_storm_users(s)
             if "4" in args.sections:
                 s.say("[4] workers")
                 section_workers(s)
+            if "5" in args.sections and s.shared is not None:
+                s.say("[5] many users")
+                section_users(s)
+            if "6" in args.sections and s.shared is not None:
+                s.say("[6] many servers")
+                section_servers(s)
+            if args.soak and s.shared is not None:
+                s.say("[soak] RSS under many users")
+                section_soak(s)
         finally:
             s.procs.stop_all()
             if s.shared is not None:
@@ -1194,7 +1544,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-d", "--duration", type=int, help="seconds per wrk cell (default 5, quick 2)")
     parser.add_argument("-w", "--warmup", type=int, help="warm-up seconds per cell (default 1)")
     parser.add_argument("-r", "--rounds", type=int, default=1, help="rounds of section 1 (median)")
-    parser.add_argument("--sections", default="1234", help="which sections to run, e.g. 12")
+    parser.add_argument("--sections", default="123456", help="which sections to run, e.g. 12")
     parser.add_argument("--no-traced", action="store_true", help="skip the traced api_key row")
     parser.add_argument("--no-asgi-floor", action="store_true", help="skip the raw ASGI (uvicorn) floor")
     parser.add_argument("--no-shared", action="store_true", help="skip PostgreSQL/Redis (OAuth, storm)")
@@ -1205,8 +1555,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-seconds", type=float, help="seconds the idle CPU is measured (default 5)")
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--storm", type=int, default=500, help="concurrent requests in the refresh storm")
+    parser.add_argument("--storm-users", type=int, default=1000, help="users in the many-users storm")
     parser.add_argument("--token-delay-ms", type=float, default=50, help="the token endpoint's own delay")
     parser.add_argument("--worker-connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--users", type=int, default=10_000, help="distinct users in section 5")
+    parser.add_argument("--users-connections", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--servers", type=int, default=1000, help="servers in section 6")
+    parser.add_argument("--soak", action="store_true", help="also: RSS under traffic from --users users")
+    parser.add_argument("--soak-seconds", type=float, default=60, help="length of --soak (600: ten minutes)")
+    parser.add_argument("--connections-stored", type=int, default=100_000, help="connections in section 6")
     parser.add_argument(
         "--compare",
         type=parse_compare,
