@@ -11,7 +11,6 @@ credential it stops at the proxy and is never forwarded.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -22,24 +21,18 @@ from typing import Any
 
 import structlog
 from joserfc import jwt
-from joserfc.errors import InvalidKeyIdError, JoseError
-from joserfc.jwk import KeySet
+from joserfc.errors import JoseError
 
 from proxy.errors import KeybearerError
 from proxy.names import RESYNC, SERVERS_CHANGED, Event, SecretKind
-from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
+from proxy.oauth.fetch import Fetcher
+from proxy.oauth.jwks import KeySetCache, KeysUnavailable
 from proxy.sealed import SealedSecrets
 from proxy.settings import ID_PATTERN, Settings
 
 log = structlog.get_logger("keybearer.inbound")
 
 PREFIX = "kbp_"
-JWKS_TTL = 600.0
-# Asymmetric only: a caller must not be able to sign with a key the proxy also holds.
-JWT_ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "EdDSA"]
-# A token naming a key the cached set lacks (the issuer rotated its keys) makes
-# the set be fetched again, at most this often.
-JWKS_MIN_REFETCH = 5.0
 
 
 class Refused(KeybearerError):
@@ -96,14 +89,15 @@ class InboundAuth:
         self.fetcher = fetcher
         # Caller tokens by id, hashes only; reloaded on SERVERS_CHANGED.
         self.tokens: dict[str, ProxyToken] = {}
-        self._jwks: tuple[float, KeySet] | None = None
-        self._jwks_tried = 0.0
-        self._jwks_lock = asyncio.Lock()
+        self.keys = KeySetCache(fetcher, self._jwks_url)
         self._claims = jwt.JWTClaimsRegistry(
             leeway=30, iss={"essential": True, "value": settings.jwt_issuer or ""}, exp={"essential": True}
         )
         if settings.jwt_audience:
             self._claims.options["aud"] = {"essential": True, "value": settings.jwt_audience}
+
+    async def _jwks_url(self) -> str:
+        return self.settings.jwt_jwks_url or ""
 
     async def load(self) -> None:
         if self.mode == "tokens":
@@ -138,37 +132,9 @@ class InboundAuth:
 
     async def _check_jwt(self, presented: str, user: str) -> None:
         try:
-            try:
-                claims = jwt.decode(presented, await self._keys(), algorithms=JWT_ALGORITHMS).claims
-            except InvalidKeyIdError:  # the issuer may have rotated its keys
-                claims = jwt.decode(
-                    presented, await self._keys(refetch=True), algorithms=JWT_ALGORITHMS
-                ).claims
+            claims = await self.keys.decode(presented)
             self._claims.validate(claims)
-        except (JoseError, ValueError) as exc:
-            raise Refused(f"the caller JWT was refused: {type(exc).__name__}") from None
-        if claims.get(self.settings.jwt_user_claim) != user:
-            raise Refused(
-                f"the caller JWT does not belong to user {user!r}", status=403, code="caller_forbidden"
-            )
-
-    async def _keys(self, refetch: bool = False) -> KeySet:
-        if self._jwks and self._jwks[0] > time.monotonic() and not refetch:
-            return self._jwks[1]
-        async with self._jwks_lock:
-            if self._jwks and time.monotonic() - self._jwks_tried < JWKS_MIN_REFETCH:
-                return self._jwks[1]  # fetched (or tried) a moment ago
-            self._jwks_tried = time.monotonic()
-            return await self._fetch_keys()
-
-    async def _fetch_keys(self) -> KeySet:
-        assert self.settings.jwt_jwks_url
-        try:
-            keys = KeySet.import_key_set(await self.fetcher.get_json(self.settings.jwt_jwks_url))  # type: ignore[arg-type]
-        except (FetchError, UnsafeURL, ValueError, JoseError) as exc:
-            if self._jwks:  # keep verifying with the keys we have
-                return self._jwks[1]
-            log.error("JWKS unavailable", url=self.settings.jwt_jwks_url, reason=str(exc))
+        except KeysUnavailable:
             raise Refused(
                 "the proxy cannot fetch the keys that verify caller JWTs; retry shortly, and tell the operator "
                 "if it persists (the proxy's log names the reason)",
@@ -176,8 +142,12 @@ class InboundAuth:
                 code="jwks_unavailable",
                 retry_after=5,
             ) from None
-        self._jwks = (time.monotonic() + JWKS_TTL, keys)
-        return keys
+        except (JoseError, ValueError) as exc:
+            raise Refused(f"the caller JWT was refused: {type(exc).__name__}") from None
+        if claims.get(self.settings.jwt_user_claim) != user:
+            raise Refused(
+                f"the caller JWT does not belong to user {user!r}", status=403, code="caller_forbidden"
+            )
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:

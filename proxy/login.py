@@ -36,8 +36,7 @@ from urllib.parse import urlencode
 
 import structlog
 from joserfc import jwt
-from joserfc.errors import InvalidKeyIdError, JoseError
-from joserfc.jwk import KeySet
+from joserfc.errors import JoseError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -46,12 +45,12 @@ from starlette.routing import Route
 from proxy import errors, pages
 from proxy.crypto import DecryptError, Keyring
 from proxy.errors import Answer, Forbidden, InvalidInput, KeybearerError, NotFound, Unavailable
-from proxy.inbound import JWT_ALGORITHMS
 from proxy.names import LINK, PENDING_STATE, SESSION
 from proxy.oauth import client as oauth_client
 from proxy.oauth.client import AuthServerUnavailable, OAuthError
 from proxy.oauth.discovery import OIDC_WELL_KNOWN, AuthServer, DiscoveryError
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
+from proxy.oauth.jwks import KeySetCache, KeysUnavailable
 from proxy.routing import RESERVED
 from proxy.settings import ID_PATTERN, Settings
 from proxy.stores import TokenStore
@@ -63,8 +62,6 @@ PENDING_TTL = 600.0  # to sign in at the provider
 # A session's idle clock restarts on use, with one store write at most this
 # often (and at most four times per idle timeout).
 TOUCH_EVERY = 60.0
-JWKS_TTL = 600.0
-JWKS_MIN_REFETCH = 5.0
 MAX_FORM_BYTES = 16 * 1024
 
 
@@ -327,8 +324,7 @@ class RelyingParty:
         self.tokens = tokens
         self.fetcher = fetcher
         self._provider: tuple[float, Provider] | None = None
-        self._keys: tuple[float, KeySet] | None = None
-        self._keys_fetched = 0.0
+        self.keys = KeySetCache(fetcher, self._jwks_uri)
         self._claims = jwt.JWTClaimsRegistry(
             leeway=60, iss={"essential": True, "value": self.issuer}, aud={"essential": True, "value": self.client_id},
             exp={"essential": True}, iat={"essential": True}, sub={"essential": True},
@@ -485,13 +481,10 @@ class RelyingParty:
 
     async def _verified(self, id_token: str, nonce: str) -> dict[str, Any]:
         try:
-            try:
-                claims = jwt.decode(id_token, await self._keyset(), algorithms=JWT_ALGORITHMS).claims
-            except InvalidKeyIdError:  # the provider may have rotated its keys
-                claims = jwt.decode(
-                    id_token, await self._keyset(refetch=True), algorithms=JWT_ALGORITHMS
-                ).claims
+            claims = await self.keys.decode(id_token)
             self._claims.validate(claims)
+        except KeysUnavailable:
+            raise self._unavailable() from None
         except (JoseError, ValueError) as exc:
             raise self._refused(str(exc)) from None
         if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"], nonce):
@@ -509,22 +502,8 @@ class RelyingParty:
             status=403,
         )
 
-    async def _keyset(self, refetch: bool = False) -> KeySet:
-        if self._keys and self._keys[0] > time.monotonic() and not refetch:
-            return self._keys[1]
-        if self._keys and time.monotonic() - self._keys_fetched < JWKS_MIN_REFETCH:
-            return self._keys[1]
-        provider = await self.provider()
-        self._keys_fetched = time.monotonic()
-        try:
-            keys = KeySet.import_key_set(await self.fetcher.get_json(provider.jwks_uri))  # type: ignore[arg-type]
-        except (FetchError, UnsafeURL, ValueError, JoseError) as exc:
-            log.error("identity provider keys unavailable", url=provider.jwks_uri, reason=str(exc))
-            if self._keys:
-                return self._keys[1]
-            raise self._unavailable() from None
-        self._keys = (time.monotonic() + JWKS_TTL, keys)
-        return keys
+    async def _jwks_uri(self) -> str:
+        return (await self.provider()).jwks_uri
 
     def _user(self, claims: Mapping[str, Any]) -> str:
         value = claims.get(self.user_claim)
