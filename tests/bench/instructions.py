@@ -15,6 +15,7 @@ requests sent by `-c` keep-alive connections of this script, then dumped.
     .venv/bin/python tests/bench/instructions.py                       # this tree
     .venv/bin/python tests/bench/instructions.py --source /tmp/base    # another tree's proxy/
     .venv/bin/python tests/bench/instructions.py --annotate 25         # and the top C functions
+    .venv/bin/python tests/bench/instructions.py --syscalls            # system calls instead (strace -c)
 
 Needs valgrind (Debian: valgrind).
 """
@@ -25,6 +26,7 @@ import argparse
 import asyncio
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,13 +74,37 @@ def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
 
+def count_syscalls(pid: int, port: int, args: argparse.Namespace) -> None:
+    trace = subprocess.Popen(
+        ["strace", "-c", "-f", "-p", str(pid)], stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    time.sleep(1.0)  # attached
+    asyncio.run(drive(port, "/alice/keyed", args.requests, args.connections))
+    time.sleep(0.5)
+    trace.send_signal(signal.SIGINT)
+    _, summary = trace.communicate(timeout=30)
+    rows = [line.split() for line in summary.splitlines() if re.match(r"^\s*[\d.]+\s+[\d.]+\s+\d+", line)]
+    calls = {row[-1]: int(row[3]) for row in rows if row[-1] != "total"}
+    total = sum(calls.values())
+    source = args.source or "this tree"
+    detail = ", ".join(
+        f"{name} {n / args.requests:.2f}" for name, n in sorted(calls.items(), key=lambda kv: -kv[1])
+    )
+    print(f"{source}: {total / args.requests:.2f} system calls/request ({detail})")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-n", "--requests", type=int, default=2000)
     parser.add_argument("-c", "--connections", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--source", help="a folder holding the proxy/ package to measure instead")
-    parser.add_argument("--annotate", type=int, default=0, metavar="N", help="print the N costliest functions")
+    parser.add_argument(
+        "--annotate", type=int, default=0, metavar="N", help="print the N costliest functions"
+    )
+    parser.add_argument("--syscalls", action="store_true", help="count system calls (strace) instead")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (callgrind output, logs)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
@@ -88,8 +114,12 @@ def main() -> int:
     procs = bench.Processes(workdir)
     try:
         up_port = bench.free_port()
-        upstream = procs.start("upstream", [sys.executable, bench.PEERS, "upstream", "--port", str(up_port)], None)
-        bench.wait_until(lambda: bench.forwards_ok(f"http://{bench.HOST}:{up_port}/mcp"), upstream, "upstream")
+        upstream = procs.start(
+            "upstream", [sys.executable, bench.PEERS, "upstream", "--port", str(up_port)], None
+        )
+        bench.wait_until(
+            lambda: bench.forwards_ok(f"http://{bench.HOST}:{up_port}/mcp"), upstream, "upstream"
+        )
         import yaml
 
         port = bench.free_port()
@@ -114,13 +144,15 @@ def main() -> int:
         env = {"KEYBEARER_SALT": bench.random_salt(), "BENCH_KEY": bench.API_KEY, "PYTHONHASHSEED": "0"}
         if args.source:
             env["PYTHONPATH"] = str(Path(args.source).resolve())
+        tool = (
+            []
+            if args.syscalls
+            else ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+        )
         kb = procs.start(
             "keybearer",
             [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={out}",
+                *tool,
                 sys.executable,
                 "-m",
                 "proxy",
@@ -136,6 +168,9 @@ def main() -> int:
         bench.wait_until(lambda: bench.forwards_ok(url), kb, "keybearer under valgrind", timeout=180)
         asyncio.run(drive(port, "/alice/keyed", args.warmup, args.connections))
         time.sleep(0.5)  # batched log lines of the warm-up written
+        if args.syscalls:
+            count_syscalls(kb.pid, port, args)
+            return 0
         callgrind_control("--instr=on", str(kb.pid))
         asyncio.run(drive(port, "/alice/keyed", args.requests, args.connections))
         time.sleep(0.5)  # and those of the measured requests
