@@ -16,6 +16,14 @@ requests sent by `-c` keep-alive connections of this script, then dumped.
     .venv/bin/python tests/bench/instructions.py --source /tmp/base    # another tree's proxy/
     .venv/bin/python tests/bench/instructions.py --annotate 25         # and the top C functions
     .venv/bin/python tests/bench/instructions.py --syscalls            # system calls instead (strace -c)
+    .venv/bin/python tests/bench/instructions.py --app static          # the parts, see below
+
+`--app` measures, instead of Keybearer, what its parts cost on their own, served
+the way Keybearer is (uvicorn, httptools, uvloop, serving.py's protocol, the same
+uvicorn options): `static` answers the upstream's 300-byte body itself (uvicorn's
+share); `pool` forwards with proxy/upstream.py's Pool and relays the answer
+with no other work (uvicorn plus the upstream client). Keybearer minus `pool` is
+the rest of the forwarding path.
 
 Needs valgrind (Debian: valgrind).
 """
@@ -70,6 +78,69 @@ async def drive(port: int, path: str, total: int, connections: int) -> None:
     await asyncio.gather(*(one(per + (i < extra)) for i in range(connections)))
 
 
+def floor_app(kind: str, upstream: str) -> object:
+    from client_choice import RESPONSE_BODY
+
+    from proxy import upstream as client
+
+    pool = client.Pool(5.0)
+    origin, target = client.split_url(upstream)
+    answer = RESPONSE_BODY
+    static_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]
+    auth = [(b"content-type", b"application/json"), (b"authorization", b"Bearer bench")]
+
+    async def app(scope: dict, receive, send) -> None:  # type: ignore[no-untyped-def]
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if kind == "static":
+            await send({"type": "http.response.start", "status": 200, "headers": static_headers})
+            await send({"type": "http.response.body", "body": answer})
+            return
+        response = await pool.request("POST", origin, target, auth, body, 30.0)
+        try:
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": response.headers}
+            )
+            while chunk := await response.read(30.0):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            response.close()
+
+    return app
+
+
+def serve_floor(kind: str, port: int, upstream: str) -> None:
+    import functools
+
+    import uvicorn
+
+    from proxy.serving import InboundLimits, LimitedHttpToolsProtocol
+
+    uvicorn.run(
+        floor_app(kind, upstream),  # type: ignore[arg-type]
+        host=bench.HOST,
+        port=port,
+        loop="uvloop",
+        http=functools.partial(LimitedHttpToolsProtocol, limits=InboundLimits(16384, 10.0, 10000)),  # type: ignore[arg-type]
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+    )
+
+
 def callgrind_control(*args: str) -> None:
     subprocess.run(["callgrind_control", *args], check=True, capture_output=True)
 
@@ -87,6 +158,8 @@ def count_syscalls(pid: int, port: int, args: argparse.Namespace) -> None:
     calls = {row[-1]: int(row[3]) for row in rows if row[-1] != "total"}
     total = sum(calls.values())
     source = args.source or "this tree"
+    if args.app != "keybearer":
+        source += f", --app {args.app}"
     detail = ", ".join(
         f"{name} {n / args.requests:.2f}" for name, n in sorted(calls.items(), key=lambda kv: -kv[1])
     )
@@ -104,9 +177,14 @@ def main() -> int:
     parser.add_argument(
         "--annotate", type=int, default=0, metavar="N", help="print the N costliest functions"
     )
+    parser.add_argument("--app", choices=("keybearer", "static", "pool"), default="keybearer")
+    parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--syscalls", action="store_true", help="count system calls (strace) instead")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (callgrind output, logs)")
     args = parser.parse_args()
+    if args.serve:  # the process measured for --app static|pool
+        serve_floor(args.serve[0], int(args.serve[1]), args.serve[2])
+        return 0
     if shutil.which("valgrind") is None:
         sys.exit("valgrind not found (Debian: apt-get install valgrind)")
 
@@ -149,17 +227,14 @@ def main() -> int:
             if args.syscalls
             else ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
         )
+        if args.app == "keybearer":
+            command = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+        else:
+            upstream_url = f"http://{bench.HOST}:{up_port}/mcp"
+            command = [sys.executable, __file__, "--serve", args.app, str(port), upstream_url]
         kb = procs.start(
             "keybearer",
-            [
-                *tool,
-                sys.executable,
-                "-m",
-                "proxy",
-                "serve",
-                "--config",
-                str(config),
-            ],
+            [*tool, *command],
             None,
             env=env,
             cwd=args.source or None,
@@ -182,6 +257,8 @@ def main() -> int:
             raise RuntimeError(f"no totals in {dump}")
         instructions = int(totals[-1])
         source = args.source or "this tree"
+        if args.app != "keybearer":
+            source += f", --app {args.app}"
         print(
             f"{source}: {instructions / args.requests:,.0f} instructions/request "
             f"({instructions:,} for {args.requests} requests, {args.connections} connections)"
