@@ -162,23 +162,20 @@ def request(
     """
     if not _request_lines:
         return
-    if mcp_method is not None:
-        mcp_method = redact_text(mcp_method)
+    # Inline rather than a helper per field: this runs for every request.
     _writer.write_later(
-        f'{{"request_id": {_json_str(request_id)}, "user": {_json_str(user)}, "server": {_json_str(server)}, '
-        f'"method": {_json_str(method)}, "mcp_method": {_json_str(mcp_method)}, "status": {int(status)}, '
-        f'"outcome": {_json_str(outcome)}, "duration_ms": {float(duration_ms)!r}, "bytes_in": {int(bytes_in)}, '
-        f'"bytes_out": {int(bytes_out)}, "event": "request", "level": "info", "timestamp": "{_timestamp()}"}}\n'
+        f'{{"request_id": {_encode_str(request_id)}, '
+        f'"user": {"null" if user is None else _encode_str(user)}, '
+        f'"server": {"null" if server is None else _encode_str(server)}, '
+        f'"method": {"null" if method is None else _encode_str(method)}, '
+        f'"mcp_method": {"null" if mcp_method is None else _encode_str(redact_text(mcp_method))}, '
+        f'"status": {status:d}, "outcome": {_encode_str(outcome)}, "duration_ms": {duration_ms!r}, '
+        f'"bytes_in": {bytes_in:d}, "bytes_out": {bytes_out:d}, "event": "request", "level": "info", '
+        f'"timestamp": "{_timestamp()}"}}\n'
     )
 
 
 _encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for every str
-
-
-def _json_str(value: str | None) -> str:
-    return "null" if value is None else _encode_str(value)
-
-
 _second = -1
 _second_text = ""
 
@@ -187,11 +184,11 @@ def _timestamp() -> str:
     """UTC, ISO 8601 with microseconds and a Z, as structlog's lines; the date and
     time of day are formatted once per second."""
     global _second, _second_text
-    now = time.time()
-    second = int(now)
+    now = time.time_ns()
+    second, fraction = divmod(now, 1_000_000_000)
     if second != _second:
         _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
+    return f"{_second_text}.{fraction // 1000:06d}Z"
 
 
 def flush() -> None:
