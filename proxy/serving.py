@@ -118,7 +118,9 @@ class _Cork:
         if pending:
             data = pending[0] if len(pending) == 1 else b"".join(pending)
             pending.clear()
-            self.transport.write(data)
+            # The agent may have gone since these were held: uvicorn writes nothing then.
+            if not self.transport.is_closing():
+                self.transport.write(data)
 
     def close(self) -> None:
         self.flush()
