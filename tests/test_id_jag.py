@@ -328,6 +328,8 @@ async def test_a_policy_refusal_is_remembered_briefly_and_every_page_says_each_s
     assert "managed by the organisation" in index and "hana:" not in index  # the person's, not the operator's
     listed = replicas[0].cli("connections", "list", "two")
     assert listed.returncode == 0 and re.search(r"hana\s+not_allowed\s+since ", listed.stdout), listed
+    async with admin(replicas[0]) as api:
+        assert (await api.get("/admin/servers/two")).json()["managed_by"] == "organisation"
 
     # The provider's session ends; once the token of `one` runs out, the person must sign in again.
     await drop_id_token(redis_prefix, "hana")
