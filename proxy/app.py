@@ -126,14 +126,13 @@ def compose(settings: Settings) -> Components:
     )  # fmt: skip
     flow = ConnectFlow(keyring, registry, tokens, clients, lifecycle)
     service = ServiceTokens(
-        keyring, tokens, feed, lambda server, _: clients.client_credentials(server), settings.refresh_skew,
-        settings.refresh_lock_ttl,
-        settings.token_endpoint_cooldown,
+        keyring, tokens, feed, lambda server, _: clients.client_credentials(server), clients.service_client_id,
+        settings.refresh_skew, settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
     )  # fmt: skip
     sign_in = RelyingParty(settings, keyring, tokens, fetcher) if settings.signs_in else None
     assertions = AssertionTokens(
-        keyring, tokens, feed, IdentityAssertions(clients, sign_in, settings.public_url), settings.refresh_skew,
-        settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
+        keyring, tokens, feed, IdentityAssertions(clients, sign_in, settings.public_url), clients.service_client_id,
+        settings.refresh_skew, settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
     )  # fmt: skip
     # Keyed by ServerConfig.credential_kind: the auth type, and for oauth the grant.
     sources: dict[str, CredentialSource] = {
@@ -183,7 +182,9 @@ class Keybearer:
                 ),
                 *admin.routes(settings.admin_token, lambda: self.parts.management),
                 *login.routes(login.LoginPages(parts.sessions, parts.sign_in)),
-                *connect_routes.routes(settings, parts.keyring, parts.flow, parts.sessions, parts.links),
+                *connect_routes.routes(
+                    settings, parts.keyring, parts.flow, parts.sessions, parts.links, parts.sign_in
+                ),
             ],
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +31,9 @@ from proxy.stores.redis import RedisTokenStore
 pytestmark = pytest.mark.slow
 LOGIN_CLIENT, LOGIN_SECRET = "keybearer-login", "login-secret-0123456789abcdef"
 AS_SECRET = "as-secret-0123456789abcdef"
+ADMIN = "idjag-admin-token-0123456789abcdef"
 TTL = 4  # seconds an access token of server `one` lives
+COOLDOWN = 3  # token_endpoint_cooldown: how long a recorded refusal is answered from its record
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,7 @@ def replicas(
         "migrate_on_start": True,
         "oauth_allow_http_loopback": True,
         "refresh_skew": 1,
-        "token_endpoint_cooldown": 3,
+        "token_endpoint_cooldown": COOLDOWN,
         "login_issuer": org.idp_issuer,
         "login_client_id": LOGIN_CLIENT,
         "servers": {
@@ -79,7 +82,8 @@ def replicas(
             "two": {"url": servers["two"].mcp_url, "client_id": "kb-at-two", **managed},
         },
     }
-    env = {"KEYBEARER_SALT": salt, "KEYBEARER_LOGIN_CLIENT_SECRET": LOGIN_SECRET, "AS_SECRET": AS_SECRET}
+    env = {"KEYBEARER_SALT": salt, "KEYBEARER_LOGIN_CLIENT_SECRET": LOGIN_SECRET, "AS_SECRET": AS_SECRET,
+           "KEYBEARER_ADMIN_TOKEN": ADMIN}  # fmt: skip
     procs: list[ProxyProcess] = []
     try:
         for port in ports:
@@ -244,3 +248,155 @@ async def test_the_id_token_is_kept_sealed_and_a_provider_failure_is_the_operato
     assert error["data"] == {"error": "identity_provider_failed", "server": "two"}
     assert "the operator must allow Keybearer's sign-in client the token exchange" in error["message"]
     assert (await whoami(replicas[1], "fay", "two"))["sub"] == "fay"  # nothing recorded: fine once fixed
+
+
+# -- the state of managed servers, for people and operators ----------------------------------
+
+
+def admin(proxy: ProxyProcess) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=proxy.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+
+
+async def connection(proxy: ProxyProcess, server: str, user: str) -> dict[str, Any] | None:
+    async with admin(proxy) as api:
+        answer = await api.get(f"/admin/servers/{server}/connections")
+    assert answer.status_code == 200, answer.text
+    return next((c for c in answer.json()["connections"] if c["user"] == user), None)
+
+
+async def home(browser: httpx.AsyncClient) -> dict[str, str]:
+    """The person's home page: each server's row, by server id."""
+    page = await browser.get("/")
+    assert page.status_code == 200, page.text
+    assert "/connect/" not in page.text  # nothing to connect: the organisation manages both servers
+    rows = (row.partition("</tr>")[0] for row in page.text.split("<tr>")[1:])
+    return {m.group(1): row for row in rows if (m := re.match(r"<td><strong>([^<]+)</strong>", row))}
+
+
+async def console(proxy: ProxyProcess, path: str) -> str:
+    async with admin(proxy) as api:
+        link = (await api.post("/admin/links", json={"console": True})).json()["console_url"]
+    async with httpx.AsyncClient(follow_redirects=True, timeout=30) as operator:
+        assert (await operator.get(link)).status_code == 200
+        page = await operator.get(proxy.url + path)
+    assert page.status_code == 200, page.text
+    return page.text
+
+
+async def drop_id_token(redis_prefix: str, user: str) -> None:
+    """As when the provider's session ends and the ID token runs out."""
+    store = RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-idjag")
+    await store.open()
+    try:
+        await store.cache_delete_prefix(f"login:id_token:{user}:")
+    finally:
+        await store.close()
+
+
+async def test_a_policy_refusal_is_remembered_briefly_and_every_page_says_each_state(
+    org: Enterprise, replicas: list[ProxyProcess], redis_prefix: str
+) -> None:
+    org.allow("hana", issuer(org, "one"))  # not two
+    browser = await sign_in(replicas[0], org, "hana")
+    rows = await home(browser)
+    assert "managed by your organisation" in rows["one"] and "not yet obtained" in rows["one"]
+    assert "Forget token" not in rows["one"]
+    assert (await whoami(replicas[1], "hana", "one"))["sub"] == "hana"
+    obtained = time.monotonic()
+    key = ("hana", issuer(org, "two"))
+
+    started = time.monotonic()
+    answers = [*await asyncio.gather(*(initialize(replicas[i % 3], "hana", "two") for i in range(6)))]
+    answers += [await initialize(proxy, "hana", "two") for proxy in replicas]
+    for status, answer in answers:
+        assert (status, answer["error"]["data"]["error"]) == (403, "not_allowed_by_organisation"), answer
+        assert "your organisation does not allow you to use two" in answer["error"]["message"]
+    # One exchange for all nine, on three replicas (unless the machine took longer than the window).
+    assert org.exchanges[key] <= 1 + (time.monotonic() - started) // COOLDOWN, org.exchanges[key]
+    exchanged = org.exchanges[key]
+
+    recorded = await connection(replicas[2], "two", "hana")
+    assert recorded is not None and recorded["state"] == "not_allowed", recorded
+    assert recorded["expires_at"] is None and "does not allow you to use two" in recorded["last_error"]
+    rows = await home(browser)
+    assert "not allowed by your organisation" in rows["two"] and "(since " in rows["two"]
+    assert "Forget token" not in rows["two"]
+    assert "connected" in rows["one"] and "Forget token" in rows["one"]
+    page = await console(replicas[1], "/admin/console/servers/two")
+    assert "Managed by the organisation" in page and "not allowed" in page and "hana" in page
+    index = await console(replicas[1], "/admin/console")
+    assert "managed by the organisation" in index and "hana:" not in index  # the person's, not the operator's
+    listed = replicas[0].cli("connections", "list", "two")
+    assert listed.returncode == 0 and re.search(r"hana\s+not_allowed\s+since ", listed.stdout), listed
+    async with admin(replicas[0]) as api:
+        assert (await api.get("/admin/servers/two")).json()["managed_by"] == "organisation"
+
+    # The provider's session ends; once the token of `one` runs out, the person must sign in again.
+    await drop_id_token(redis_prefix, "hana")
+    await asyncio.sleep(max(obtained + TTL, started + COOLDOWN) + 0.3 - time.monotonic())
+    status, answer = await initialize(replicas[2], "hana", "one")
+    assert (status, answer["error"]["code"]) == (200, -32042), answer
+    assert (await connection(replicas[0], "one", "hana") or {}).get("state") == "sign_in_required"
+    rows = await home(browser)
+    assert "needs you to sign in again" in rows["one"] and 'href="/login?next=%2F"' in rows["one"]
+    await browser.aclose()
+
+    # The organisation allows two now; after the window the provider is asked again.
+    org.allow("hana", issuer(org, "two"))
+    browser = await sign_in(replicas[0], org, "hana")
+    assert (await whoami(replicas[1], "hana", "two"))["sub"] == "hana"
+    assert org.exchanges[key] == exchanged + 1
+    rows = await home(browser)
+    assert "not yet obtained" in rows["one"] and "connected" in rows["two"]
+
+    # Forgetting the token: nothing stored, and the next use obtains another.
+    page = (await browser.get("/")).text
+    form = page.split('action="/connections/hana/two/disconnect"', 1)[1]
+    csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+    forgot = await browser.post("/connections/hana/two/disconnect", data={"csrf": csrf})
+    assert forgot.status_code == 200 and str(forgot.url) == f"{replicas[0].url}/"
+    assert await connection(replicas[2], "two", "hana") is None
+    assert "not yet obtained" in (await home(browser))["two"]
+    await browser.aclose()
+
+
+async def test_a_new_client_drops_the_tokens_of_the_old_one(
+    org: Enterprise, replicas: list[ProxyProcess], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    org.allow("ivan", issuer(org, "two"))
+    browser = await sign_in(replicas[0], org, "ivan")
+    await browser.aclose()
+    assert (await whoami(replicas[1], "ivan", "two"))["client_id"] == "kb-at-two"
+    two = org.auth_servers["two"]
+    two.also["kb-new"] = AS_SECRET
+    try:
+        # The operator moves Keybearer to a new client at two's authorization server (and the provider too).
+        two.client_id = "kb-new"
+        async with admin(replicas[2]) as api:
+            moved = await api.put(
+                "/admin/servers/two/oauth-client", json={"client_id": "kb-new", "client_secret": AS_SECRET}
+            )
+            assert moved.status_code == 200, moved.text
+        assert await connection(replicas[0], "two", "ivan") is None
+        assert (await whoami(replicas[0], "ivan", "two"))["client_id"] == "kb-new"
+        two.client_id = "kb-at-two"
+        async with admin(replicas[2]) as api:
+            assert (await api.delete("/admin/servers/two/oauth-client")).status_code == 204
+        assert (await whoami(replicas[1], "ivan", "two"))["client_id"] == "kb-at-two"
+
+        # A restart with a new client_id in the config: another replica here, on the same stores.
+        two.client_id = "kb-new"
+        config = {k: v for k, v in replicas[0].config.items() if k != "listen"}
+        config["servers"] = {**config["servers"], "two": {**config["servers"]["two"], "client_id": "kb-new"}}
+        restarted = ProxyProcess(config, tmp_path_factory.mktemp("idjag-restart"), replicas[0].env)
+        try:
+            assert (await whoami(restarted, "ivan", "two"))["client_id"] == "kb-new"
+        finally:
+            restarted.stop()
+        assert "eyJ" not in restarted.log()
+        # And the replicas still configured with the old client drop that token in turn.
+        two.client_id = "kb-at-two"
+        assert (await whoami(replicas[2], "ivan", "two"))["client_id"] == "kb-at-two"
+    finally:
+        two.client_id = "kb-at-two"
+        two.also.clear()

@@ -17,6 +17,7 @@ does not allow this person this server), and the authorization server's refusal
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from urllib.parse import urlencode
 
@@ -24,6 +25,7 @@ import structlog
 
 from proxy import metrics
 from proxy.connect.clients import OAuthClients, ServiceClientUnusable, ServiceGrant
+from proxy.connect.lifecycle import TokenSet
 from proxy.connect.service import ServiceTokens, refusal_message
 from proxy.errors import Answer, Forbidden, KeybearerError, Unavailable
 from proxy.login import RelyingParty
@@ -32,11 +34,15 @@ from proxy.oauth.client import AuthServerUnavailable, OAuthError
 from proxy.oauth.discovery import DiscoveryError
 from proxy.oauth.fetch import FetchError, UnsafeURL
 from proxy.settings import ServerConfig
+from proxy.stores import Connection
 
 log = structlog.get_logger("keybearer.oauth")
 
 # The provider's answers that mean "its policy says no" (RFC 8693 §2.2.2, RFC 6749 §5.2).
 POLICY_REFUSALS = ("invalid_grant", "access_denied", "invalid_target", "invalid_scope", "unauthorized_client")
+# A person's connection to a managed server, besides connected and refused (service.py):
+NOT_ALLOWED = "not_allowed"  # the provider's policy refused the exchange; obtained_at is when
+SIGN_IN_REQUIRED = "sign_in_required"  # the token ran out and Keybearer holds no current sign-in
 
 
 class SignInNeeded(KeybearerError):
@@ -67,6 +73,12 @@ class SignInNeeded(KeybearerError):
 class NotAllowedByOrganisation(Forbidden):
     code = "not_allowed_by_organisation"
     title = "Not allowed by your organisation"
+
+
+def not_allowed(server: ServerConfig, message: str) -> NotAllowedByOrganisation:
+    return NotAllowedByOrganisation(
+        message, next_step="if you need it, ask whoever manages access at your organisation", server=server.id
+    )
 
 
 class IdentityProviderFailed(Unavailable):
@@ -112,11 +124,10 @@ class IdentityAssertions:
     def _exchange_refused(self, server: ServerConfig, user: str, exc: OAuthError) -> KeybearerError:
         if exc.error in POLICY_REFUSALS:
             log.info("identity provider refused the exchange", server=server.id, user=user, error=exc.error)
-            return NotAllowedByOrganisation(
+            return not_allowed(
+                server,
                 f"your organisation does not allow you to use {server.id} (its identity provider refused: "
                 f"{exc.error})",
-                next_step="if you need it, ask whoever manages access at your organisation",
-                server=server.id,
             )
         log.warning("identity provider failed the exchange", server=server.id, reason=str(exc))
         return IdentityProviderFailed(
@@ -129,7 +140,39 @@ class IdentityAssertions:
 
 
 class AssertionTokens(ServiceTokens):
-    """ServiceTokens per person: the same single flight, refusals and cooldown."""
+    """ServiceTokens per person: the same single flight, refusals and cooldown.
+
+    The provider's policy refusal is recorded too (NOT_ALLOWED), for the pages
+    and for every replica: for `cooldown` seconds it is answered from the record,
+    so that an agent refused again and again does not send the provider a token
+    exchange per request; then the provider is asked again, as policies change.
+    A stored token that ran out with no sign-in to renew it becomes
+    SIGN_IN_REQUIRED (nothing is stored for people who never had one here: an
+    agent may name any user id)."""
+
+    async def _obtain(self, server: ServerConfig, current: Connection) -> ServiceGrant:
+        try:
+            return await super()._obtain(server, current)
+        except NotAllowedByOrganisation as exc:
+            recorded = await self._record(server, current, NOT_ALLOWED, exc.message)
+            raise self._not_allowed(server, recorded) from None
+        except SignInNeeded as exc:
+            expired = current.expires_at is None or current.expires_at <= time.time()
+            if current.version and current.state != SIGN_IN_REQUIRED and expired:
+                await self._record(server, current, SIGN_IN_REQUIRED, exc.message)
+            raise
+
+    def _usable(self, conn: Connection, server: ServerConfig) -> TokenSet | None:
+        if conn.state == NOT_ALLOWED:
+            if conn.obtained_at + self.cooldown > time.time():
+                raise self._not_allowed(server, conn)
+            return None
+        return super()._usable(conn, server)
+
+    def _not_allowed(self, server: ServerConfig, conn: Connection) -> NotAllowedByOrganisation:
+        return not_allowed(
+            server, conn.last_error or f"your organisation does not allow you to use {server.id}"
+        )
 
     def refusal_message(self, server: ServerConfig, exc: OAuthError | ServiceClientUnusable) -> str:
         if isinstance(exc, ServiceClientUnusable) or exc.error == "invalid_client":

@@ -24,7 +24,9 @@ endpoint (client_secret_basic) for the RFC 7523 JWT bearer grant that checks
 the ID-JAG as the extension says (signature by the provider's key, `typ`,
 `iss`, `aud`, `client_id` = the authenticated client, `resource`, `exp`, `jti`
 never seen before) and issues RS256 JWT access tokens for the resource that
-live `token_ttl` seconds. `refuse` makes it answer `unauthorized_client`;
+live `token_ttl` seconds. `client_id` is the client the provider names in
+ID-JAGs for it; `also` authenticates more clients (as when the operator moves
+Keybearer to a new one). `refuse` makes it answer `unauthorized_client`;
 `exchange_error` makes the provider answer every token exchange with that error.
 """
 
@@ -65,6 +67,7 @@ class AuthServer:
     token_ttl: int
     refuse: bool = False
     seen_jti: set[str] = field(default_factory=set)
+    also: dict[str, str] = field(default_factory=dict)  # more clients it authenticates (a client change)
 
 
 class Enterprise:
@@ -254,7 +257,7 @@ def _handler(org: Enterprise) -> type[BaseHTTPRequestHandler]:
                 return self._json(payload, status)
             for name, auth in org.auth_servers.items():
                 if self.path == f"/as/{name}/token":
-                    client_id = _basic(authorization, {auth.client_id: auth.secret})
+                    client_id = _basic(authorization, {auth.client_id: auth.secret, **auth.also})
                     if client_id is None:
                         return self._json({"error": "invalid_client"}, 401)
                     status, payload = org.as_token(auth, client_id, form)
