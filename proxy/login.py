@@ -424,8 +424,13 @@ class RelyingParty:
                 f"Your organisation's sign-in refused to complete it: {exc}", status=403
             ) from None
         id_token = issued.raw.get("id_token")
-        if not isinstance(id_token, str) or not id_token or len(id_token) > MAX_TOKEN_CHARS:
-            raise SignInFailed("Your organisation's sign-in answered without a usable ID token.", status=502)
+        if not isinstance(id_token, str) or not id_token:
+            raise SignInFailed("Your organisation's sign-in answered without an ID token.", status=502)
+        if len(id_token) > MAX_TOKEN_CHARS:
+            raise SignInFailed(
+                f"Your organisation's sign-in answered with an ID token over {MAX_TOKEN_CHARS} characters.",
+                status=502,
+            )
         claims = await self._verified(id_token, pending["nonce"])
         user = self._user(claims)
         refresh_token = _bounded(issued.refresh_token) if self.wants_refresh_token() else None
