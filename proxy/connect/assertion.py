@@ -18,6 +18,7 @@ does not allow this person this server), and the authorization server's refusal
 from __future__ import annotations
 
 import time
+from contextvars import ContextVar
 from dataclasses import replace
 from urllib.parse import urlencode
 
@@ -27,6 +28,7 @@ from proxy import metrics
 from proxy.connect.clients import OAuthClients, ServiceClientUnusable, ServiceGrant
 from proxy.connect.lifecycle import TokenSet
 from proxy.connect.service import ServiceTokens, refusal_message
+from proxy.connect.subject import SubjectTokens
 from proxy.errors import Answer, Forbidden, KeybearerError, Unavailable
 from proxy.login import RelyingParty
 from proxy.oauth import client as oauth_client
@@ -43,6 +45,11 @@ POLICY_REFUSALS = ("invalid_grant", "access_denied", "invalid_target", "invalid_
 # A person's connection to a managed server, besides connected and refused (service.py):
 NOT_ALLOWED = "not_allowed"  # the provider's policy refused the exchange; obtained_at is when
 SIGN_IN_REQUIRED = "sign_in_required"  # the token ran out and Keybearer holds no current sign-in
+
+# The agent's own bearer token on this request (inbound_auth: jwt), set by the
+# identity_assertion credential source for its request's task: the exchange
+# happens deep in the token's single flight, which knows nothing of requests.
+PRESENTED: ContextVar[str | None] = ContextVar("keybearer_presented", default=None)
 
 
 class SignInNeeded(KeybearerError):
@@ -90,13 +97,20 @@ class IdentityProviderFailed(Unavailable):
 class IdentityAssertions:
     """The grant call for a (server, user): exchange, then JWT bearer grant."""
 
-    def __init__(self, clients: OAuthClients, party: RelyingParty | None, public_url: str) -> None:
+    def __init__(
+        self,
+        clients: OAuthClients,
+        party: RelyingParty | None,
+        subjects: SubjectTokens | None,
+        public_url: str,
+    ) -> None:
         self.clients = clients
         self.party = party
+        self.subjects = subjects
         self.sign_in_url = public_url + "/login?" + urlencode({"next": "/"})
 
     async def __call__(self, server: ServerConfig, user: str) -> ServiceGrant:
-        if self.party is None:
+        if self.party is None or self.subjects is None:
             raise IdentityProviderFailed(
                 f"server {server.id!r} uses grant identity_assertion but people do not sign in on this proxy; "
                 "the operator must set login_issuer and login_client_id",
@@ -107,7 +121,17 @@ class IdentityAssertions:
         except (DiscoveryError, UnsafeURL, FetchError) as exc:
             raise AuthServerUnavailable(str(exc)) from None
         registration = await self.clients.service_client(server, found.auth_server)
-        id_token = await self.party.id_token(user)
+        try:
+            id_token = await self.subjects.subject(user, PRESENTED.get())
+        except OAuthError as exc:
+            log.warning("identity provider failed to renew a sign-in", server=server.id, reason=str(exc))
+            raise IdentityProviderFailed(
+                f"the organisation's identity provider failed to renew your sign-in for server {server.id!r} "
+                f"({exc}); the operator must allow Keybearer's sign-in client the refresh_token grant there "
+                "(docs/enterprise.md)",
+                retry_after=15,
+                server=server.id,
+            ) from None
         if id_token is None:
             raise SignInNeeded(server, self.sign_in_url)
         scopes = found.scopes or server.scopes
@@ -161,6 +185,13 @@ class AssertionTokens(ServiceTokens):
             if current.version and current.state != SIGN_IN_REQUIRED and expired:
                 await self._record(server, current, SIGN_IN_REQUIRED, exc.message)
             raise
+
+    def _open(self, conn: Connection, server: ServerConfig) -> TokenSet:
+        if conn.state == SIGN_IN_REQUIRED and isinstance(self.obtain, IdentityAssertions):
+            # What another request or replica just recorded while this one waited:
+            # the same answer, not a 503 "changed meanwhile".
+            raise SignInNeeded(server, self.obtain.sign_in_url)
+        return super()._open(conn, server)
 
     def _usable(self, conn: Connection, server: ServerConfig) -> TokenSet | None:
         if conn.state == NOT_ALLOWED:

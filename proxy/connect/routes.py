@@ -38,10 +38,11 @@ from proxy.connect.clients import CLIENT_METADATA_PATH, CLIENT_NAME
 from proxy.connect.flow import ConnectFlow, FlowError, browser_hash, other_browser
 from proxy.connect.lifecycle import CONNECTED, MUST_RECONNECT
 from proxy.connect.service import REFUSED
+from proxy.connect.subject import SubjectTokens
 from proxy.crypto import Keyring
 from proxy.errors import Forbidden, page_endpoint
 from proxy.links import Links
-from proxy.login import RelyingParty, Session, Sessions, read_form
+from proxy.login import Session, Sessions, read_form
 from proxy.names import LINK
 from proxy.oauth import client as oauth_client
 from proxy.routing import RESERVED
@@ -63,9 +64,9 @@ def routes(
     flow: ConnectFlow,
     sessions: Sessions,
     links_: Links,
-    party: RelyingParty | None = None,
+    sign_ins: SubjectTokens | None = None,
 ) -> list[Route]:
-    pages_ = BrowserPages(settings, keyring, flow, sessions, links_, party)
+    pages_ = BrowserPages(settings, keyring, flow, sessions, links_, sign_ins)
     guard = page_endpoint
     return [
         Route("/", guard(pages_.home), methods=["GET"]),
@@ -86,14 +87,14 @@ class BrowserPages:
         flow: ConnectFlow,
         sessions: Sessions,
         links_: Links,
-        party: RelyingParty | None,
+        sign_ins: SubjectTokens | None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.flow = flow
         self.sessions = sessions
         self.links = links_
-        self.party = party
+        self.sign_ins = sign_ins
 
     # -- home ----------------------------------------------------------------------------
 
@@ -213,9 +214,9 @@ class BrowserPages:
 
     async def _holds_sign_in(self, user: str, servers: list[ServerConfig]) -> bool:
         """Whether Keybearer holds an ID token of the person (asked only when a server needs one)."""
-        if self.party is None or not any(s.credential_kind == "identity_assertion" for s in servers):
+        if self.sign_ins is None or not any(s.credential_kind == "identity_assertion" for s in servers):
             return False
-        return await self.party.id_token(user) is not None
+        return await self.sign_ins.holds(user)
 
     async def disconnect(self, request: Request) -> Response:
         user, server = self._user(request), self._server(request, PERSONAL)
