@@ -975,7 +975,8 @@ def section_storm_users(s: Setup) -> None:
             detail=f"last done in {burst['all_done_ms']:.0f} ms; {burst['body_ok']}/{n} forwarded with the "
             f"new token; statuses {burst['statuses']}; AS: {refreshes} token requests for "
             f"{stats.get('grants', 0)} users, at most {stats.get('most_per_grant', 0)} per user, "
-            f"{stats.get('refresh_reused', 0)} reused",
+            f"{stats.get('refresh_reused', 0)} reused"
+            + (f"; refused: {burst['refusals']}" if burst.get("refusals") else ""),
         )
     )
 
