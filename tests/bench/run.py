@@ -20,7 +20,7 @@ only figures from the same run are compared, as ratios.
    and the upstream's CPU beside them.
 5. Many users: the OAuth path for one user and for 10,000 round-robin, on one proxy with a
    Redis of its own (its INFO commandstats gives Redis commands per request).
-6. Many servers: 1,000 servers (half file, half store)
+6. Many servers: 1,000 servers (half file, half store, 250 of those with a stored API key)
    and 100,000 stored connections against section 1's 5: start-up time and CPU (medians of
    5 starts), RSS, CPU per request (two rounds in opposite orders).
 --soak: RSS under traffic from the 10,000 users of section 5, and its slope.
@@ -1310,8 +1310,14 @@ TARGET_SERVERS_RATIO = 1.10
 STARTS = 5
 
 
-def store_servers(database_url: str, servers: list[Any]) -> None:
+def store_servers(
+    database_url: str, servers: list[Any], salt: str = "", keys: dict[str, str] | None = None
+) -> None:
+    """Server definitions, and API keys sealed as `keybearer api-key set` seals them."""
+
     async def go() -> None:
+        from proxy.crypto import Keyring
+        from proxy.names import SecretKind
         from proxy.stores.postgres import PostgresStore
 
         store = PostgresStore(database_url)
@@ -1320,6 +1326,11 @@ def store_servers(database_url: str, servers: list[Any]) -> None:
             await store.migrate()
             for server in servers:
                 await store.put_server(server)
+            for name, key in (keys or {}).items():
+                sealed = Keyring(salt).encrypt(
+                    SecretKind.API_KEY, key.encode(), f"{SecretKind.API_KEY}:{name}"
+                )
+                await store.set_secret(SecretKind.API_KEY, name, sealed)
         finally:
             await store.close()
 
@@ -1328,26 +1339,33 @@ def store_servers(database_url: str, servers: list[Any]) -> None:
 
 def section_servers(s: Setup) -> None:
     """The same requests with section 1's 5 servers, and with 1,000 servers (half in the config file,
-    half in the store) and 100,000 stored connections."""
+    half in the store, every other stored one with its API key stored) and 100,000 stored connections."""
     assert s.shared is not None
     from proxy.settings import ServerConfig
 
     args = s.args
     up = s.upstream_base
     half = args.servers // 2
-    users = max(1, args.connections_stored // (args.servers - half))
     redis_proc, redis_url = start_private_redis(s, "redis-servers")
     big = SharedStores(s.shared.admin_url, redis_url)
     try:
         big.create()
-        stored = [ServerConfig(id=f"s{i}", url=f"{up}/mcp", auth="oauth", client_id="bench", source="store")
+        # Stored: every other one an api_key server with its key in the store (each registered
+        # for log redaction at start), the others oauth servers with the connections.
+        stored = [ServerConfig(id=f"s{i}", url=f"{up}/mcp", auth="api_key" if i % 2 else "oauth",
+                               client_id=None if i % 2 else "bench", source="store")
                   for i in range(args.servers - half)]  # fmt: skip
+        keys = {
+            server.id: f"stored-{secrets.token_urlsafe(24)}" for server in stored if server.auth == "api_key"
+        }
+        oauth = [server for server in stored if server.auth == "oauth"]
+        users = max(1, args.connections_stored // len(oauth))
         started = time.monotonic()
-        store_servers(big.database_url, stored)
-        pairs = [(f"u{u}", server.id) for server in stored for u in range(users)]
+        store_servers(big.database_url, stored, s.salt, keys)
+        pairs = [(f"u{u}", server.id) for server in oauth for u in range(users)]
         seed_users(redis_url, big.prefix, s.salt, pairs)
-        s.say(f"  [6] {len(stored)} servers and {len(pairs):,} connections stored in "
-              f"{time.monotonic() - started:.1f} s")  # fmt: skip
+        s.say(f"  [6] {len(stored)} servers ({len(keys)} with a stored API key) and {len(pairs):,} "
+              f"connections stored in {time.monotonic() - started:.1f} s")  # fmt: skip
         small_servers = {**s.sidecar_config("x")["servers"], **shared_servers(s)}
         in_file = {f"f{i}": {"url": f"{up}/mcp", "auth": "api_key", "api_key_env": "BENCH_KEY"}
                    for i in range(half - len(small_servers))}  # fmt: skip
