@@ -1540,7 +1540,8 @@ def benchmark(args: argparse.Namespace) -> int:
             if "3" in args.sections and s.shared is not None:
                 s.say("[3] refresh storm")
                 section_storm(s)
-                section_storm_users(s)
+                for _ in range(args.storm_runs):
+                    section_storm_users(s)
             if "4" in args.sections:
                 s.say("[4] workers")
                 section_workers(s)
@@ -1603,6 +1604,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--storm", type=int, default=500, help="concurrent requests in the refresh storm")
     parser.add_argument("--storm-users", type=int, default=1000, help="users in the many-users storm")
+    parser.add_argument(
+        "--storm-runs", type=int, default=1, help="times the many-users storm is run (a row each)"
+    )
     parser.add_argument("--token-delay-ms", type=float, default=50, help="the token endpoint's own delay")
     parser.add_argument("--worker-connections", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--users", type=int, default=10_000, help="distinct users in section 5")
