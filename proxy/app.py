@@ -41,6 +41,7 @@ from proxy.connect.clients import OAuthClients
 from proxy.connect.flow import ConnectFlow
 from proxy.connect.lifecycle import TokenLifecycle
 from proxy.connect.service import ServiceTokens
+from proxy.connect.subject import SubjectTokens
 from proxy.credentials import CredentialSource
 from proxy.credentials.api_key import ApiKeys
 from proxy.credentials.client_credentials import ClientCredentials
@@ -87,6 +88,7 @@ class Components:
     links: Links
     sessions: Sessions
     sign_in: RelyingParty | None
+    subjects: SubjectTokens | None
     management: Management
     web_origin: WebOriginGuard
 
@@ -126,14 +128,30 @@ def compose(settings: Settings) -> Components:
     )  # fmt: skip
     flow = ConnectFlow(keyring, registry, tokens, clients, lifecycle)
     service = ServiceTokens(
-        keyring, tokens, feed, lambda server, _: clients.client_credentials(server), settings.refresh_skew,
-        settings.refresh_lock_ttl,
-        settings.token_endpoint_cooldown,
+        keyring, tokens, feed, lambda server, _: clients.client_credentials(server), clients.service_client_id,
+        settings.refresh_skew, settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
     )  # fmt: skip
-    sign_in = RelyingParty(settings, keyring, tokens, fetcher) if settings.signs_in else None
+    sign_in = (
+        RelyingParty(settings, keyring, tokens, fetcher, lambda: _any_identity_assertion(registry))
+        if settings.signs_in
+        else None
+    )
+    subjects = (
+        SubjectTokens(
+            sign_in,
+            keyring,
+            tokens,
+            settings.refresh_skew,
+            settings.session_lifetime,
+            settings.refresh_lock_ttl,
+        )
+        if sign_in
+        else None
+    )
     assertions = AssertionTokens(
-        keyring, tokens, feed, IdentityAssertions(clients, sign_in, settings.public_url), settings.refresh_skew,
-        settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
+        keyring, tokens, feed, IdentityAssertions(clients, sign_in, subjects, settings.public_url),
+        clients.service_client_id,
+        settings.refresh_skew, settings.refresh_lock_ttl, settings.token_endpoint_cooldown,
     )  # fmt: skip
     # Keyed by ServerConfig.credential_kind: the auth type, and for oauth the grant.
     sources: dict[str, CredentialSource] = {
@@ -158,8 +176,12 @@ def compose(settings: Settings) -> Components:
     web_origin = WebOriginGuard(settings.public_url, settings.allowed_origins, settings.allowed_hosts)
     return Components(
         settings, keyring, store, tokens, secrets, registry, feed, proxies, fetcher, inbound, clients,
-        lifecycle, flow, sources, links, sessions, sign_in, management, web_origin,
+        lifecycle, flow, sources, links, sessions, sign_in, subjects, management, web_origin,
     )  # fmt: skip
+
+
+def _any_identity_assertion(registry: Registry) -> bool:
+    return any(s.credential_kind == "identity_assertion" for s in registry.servers.values())
 
 
 class Keybearer:
@@ -182,8 +204,10 @@ class Keybearer:
                     console.Console(parts.keyring, parts.sessions, lambda: self.parts.management)
                 ),
                 *admin.routes(settings.admin_token, lambda: self.parts.management),
-                *login.routes(login.LoginPages(parts.sessions, parts.sign_in)),
-                *connect_routes.routes(settings, parts.keyring, parts.flow, parts.sessions, parts.links),
+                *login.routes(login.LoginPages(parts.sessions, parts.sign_in, parts.subjects)),
+                *connect_routes.routes(
+                    settings, parts.keyring, parts.flow, parts.sessions, parts.links, parts.subjects
+                ),
             ],
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,

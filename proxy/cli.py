@@ -31,6 +31,10 @@ from proxy.stores.base import SchemaStatus
 log = structlog.get_logger("keybearer.cli")
 
 
+# Connection states with a token (else a refusal or a sign-in needed, since obtained_at).
+HOLDS_TOKEN = ("connected", "must_reconnect")
+
+
 class Failure(KeybearerError):
     """A failed operation (exit 1), as opposed to bad input (exit 2)."""
 
@@ -348,9 +352,15 @@ async def api_key_show(args: argparse.Namespace, m: Management) -> int:
 
 async def servers_list(args: argparse.Namespace, m: Management) -> int:
     rows = m.list_servers()
-    text = (
-        "\n".join(f"{r['id']:<24} {r['auth']:<8} {r['source']:<7} {r['url']}" for r in rows) or "no servers"
+    managed = {
+        "organisation": "  (managed by the organisation)",
+        "operator": "  (one token, the proxy's client)",
+    }
+    text = "\n".join(
+        f"{r['id']:<24} {r['auth']:<8} {r['source']:<7} {r['url']}{managed.get(r.get('managed_by', ''), '')}"
+        for r in rows
     )
+    text = text or "no servers"
     _print(args, rows, text)
     return 0
 
@@ -407,8 +417,12 @@ async def oauth_client_clear(args: argparse.Namespace, m: Management) -> int:
 
 async def connections_list(args: argparse.Namespace, m: Management) -> int:
     rows = await m.connections(args.server)
+    # A state without a token (a refusal, a sign-in needed) shows when it began instead of an expiry.
     text = "\n".join(
-        f"{r['user']:<32} {r['state']:<15} {_when(r['expires_at'])} {r['last_error'] or ''}" for r in rows
+        f"{r['user']:<32} {r['state']:<16} "
+        f"{_when(r['expires_at']) if r['state'] in HOLDS_TOKEN else 'since ' + _when(r['obtained_at'])} "
+        f"{r['last_error'] or ''}"
+        for r in rows
     )
     _print(args, rows, text or f"no connections to {args.server}")
     return 0

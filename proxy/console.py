@@ -33,11 +33,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from proxy import errors, links, pages
+from proxy.connect.assertion import NOT_ALLOWED, SIGN_IN_REQUIRED
 from proxy.crypto import Keyring
 from proxy.errors import Forbidden, KeybearerError
 from proxy.links import CONSOLE_PATH, LinkError
 from proxy.login import Session, Sessions, SignInRequired, read_form
-from proxy.management import Management
+from proxy.management import MANAGED_BY, Management
 from proxy.settings import ID_PATTERN, ServerConfig
 
 log = structlog.get_logger("keybearer.console")
@@ -45,6 +46,8 @@ log = structlog.get_logger("keybearer.console")
 # An operator session from a link lasts an hour at most, however long people's sessions are.
 LINK_SESSION_LIFETIME = 3600.0
 RECENT_ERRORS = 3
+HOLDS_TOKEN = ("connected", "must_reconnect")  # else obtained_at is when the state began
+PERSONS_OWN = (NOT_ALLOWED, SIGN_IN_REQUIRED)
 DONE = {
     "reset": "Reset: {n} connection(s) deleted. Every user must connect again.",
     "key-set": "API key saved, encrypted.",
@@ -81,7 +84,13 @@ class Console:
         m = self.management()
         server = m.server(str(request.path_params["server"]))
         connections = [
-            pages.ConsoleConnection(c["user"], c["state"].replace("_", " "), c["expires_at"], c["last_error"])
+            pages.ConsoleConnection(
+                c["user"],
+                c["state"].replace("_", " "),
+                c["expires_at"],
+                c["last_error"],
+                None if c["state"] in HOLDS_TOKEN else c["obtained_at"],
+            )
             for c in (await m.connections(server.id) if server.auth == "oauth" else [])
         ]
         return pages.console_server(
@@ -97,14 +106,16 @@ class Console:
         if server.auth == "oauth":
             rows = await m.connections(server.id)
             connected = len(rows)
-            failing = sorted((r for r in rows if r["last_error"] or r["state"] != "connected"),
+            # A person's own states (refused by the organisation, to sign in again) are not the operator's.
+            failing = sorted((r for r in rows if (r["last_error"] or r["state"] != "connected")
+                              and r["state"] not in PERSONS_OWN),
                              key=lambda r: r["obtained_at"], reverse=True)  # fmt: skip
             problems = [f"{r['user']}: {r['last_error'] or r['state'].replace('_', ' ')}" for r in failing]
         elif server.auth == "api_key" and not m.describe(server)["api_key"]["set"]:
             problems = ["no API key is set: every call fails"]
         return pages.ConsoleServer(
             server.id, server.auth, urlsplit(server.url).netloc, f"{server.source} file" if server.source == "config"
-            else "store", connected, tuple(problems[:RECENT_ERRORS]),
+            else "store", connected, tuple(problems[:RECENT_ERRORS]), MANAGED_BY.get(server.credential_kind),
         )  # fmt: skip
 
     # -- actions -----------------------------------------------------------------------

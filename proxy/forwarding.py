@@ -141,7 +141,7 @@ class Forwarder:
             facts.mcp_method = _mcp_method(scope, facts.body)
             route = routing.parse(scope.get("raw_path") or scope["path"].encode())
             facts.user, facts.server = route.user, route.server_id
-            await self.inbound.check(scope["headers"], route.user)
+            caller_jwt = await self.inbound.check(scope["headers"], route.user)
             server = self.registry.get(route.server_id)
             if server is None:
                 raise routing.RouteError(
@@ -153,7 +153,7 @@ class Forwarder:
             with tracing.span(
                 "credential", {"keybearer.server": server.id, "keybearer.auth": server.credential_kind}
             ):
-                credential = await source.credential(server, route.user)
+                credential = await source.credential(server, route.user, caller_jwt)
             await self._forward(facts, server, source, route, url, credential, body, receive, send)
         except ClientGone:
             facts.outcome = "client_disconnected"

@@ -108,16 +108,20 @@ class InboundAuth:
         if event.kind in (SERVERS_CHANGED, RESYNC):
             await self.load()
 
-    async def check(self, headers: list[tuple[bytes, bytes]], user: str) -> None:
+    async def check(self, headers: list[tuple[bytes, bytes]], user: str) -> str | None:
+        """Refused unless the caller may act as `user`. Returns the caller's JWT
+        (`inbound_auth: jwt`), which a credential source may use as the person's
+        identity (identity_assertion); else None."""
         if self.mode == "none":
-            return
+            return None
         presented = _bearer(headers)
         if presented is None:
             raise Refused("this proxy requires a caller credential: send `Authorization: Bearer <token>`")
         if self.mode == "tokens":
             self._check_token(presented, user)
-        else:
-            await self._check_jwt(presented, user)
+            return None
+        await self._check_jwt(presented, user)
+        return presented
 
     def _check_token(self, presented: str, user: str) -> None:
         token_id, _, secret = presented.removeprefix(PREFIX).partition(".")

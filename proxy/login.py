@@ -13,6 +13,15 @@ proxy. The ID token must be signed by a key of the provider's JWKS with an
 asymmetric algorithm, name the provider as `iss` and this client in `aud`,
 carry the nonce this sign-in sent, and not have expired.
 
+When servers are authorized by the organisation (`grant: identity_assertion`,
+connect/subject.py), the sign-in also asks for a refresh token (`offline_access`,
+when the provider lists it), to renew the person's ID token. OpenID Connect
+Core §11 lets a provider grant it only with `prompt=consent` (oidc-provider
+does; Okta, Entra ID and Keycloak do not need it, and Entra shows a consent
+page each time it is sent), so it is sent only once a sign-in without it came
+back with no refresh token; when even that one comes back without, the
+provider gives this client none, and no sign-in asks again for a day.
+
 A session is a random id. The browser holds it sealed (AES-GCM) in an
 HttpOnly, SameSite=Lax cookie (`__Host-` and Secure on https); the token store
 holds the record, sealed too, under a hash of the id: every replica sees the
@@ -29,9 +38,9 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import structlog
@@ -47,7 +56,7 @@ from proxy.crypto import DecryptError, Keyring
 from proxy.errors import Answer, Forbidden, InvalidInput, KeybearerError, NotFound, Unavailable
 from proxy.names import LINK, PENDING_STATE, SESSION
 from proxy.oauth import client as oauth_client
-from proxy.oauth.client import AuthServerUnavailable, OAuthError
+from proxy.oauth.client import OFFLINE_ACCESS, AuthServerUnavailable, OAuthError
 from proxy.oauth.discovery import OIDC_WELL_KNOWN, AuthServer, DiscoveryError
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
 from proxy.oauth.jwks import KeySetCache, KeysUnavailable
@@ -63,6 +72,13 @@ PENDING_TTL = 600.0  # to sign in at the provider
 # often (and at most four times per idle timeout).
 TOUCH_EVERY = 60.0
 MAX_FORM_BYTES = 16 * 1024
+# An ID token or refresh token from the provider longer than this is refused:
+# each is kept per person in the token store.
+MAX_TOKEN_CHARS = 16 * 1024
+# How a sign-in asks for a refresh token, as learned from the provider's answers
+# (see the module's docstring), for every replica; relearned after a day.
+OFFLINE_LEARNED = "login:offline_access"
+LEARNED_TTL = 86400.0
 
 
 def cookie_name(base: str, secure: bool) -> str:
@@ -293,13 +309,30 @@ class IdentityProviderUnavailable(Unavailable):
 
 
 @dataclass(frozen=True)
+class IdToken:
+    """An ID token of the provider's, verified: the subject of token exchanges."""
+
+    value: str = field(repr=False)
+    issued: float
+    expires: float
+
+
+@dataclass(frozen=True)
 class Identity:
     user: str
     admin: bool
     name: str
     next_path: str
-    id_token: str = field(repr=False)
-    id_token_expires: float
+    id_token: IdToken
+    refresh_token: str | None = field(repr=False, default=None)  # the provider's, to renew the ID token
+
+
+class KeepsSignIns(Protocol):
+    """Where a person's ID token (and refresh token) go at sign-in, and end at sign-out."""
+
+    async def keep(self, identity: Identity) -> None: ...
+
+    async def forget(self, user: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -309,7 +342,14 @@ class Provider:
 
 
 class RelyingParty:
-    def __init__(self, settings: Settings, keyring: Keyring, tokens: TokenStore, fetcher: Fetcher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: Keyring,
+        tokens: TokenStore,
+        fetcher: Fetcher,
+        wants_refresh_token: Callable[[], bool] = lambda: False,
+    ) -> None:
         assert settings.login_issuer and settings.login_client_id
         self.issuer = settings.login_issuer
         self.client_id = settings.login_client_id
@@ -323,6 +363,9 @@ class RelyingParty:
         self.keyring = keyring
         self.tokens = tokens
         self.fetcher = fetcher
+        # True while a server needs the person's ID token renewed (identity_assertion):
+        # else Keybearer asks for no long-lived credential it would not use.
+        self.wants_refresh_token = wants_refresh_token
         self._provider: tuple[float, Provider] | None = None
         self.keys = KeySetCache(fetcher, self._jwks_uri)
         self._claims = jwt.JWTClaimsRegistry(
@@ -336,14 +379,16 @@ class RelyingParty:
         verifier, challenge = oauth_client.pkce_pair()
         nonce = secrets.token_urlsafe(24)
         state = self._state_for(browser_id)
-        record = {"verifier": verifier, "nonce": nonce, "next": next_path}
+        offline = await self._offline_asked(provider)
+        scopes = self.scopes + ((OFFLINE_ACCESS,) if offline and OFFLINE_ACCESS not in self.scopes else ())
+        record = {"verifier": verifier, "nonce": nonce, "next": next_path, "offline": offline}
         sealed = self.keyring.encrypt(
             PENDING_STATE, json.dumps(record).encode(), f"{PENDING_STATE}:login:{state}"
         )
         await self.tokens.put_pending(f"login:{state}", sealed, PENDING_TTL)
         return oauth_client.authorization_url(
-            provider.auth_server, self.client_id, self.redirect_uri, state, challenge, self.scopes, None,
-            {"nonce": nonce},
+            provider.auth_server, self.client_id, self.redirect_uri, state, challenge, scopes, None,
+            {"nonce": nonce}, consent_for_offline=offline == "consent",
         )  # fmt: skip
 
     async def finish(self, params: Mapping[str, str], browser_id: str) -> Identity:
@@ -381,36 +426,90 @@ class RelyingParty:
         id_token = issued.raw.get("id_token")
         if not isinstance(id_token, str) or not id_token:
             raise SignInFailed("Your organisation's sign-in answered without an ID token.", status=502)
+        if len(id_token) > MAX_TOKEN_CHARS:
+            raise SignInFailed(
+                f"Your organisation's sign-in answered with an ID token over {MAX_TOKEN_CHARS} characters.",
+                status=502,
+            )
         claims = await self._verified(id_token, pending["nonce"])
         user = self._user(claims)
+        refresh_token = _bounded(issued.refresh_token) if self.wants_refresh_token() else None
+        await self._learn(pending.get("offline", ""), refresh_token is not None)
         log.info("signed in", user=user)
         return Identity(
-            user, self._is_admin(claims), _display_name(claims, user), safe_next(pending["next"]), id_token,
-            float(claims["exp"]),
+            user, self._is_admin(claims), _display_name(claims, user), safe_next(pending["next"]),
+            _id_token(id_token, claims), refresh_token,
         )  # fmt: skip
 
-    # -- the ID token, for servers the organisation authorizes (identity_assertion) -------
+    # -- a refresh token, for servers the organisation authorizes (identity_assertion) ----
 
-    async def keep_id_token(self, identity: Identity) -> None:
-        """The person's newest ID token, sealed, until it expires: the subject of
-        every token exchange for them, whichever browser or agent asks."""
-        ttl = identity.id_token_expires - time.time()
-        if ttl > 0:
-            sealed = self.keyring.encrypt(SESSION, identity.id_token.encode(), f"id_token:{identity.user}")
-            await self.tokens.cache_set(_id_token_key(identity.user), sealed, ttl)
+    async def _offline_asked(self, provider: Provider) -> str:
+        """How this sign-in asks for a refresh token: "" not at all, "plain" by
+        `offline_access`, "consent" by `offline_access` and `prompt=consent`."""
+        listed = OFFLINE_ACCESS in (provider.auth_server.scopes_supported or ())
+        if not self.wants_refresh_token() or not (listed or OFFLINE_ACCESS in self.scopes):
+            return ""
+        learned = await self.tokens.cache_get(OFFLINE_LEARNED)
+        return {"consent": "consent", "none": ""}.get(learned or "", "plain")
 
-    async def id_token(self, user: str) -> str | None:
-        """The person's unexpired ID token, or None: they must sign in (again)."""
-        sealed = await self.tokens.cache_get(_id_token_key(user))
-        if not sealed:
+    async def _learn(self, asked: str, got_refresh_token: bool) -> None:
+        if not asked or got_refresh_token:
+            return
+        if asked == "plain":
+            log.info(
+                "the provider gave no refresh token for offline_access alone; sign-ins add prompt=consent"
+            )
+            await self.tokens.cache_set(OFFLINE_LEARNED, "consent", LEARNED_TTL)
+            return
+        log.warning(
+            "the provider gives the sign-in client no refresh token, even with prompt=consent: ID tokens "
+            "cannot be renewed, people sign in again when theirs expires; allow the client the "
+            "refresh_token grant and offline_access at the provider (docs/enterprise.md)",
+            client_id=self.client_id,
+        )
+        await self.tokens.cache_set(OFFLINE_LEARNED, "none", LEARNED_TTL)
+
+    async def renew(self, refresh_token: str, user: str) -> tuple[IdToken, str | None]:
+        """A new ID token for `user` by the refresh token grant, and the rotated
+        refresh token (None: the old one stays). OAuthError when the provider
+        refuses (`invalid_grant`: the person's session there is over) or answers
+        without a usable ID token; AuthServerUnavailable when it cannot answer."""
+        provider = await self.provider()
+        client = oauth_client.static_registration(
+            provider.auth_server, self.client_id, self.client_secret, self.redirect_uri
+        )
+        issued = await oauth_client.refresh(self.fetcher, provider.auth_server, client, refresh_token, None)
+        id_token = issued.raw.get("id_token")
+        if not isinstance(id_token, str) or not id_token or len(id_token) > MAX_TOKEN_CHARS:
+            raise OAuthError("invalid_response", "the provider renewed the sign-in without an ID token")
+        try:
+            claims = await self.keys.decode(id_token)
+            self._claims.validate(claims)
+        except KeysUnavailable as exc:
+            raise AuthServerUnavailable(str(exc)) from None
+        except (JoseError, ValueError) as exc:
+            raise OAuthError("invalid_response", f"the renewed ID token was refused: {exc}") from None
+        if claims.get(self.user_claim) != user:
+            raise OAuthError("invalid_response", "the renewed ID token names another person")
+        return _id_token(id_token, claims), _bounded(issued.refresh_token)
+
+    async def agent_id_token(self, token: str, user: str) -> IdToken | None:
+        """The agent's own bearer token, when it can be the subject of a token
+        exchange for `user`: an ID token of this provider (its signature, `iss`)
+        for this client (`aud`), naming `user` as a sign-in would, not expired."""
+        if len(token) > MAX_TOKEN_CHARS:
             return None
         try:
-            return self.keyring.decrypt(SESSION, sealed, f"id_token:{user}").decode()
-        except DecryptError:
+            claims = await self.keys.decode(token)
+            self._claims.validate(claims)
+        except (KeysUnavailable, JoseError, ValueError):
             return None
-
-    async def forget_id_token(self, user: str) -> None:
-        await self.tokens.cache_delete_prefix(_id_token_key(user))
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if len(audiences) > 1 and claims.get("azp") != self.client_id:
+            return None
+        if claims.get(self.user_claim) != user or float(claims["exp"]) <= time.time():
+            return None
+        return _id_token(token, claims)
 
     async def exchange(
         self, id_token: str, audience: str, resource: str | None, scopes: tuple[str, ...]
@@ -527,9 +626,15 @@ class RelyingParty:
         return any(isinstance(v, str) and v in self.admin_values for v in held)
 
 
-def _id_token_key(user: str) -> str:
-    # User ids never hold ':' (ID_PATTERN): the trailing one makes the key its own prefix.
-    return f"login:id_token:{user}:"
+def _id_token(value: str, claims: Mapping[str, Any]) -> IdToken:
+    return IdToken(value, float(claims["iat"]), float(claims["exp"]))
+
+
+def _bounded(refresh_token: str | None) -> str | None:
+    if refresh_token is not None and len(refresh_token) > MAX_TOKEN_CHARS:
+        log.warning("the provider's refresh token is too long to keep; ID tokens will not be renewed")
+        return None
+    return refresh_token
 
 
 def provider_from_metadata(fetcher: Fetcher, metadata: Mapping[str, Any], url: str, issuer: str) -> Provider:
@@ -554,6 +659,7 @@ def provider_from_metadata(fetcher: Fetcher, metadata: Mapping[str, Any], url: s
         authorization_endpoint=endpoints["authorization_endpoint"],
         token_endpoint=endpoints["token_endpoint"],
         token_endpoint_auth_methods_supported=_strings(metadata.get("token_endpoint_auth_methods_supported")),
+        scopes_supported=_strings(metadata.get("scopes_supported")),
         authorization_response_iss_parameter_supported=(
             metadata.get("authorization_response_iss_parameter_supported") is True
         ),
@@ -579,9 +685,10 @@ def _display_name(claims: Mapping[str, Any], user: str) -> str:
 
 
 class LoginPages:
-    def __init__(self, sessions: Sessions, party: RelyingParty | None) -> None:
+    def __init__(self, sessions: Sessions, party: RelyingParty | None, kept: KeepsSignIns | None) -> None:
         self.sessions = sessions
         self.party = party
+        self.kept = kept
         self.browser_cookie = cookie_name("kb_login", sessions.secure)
 
     async def login(self, request: Request) -> Response:
@@ -610,7 +717,8 @@ class LoginPages:
         # A sign-in always gets a fresh session: an id planted before it is worth nothing after.
         await self.sessions.forget(request)
         await self.sessions.start(response, identity.user, identity.admin, identity.name)
-        await self.party.keep_id_token(identity)
+        if self.kept is not None:
+            await self.kept.keep(identity)
         return response
 
     async def logout_page(self, request: Request) -> Response:
@@ -626,8 +734,8 @@ class LoginPages:
             self.sessions.check_csrf(session, str(form.get("csrf", "")))
         response = pages.signed_out(self.sessions.signs_in)
         await self.sessions.end(request, response)
-        if session is not None and session.user and self.party is not None:
-            await self.party.forget_id_token(session.user)  # no more exchanges in their name
+        if session is not None and session.user and self.kept is not None:
+            await self.kept.forget(session.user)  # no more exchanges in their name
         return response
 
     async def _session(self, request: Request) -> Session | None:

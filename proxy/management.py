@@ -28,6 +28,9 @@ from proxy.upstream_policy import UpstreamPolicy
 
 log = structlog.get_logger("keybearer.management")
 
+# Servers whose tokens no person connects: by grant, who decides instead.
+MANAGED_BY = {"identity_assertion": "organisation", "client_credentials": "operator"}
+
 
 class Management:
     def __init__(
@@ -57,6 +60,9 @@ class Management:
             "read_only": server.source == "config",
         }
         out.update(server.to_dict())
+        if server.credential_kind in MANAGED_BY:
+            # Nobody connects it in a browser: its tokens come as the organisation or the operator allows.
+            out["managed_by"] = MANAGED_BY[server.credential_kind]
         if server.auth == "api_key":
             out["api_key"] = asdict(self.registry.key_info(server))
         return out
@@ -81,7 +87,7 @@ class Management:
         return server
 
     async def create_server(self, server_id: str, definition: Any) -> ServerConfig:
-        server = parse_server(server_id, definition, key="server", source="store")
+        server = self._parse(server_id, definition)
         existing = self.registry.get(server_id)
         if existing is not None and existing.source == "config":
             raise Conflict(f"server {server_id!r} is defined in the config file and is read-only at run time")
@@ -94,9 +100,11 @@ class Management:
 
     async def update_server(self, server_id: str, definition: Any) -> ServerConfig:
         current = self.stored_server(server_id)
-        server = parse_server(server_id, definition, key="server", source="store")
+        server = self._parse(server_id, definition)
         await self.policy.check(server.url, key="server.url")
-        if server.url != current.url or server.credential_kind != current.credential_kind:
+        # A managed server's tokens are bound to its client too (service.py).
+        client_changed = server.client_id != current.client_id and server.grant in STATIC_CLIENT_GRANTS
+        if server.url != current.url or server.credential_kind != current.credential_kind or client_changed:
             # Tokens were issued for the old resource: they must not reach the new
             # one, so they go first; a failure then leaves the old definition.
             await self.store.ping()
@@ -105,6 +113,17 @@ class Management:
         await self.store.put_server(server)
         # Token memory forgets before the new definition is loaded.
         await self._changed(connection_changed(server_id), SERVERS_CHANGED)
+        return server
+
+    def _parse(self, server_id: str, definition: Any) -> ServerConfig:
+        server = parse_server(server_id, definition, key="server", source="store")
+        if server.credential_kind == "identity_assertion" and not self.links.settings.signs_in:
+            raise ConfigError(
+                "server.grant",
+                "identity_assertion exchanges the person's sign-in at the organisation's identity provider, "
+                "and people do not sign in on this proxy: set login_issuer and login_client_id first "
+                "(docs/enterprise.md)",
+            )
         return server
 
     async def delete_server(self, server_id: str) -> None:
@@ -196,12 +215,17 @@ class Management:
         return cleared
 
     async def _client_changed(self, server: ServerConfig) -> None:
-        """A client_credentials server's token (or recorded refusal) belonged to
-        the old client: the next request asks as the new one, at once."""
-        if server.credential_kind != "client_credentials":
-            return await self._changed()
-        await self.tokens.delete_connection(SERVICE_USER, server.id)
-        await self._changed(SERVERS_CHANGED, connection_changed(server.id, SERVICE_USER))
+        """The tokens of a client_credentials or identity_assertion server (and
+        recorded refusals) belonged to the old client: the next request asks as the
+        new one, at once. (A token that survived this, a failed delete or a config
+        restart with a new client_id, is dropped at its next use: service.py.)"""
+        if server.credential_kind == "client_credentials":
+            await self.tokens.delete_connection(SERVICE_USER, server.id)
+            return await self._changed(SERVERS_CHANGED, connection_changed(server.id, SERVICE_USER))
+        if server.credential_kind == "identity_assertion":
+            await self.tokens.delete_server_connections(server.id)
+            return await self._changed(SERVERS_CHANGED, connection_changed(server.id))
+        await self._changed()
 
     # -- connections ---------------------------------------------------------------
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.settings import AUTH_TYPES, HEADER_NAME_PATTERN, ID_PATTERN, SERVER_ID_PATTERN
+from proxy.settings import (
+    ASSERTION_AUDIENCES,
+    AUTH_TYPES,
+    GRANTS,
+    HEADER_NAME_PATTERN,
+    ID_PATTERN,
+    SERVER_ID_PATTERN,
+)
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -46,6 +53,14 @@ DEFINITION: dict[str, Schema] = {
         "default": "Bearer",
     },
     "paths": {**strings(pattern="^/"), "description": "more upstream paths on the server's origin"},
+    "grant": {
+        "enum": list(GRANTS),
+        "default": "authorization_code",
+        "description": "auth: oauth; authorization_code: each person connects in the browser; "
+        "client_credentials: one token for the server, as the proxy's client (needs client_id); "
+        "identity_assertion: each person's token as the organisation's identity provider allows "
+        "(needs client_id and the login_* settings)",
+    },
     "client_id": {"type": "string", "description": "auth: oauth; a static client id"},
     "scopes": {
         "anyOf": [strings(), {"type": "string"}],
@@ -54,8 +69,11 @@ DEFINITION: dict[str, Schema] = {
     "resource": {"type": "boolean", "default": True, "description": "send the RFC 8707 resource parameter"},
     "authorization_params": {"type": "object", "additionalProperties": {"type": "string"}},
 }
-OPERATOR_ONLY = {name: {"type": "string"} for name in
-                 ("api_key_env", "api_key_file", "client_secret_env", "client_secret_file")}  # fmt: skip
+OPERATOR_ONLY: dict[str, Schema] = {
+    **{name: {"type": "string"} for name in ("api_key_env", "api_key_file", "client_secret_env",
+                                              "client_secret_file", "client_private_key_file", "client_key_id")},
+    "client_assertion_audience": {"enum": list(ASSERTION_AUDIENCES)},
+}  # fmt: skip
 
 SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -90,6 +108,11 @@ SCHEMAS: dict[str, Schema] = {
             "api_key_scheme": {"type": "string"},
             **OPERATOR_ONLY,
             "api_key": ref("ApiKeyInfo"),
+            "managed_by": {
+                "enum": ["organisation", "operator"],
+                "description": "no person connects this server: its tokens are obtained as the organisation's "
+                "identity provider allows (identity_assertion) or as the operator's client (client_credentials)",
+            },
         },
         "required": ["id", "source", "read_only", "url", "auth"],
         "additionalProperties": False,
@@ -146,8 +169,13 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "user": {"type": "string"},
             "server": {"type": "string"},
-            # refused: a client_credentials server's own token, refused by its authorization server.
-            "state": {"enum": ["connected", "must_reconnect", "refused"]},
+            "state": {
+                "enum": ["connected", "must_reconnect", "refused", "not_allowed", "sign_in_required"],
+                "description": "refused: the server's authorization server refused the proxy's grant (the "
+                "operator's to fix); not_allowed: the organisation's identity provider refused this person this "
+                "server (identity_assertion), asked again after token_endpoint_cooldown; sign_in_required: the "
+                "token ran out and the person has no current sign-in. For these three, obtained_at is when",
+            },
             "issuer": nullable({"type": "string"}),
             "scopes": strings(),
             "expires_at": nullable({"type": "number"}),

@@ -156,12 +156,15 @@ def problem(
 class ConnectionRow:
     server: str
     host: str
-    state: str  # "connected", "expired", "must reconnect", "not connected"
+    state: str  # "connected", "expired", "must reconnect", "not connected", or a managed server's state
     expires_at: float | None
     last_error: str | None
-    connect_url: str
+    connect_url: str | None  # None: nothing to connect (the organisation manages the server)
     disconnect_action: str | None
     refreshable: bool = True
+    managed: bool = False  # by the organisation (grant: identity_assertion)
+    since: float | None = None  # when a refusal was recorded
+    sign_in_url: str | None = None  # the person must sign in again for it
 
 
 def connections(
@@ -169,26 +172,32 @@ def connections(
 ) -> HTMLResponse:
     body_rows = []
     for row in rows:
-        actions = [
-            _button_link("Connect" if row.state == "not connected" else "Reconnect", row.connect_url,
-                         secondary=row.state == "connected")
-        ]  # fmt: skip
+        actions = []
+        if row.connect_url:
+            actions.append(_button_link("Connect" if row.state == "not connected" else "Reconnect",
+                                        row.connect_url, secondary=row.state == "connected"))  # fmt: skip
+        if row.sign_in_url:
+            actions.append(_button_link("Sign in again", row.sign_in_url))
         if row.disconnect_action:
+            # A managed server's token is only forgotten: the next use obtains another.
+            label = "Forget token" if row.managed else "Disconnect"
             actions.append(
                 f'<form class="inline" method="post" action="{escape(row.disconnect_action)}">'
                 f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
-                f'<button class="secondary" type="submit">Disconnect</button></form>'
+                f'<button class="secondary" type="submit">{label}</button></form>'
             )
         # The provider gave no refresh token: the person will have to come back.
         no_refresh = (
             "<br><span class='muted'>expires without refresh; reconnect then</span>"
-            if row.expires_at and not row.refreshable
+            if row.expires_at and not row.refreshable and not row.managed
             else ""
         )
+        managed = "<br><span class='muted'>managed by your organisation</span>" if row.managed else ""
+        since = f" <span class='muted'>(since {escape(_when(row.since))})</span>" if row.since else ""
         error = f'<br><span class="error">{escape(row.last_error)}</span>' if row.last_error else ""
         body_rows.append(
-            f"<tr><td><strong>{escape(row.server)}</strong><br><span class='muted'>{escape(row.host)}</span></td>"
-            f"<td data-label='State'>{escape(row.state)}{error}</td>"
+            f"<tr><td><strong>{escape(row.server)}</strong><br><span class='muted'>{escape(row.host)}</span>"
+            f"{managed}</td><td data-label='State'>{escape(row.state)}{since}{error}</td>"
             f"<td data-label='Access token expires'>{escape(_when(row.expires_at))}{no_refresh}</td>"
             f"<td>{' '.join(actions)}</td></tr>"
         )
@@ -199,7 +208,14 @@ def connections(
     heading = "Your connections" if mine else f"Connections of <strong>{escape(user)}</strong>"
     intro = (
         f"<p class='muted'>Your agents reach these MCP servers through Keybearer as <strong>{escape(user)}</strong>. "
-        "Connect one here, or open the link your agent shows when a server needs you.</p>"
+        "Connect one here, or open the link your agent shows when a server needs you."
+        + (
+            " Servers managed by your organisation need no connecting: Keybearer obtains your access when "
+            "your agent uses them, as your organisation allows."
+            if any(row.managed for row in rows)
+            else ""
+        )
+        + "</p>"
     )
     return page(
         "Your connections" if mine else f"Connections of {user}",
@@ -267,6 +283,7 @@ class ConsoleServer:
     source: str
     connected: int  # users with a connection
     errors: tuple[str, ...]  # "user: last error", most recent first
+    managed_by: str | None = None  # "organisation" (identity_assertion), "operator" (client_credentials)
 
 
 def console(servers: Sequence[ConsoleServer], person: Person, done: str = "") -> HTMLResponse:
@@ -274,9 +291,10 @@ def console(servers: Sequence[ConsoleServer], person: Person, done: str = "") ->
     for s in servers:
         errors = "<br>".join(f'<span class="error">{escape(e)}</span>' for e in s.errors) or "—"
         users = str(s.connected) if s.auth == "oauth" else "—"
+        managed = f"<br><span class=muted>{escape(MANAGED[s.managed_by])}</span>" if s.managed_by else ""
         rows.append(
             f'<tr><td><a href="/admin/console/servers/{escape(s.id)}"><strong>{escape(s.id)}</strong></a>'
-            f"<br><span class=muted>{escape(s.source)}</span></td><td data-label='Auth'>{escape(s.auth)}</td>"
+            f"<br><span class=muted>{escape(s.source)}</span></td><td data-label='Auth'>{escape(s.auth)}{managed}</td>"
             f"<td data-label='Host'><code>{escape(s.host)}</code></td><td data-label='Connected users'>{users}</td>"
             f"<td data-label='Recent errors'>{errors}</td></tr>"
         )
@@ -297,6 +315,19 @@ class ConsoleConnection:
     state: str
     expires_at: float | None
     last_error: str | None
+    since: float | None = None  # when a refusal (or a sign-in needed) was recorded
+
+
+# What the console says of a server no person connects, by who manages it.
+MANAGED = {"organisation": "managed by the organisation", "operator": "one token, as the proxy's client"}
+MANAGED_NOTE = {
+    "organisation": "Managed by the organisation (grant identity_assertion): nobody connects it. Each person's "
+    "token is obtained when their agent first uses it, by exchanging their sign-in at the organisation's "
+    "identity provider, whose policy decides. Removing a connection or a reset only makes the next use "
+    "obtain a new one. Setting or clearing the static client drops every token obtained with the old one.",
+    "operator": "One token for every user (grant client_credentials), obtained as the proxy's own client. "
+    "Setting or clearing the static client drops it.",
+}
 
 
 def console_server(
@@ -313,9 +344,16 @@ def console_server(
     token = f'<input type="hidden" name="csrf" value="{escape(csrf)}">'
     sections = [f"<p><code>{escape(url)}</code> · auth <strong>{escape(server.auth)}</strong> · from the "
                 f"{escape(server.source)}</p>"]  # fmt: skip
+    if server.managed_by:
+        sections.append(f'<div class="box"><p>{escape(MANAGED_NOTE[server.managed_by])}</p></div>')
+    nobody = (
+        "No token has been obtained yet." if server.managed_by else "Nobody has connected this server yet."
+    )
+    must = "Each is obtained again on next use." if server.managed_by else "Every user must connect again."
     if server.auth == "oauth":
         rows = "".join(
             f"<tr><td><strong>{escape(c.user)}</strong></td><td data-label='State'>{escape(c.state)}"
+            + (f" <span class=muted>(since {escape(_when(c.since))})</span>" if c.since else "")
             + (f'<br><span class="error">{escape(c.last_error)}</span>' if c.last_error else "")
             + f"</td><td data-label='Access token expires'>{escape(_when(c.expires_at))}</td><td>"
             f'<form class="inline" method="post" action="{escape(base)}/connections/{escape(c.user)}/delete">'
@@ -324,9 +362,9 @@ def console_server(
         )
         sections.append(
             f"""<h2>Connections</h2><table class="cards"><tr><th>User</th><th>State</th><th>Access token expires</th>
-<th></th></tr>{rows or "<tr><td colspan=4>Nobody has connected this server yet.</td></tr>"}</table>
+<th></th></tr>{rows or f"<tr><td colspan=4>{nobody}</td></tr>"}</table>
 <h2>Reset</h2><div class="box"><p>Deletes every user's tokens for {escape(server.id)}, the proxy's client
-registrations at its provider and the cached discovery. Every user must connect again.</p>
+registrations at its provider and the cached discovery. {must}</p>
 <form method="post" action="{escape(base)}/reset">{token}<button class="danger" type="submit">Reset {escape(server.id)}</button></form></div>
 <h2>Static OAuth client</h2><div class="box"><p>{escape(oauth_client or "none")}</p>
 <form method="post" action="{escape(base)}/oauth-client">{token}

@@ -61,8 +61,7 @@ class Registry:
                     continue
                 servers[server.id] = server
             keys = await self.secrets.all(SecretKind.API_KEY)
-            for key in keys.values():
-                logs.register_secret(key)
+            logs.register_secrets(keys.values())
             self.servers, self._stored_keys = servers, keys
 
     async def on_event(self, event: Event) -> None:

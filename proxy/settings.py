@@ -605,7 +605,8 @@ def _read_file(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        # libyaml's parser where it is built in: the pure-Python one took 0.15 s of a start with 500 servers.
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where else ""

@@ -46,6 +46,9 @@ BASELINE: dict[str, dict[str, Any]] = {
     "fz-oauth": {"url": UNUSED, "auth": "oauth"},
 }
 CONFIG_SERVER = "fz-config"  # read-only; it shows the config file's own keys
+# Read-only too: a grant, a private key file and managed_by in the answers.
+SERVICE_SERVER = {"url": UNUSED, "auth": "oauth", "grant": "client_credentials", "client_id": "fz-service",
+                  "client_private_key_file": "/nonexistent/fz-key.pem", "client_assertion_audience": "issuer"}  # fmt: skip
 EXAMPLES = 12  # per operation and generation mode: the whole run stays well under a minute
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_schema_conformance, response_headers_conformance]  # fmt: skip
@@ -54,7 +57,10 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 @pytest.fixture(scope="module")
 def proxy(tmp_path_factory: pytest.TempPathFactory, salt: str) -> Iterator[ProxyProcess]:
     config = {
-        "servers": {CONFIG_SERVER: {"url": UNUSED, "auth": "api_key", "api_key_env": "FZ_UNSET_KEY"}},
+        "servers": {
+            CONFIG_SERVER: {"url": UNUSED, "auth": "api_key", "api_key_env": "FZ_UNSET_KEY"},
+            "fz-service": SERVICE_SERVER,
+        },
         "api_servers_allowed_networks": ["127.0.0.0/8", "::1/128"],
     }
     env = {"KEYBEARER_SALT": salt, "KEYBEARER_ADMIN_TOKEN": TOKEN}
@@ -98,7 +104,7 @@ def database_file(proxy: ProxyProcess) -> str:
 def snapshot(session: requests.Session, proxy: ProxyProcess) -> dict[str, Any]:
     """What the API shows and every row the store's file holds (change events aside)."""
     shown = {path: session.get(proxy.url + path).json() for path in ("/admin/servers", "/admin/tokens")}
-    for sid in (*BASELINE, CONFIG_SERVER):
+    for sid in (*BASELINE, CONFIG_SERVER, "fz-service"):
         for part in ("api-key", "oauth-client", "connections"):
             path = f"/admin/servers/{sid}/{part}"
             shown[path] = session.get(proxy.url + path).json()
@@ -137,7 +143,7 @@ def restore_baseline(
 # resolve; some are steered onto existing servers, URLs the policy allows and the
 # real token, so that accepted writes and partial writes have a chance to happen.
 STEERING = st.tuples(
-    st.sampled_from([None, *BASELINE, *BASELINE, CONFIG_SERVER]),
+    st.sampled_from([None, *BASELINE, *BASELINE, CONFIG_SERVER, "fz-service"]),
     st.sampled_from([None, UNUSED, "http://127.0.0.2:9/other"]),
     st.booleans(),
 )

@@ -5,15 +5,22 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 from support import ROOT
 
 from proxy import logs
+from proxy.crypto import Keyring
+from proxy.names import SecretKind
+from proxy.registry import Registry
+from proxy.sealed import SealedSecrets
+from proxy.stores.sqlite import SQLiteStore
 
 
 @pytest.fixture
@@ -100,3 +107,46 @@ def test_waiting_lines_are_written_when_the_process_exits() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["request_id"] == "last-words"
+
+
+def test_many_registered_secrets_are_each_masked_whole(stream: io.StringIO) -> None:
+    run = secrets.token_hex(4)
+    many = [f"sk-{run}-{i:04d}-{secrets.token_urlsafe(12)}" for i in range(1000)]
+    # One a prefix of another (the longer is masked whole), and regex metacharacters.
+    short, longer, odd = f"pre{run}fix", f"pre{run}fix-and-more", f"a.b*c+({run})?[x]|y\\z"
+    logs.register_secrets([*many, short, longer, odd, None, "tiny"])
+    structlog.get_logger("test").warning(
+        "refused",
+        detail=f"keys {many[0]} and {many[999]}, then {longer} and {short}! also {odd}.",
+        near=f"{many[5][:-1]} is not a key, nor is {short[1:]}",
+        tiny="tiny",
+    )
+    (line,) = lines(stream)
+    assert (
+        line["detail"] == "keys [REDACTED] and [REDACTED], then [REDACTED] and [REDACTED]! also [REDACTED]."
+    )
+    assert line["near"] == f"{many[5][:-1]} is not a key, nor is {short[1:]}"
+    assert line["tiny"] == "tiny"  # under 6 characters: never registered
+
+
+async def test_stored_api_keys_are_registered_with_one_pattern_build(
+    tmp_path: Path, salt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SQLiteStore(str(tmp_path / "keys.db"))
+    await store.open()
+    await store.migrate()
+    keyring = Keyring(salt)
+    keys = {f"s{i}": f"stored-{secrets.token_urlsafe(16)}" for i in range(300)}
+    for name, key in keys.items():  # sealed as SealedSecrets.put does, without registering them
+        await store.set_secret(
+            SecretKind.API_KEY, name, keyring.encrypt(SecretKind.API_KEY, key.encode(), f"api_key:{name}")
+        )
+    builds = []
+    trie = logs._trie
+    monkeypatch.setattr(logs, "_trie", lambda values: builds.append(1) or trie(values))
+    try:
+        await Registry({}, store, SealedSecrets(store, keyring)).load()
+    finally:
+        await store.close()
+    assert len(builds) == 1  # before: one build of the whole pattern per key, 300 here
+    assert logs.redact_text(f"{keys['s0']} {keys['s299']}") == "[REDACTED] [REDACTED]"

@@ -291,6 +291,11 @@ class OAuthClients:
         record = json.loads(stored)
         return record["client_id"], record.get("client_secret"), record.get("auth_method")
 
+    async def service_client_id(self, server: ServerConfig) -> str:
+        """The id of the client service_client asks as: a token obtained as any other is not used."""
+        stored = await self._stored_client(server)
+        return stored[0] if stored is not None else server.client_id or ""
+
     async def service_client(self, server: ServerConfig, auth_server: AuthServer) -> ClientRegistration:
         """The client a client_credentials server's token is asked for as: the one
         stored with `oauth-client set`, else the config's client_id with its

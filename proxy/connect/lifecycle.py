@@ -58,6 +58,12 @@ WAIT_POLL = 1.0
 # A request waiting on another replica's refresh gets 503 after this long: a live
 # holder renews its lock, so waiting out a dead one's would hang requests for its TTL.
 REFRESH_WAIT = 4.0
+# At most this many refreshes per process take a lock and call a token endpoint at once;
+# the others wait their turn holding no lock. Unbounded, a storm of users whose tokens
+# expired together took every lock at once and then queued for the fetcher's connections,
+# the store's and the CPU while holding them, and other replicas' waiters gave up on
+# holders that were merely queued (docs/performance.md, the 1,000-user storm).
+REFRESHES_AT_ONCE = 32
 # Rotated tokens the store could not take are written again this often.
 HELD_RETRY = 0.25
 # At most this many unwritten token sets per process (each a few kB, sealed).
@@ -226,6 +232,7 @@ class TokenLifecycle:
         # (user, server id) -> (until, access token, the server url it is for)
         self._recent: BoundedMap[tuple[str, str], tuple[float, str, str]] = BoundedMap(RECENT_MAX)
         self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
+        self._turns = asyncio.Semaphore(REFRESHES_AT_ONCE)
         # One per (user, server) this process waits on while another replica refreshes.
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
         # Rotated tokens waiting for the store, and the task writing each.
@@ -351,25 +358,34 @@ class TokenLifecycle:
         self, server: ServerConfig, seen: Connection
     ) -> tuple[Connection, TokenSet]:
         lock = self.store.connection_lock(seen.user, seen.server)
-        deadline = time.monotonic() + REFRESH_WAIT
         key = (seen.user, seen.server)
+        # Set by an event naming these tokens (on_event): another replica wrote them.
+        news = self._waiting[key] = asyncio.Event()
+        # Counted from the first wait for another replica's refresh: a wait for a turn
+        # here is no reason to give up, as every turn ends with a token call's deadline.
+        deadline: float | None = None
         try:
             while True:
-                token = await self._acquire(lock)
-                if token is not None:
-                    done = await self._refresh_locked(server, seen, lock, token)
-                    if done is not None:
-                        return done
-                # Another replica is refreshing: wait for its write (announced by an
-                # event, or found by looking again), then use it.
-                waiting = self._waiting[key] = asyncio.Event()
-                with tracing.span("refresh lock wait"), contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(WAIT_POLL + secrets.randbelow(50) / 1000):
-                        await waiting.wait()
+                if await self._turn(news):
+                    try:
+                        token = await self._acquire(lock)
+                        if token is not None:
+                            done = await self._refresh_locked(server, seen, lock, token)
+                            if done is not None:
+                                return done
+                    finally:
+                        self._turns.release()
+                    # Another replica is refreshing: wait for its write (announced by an
+                    # event, or found by looking again), then use it.
+                    deadline = deadline or time.monotonic() + REFRESH_WAIT
+                    with tracing.span("refresh lock wait"), contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(WAIT_POLL + secrets.randbelow(50) / 1000):
+                            await news.wait()
+                news.clear()
                 current = await self._load(server, seen.user)
                 if current.version != seen.version:
                     return current, self._open(current, server)
-                if time.monotonic() > deadline:
+                if deadline is not None and time.monotonic() > deadline:
                     # A live holder renews its lock and will write soon; a dead one's
                     # lock expires within lock_ttl. Either way, not worth a hung request.
                     raise TemporarilyUnavailable(
@@ -379,6 +395,26 @@ class TokenLifecycle:
                     )
         finally:
             self._waiting.pop(key, None)
+
+    async def _turn(self, news: asyncio.Event) -> bool:
+        """One of this process's REFRESHES_AT_ONCE turns, waited for; False, holding
+        none, when `news` came first: the tokens were written meanwhile, most likely
+        refreshed by another replica, and what is stored may be all the caller needs."""
+        if not self._turns.locked():
+            return await self._turns.acquire()
+        turn = asyncio.ensure_future(self._turns.acquire())
+        heard = asyncio.ensure_future(news.wait())
+        try:
+            await asyncio.wait((turn, heard), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            if not turn.cancel():
+                self._turns.release()  # granted as this caller was cancelled
+            raise
+        finally:
+            heard.cancel()
+        # A turn granted is kept (cancel() of a finished task is False); one still
+        # queued is given up, and the semaphore passes it on if it was granted meanwhile.
+        return not turn.cancel()
 
     async def _acquire(self, lock: str) -> str | None:
         try:

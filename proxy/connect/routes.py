@@ -1,11 +1,13 @@
 """The browser side of connecting: home, connect page, callback, connections page.
 
-    GET  /                                              signed in: the person's connections; else how to get a link
+    GET  /                                              signed in: the person's connections (and the servers
+                                                        their organisation manages); else how to get a link
     GET  /connect/<user>/<server>?expires&scope&sig   names who and what; sets the browser cookie
     POST /connect/<user>/<server>?…                    (CSRF) -> 303 to the authorization server
     GET  <callback_path>?code&state&iss                 one URL for every server
     GET  /connections/<user>?expires&sig                each server's state; Connect, Reconnect, Disconnect
-    POST /connections/<user>/<server>/disconnect?…      (CSRF) revoke, delete, back to the list
+    POST /connections/<user>/<server>/disconnect?…      (CSRF) revoke, delete, back to the list (for a
+                                                        managed server: forget the token, obtained again on use)
     GET  /oauth/client-metadata.json                    the proxy's Client ID Metadata Document
 
 The browser that opens the connect link gets a random cookie; the pending
@@ -31,9 +33,12 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from proxy import links, pages
+from proxy.connect.assertion import NOT_ALLOWED
 from proxy.connect.clients import CLIENT_METADATA_PATH, CLIENT_NAME
 from proxy.connect.flow import ConnectFlow, FlowError, browser_hash, other_browser
-from proxy.connect.lifecycle import MUST_RECONNECT
+from proxy.connect.lifecycle import CONNECTED, MUST_RECONNECT
+from proxy.connect.service import REFUSED
+from proxy.connect.subject import SubjectTokens
 from proxy.crypto import Keyring
 from proxy.errors import Forbidden, page_endpoint
 from proxy.links import Links
@@ -42,17 +47,26 @@ from proxy.names import LINK
 from proxy.oauth import client as oauth_client
 from proxy.routing import RESERVED
 from proxy.settings import ID_PATTERN, SERVER_ID_PATTERN, ServerConfig, Settings
+from proxy.stores import Connection
 
 log = structlog.get_logger("keybearer.oauth")
 
 COOKIE = "kb_browser"
 COOKIE_MAX_AGE = 86400
+# Servers on a person's page: those they connect, and those their organisation manages for them.
+PERSONAL = ("oauth", "identity_assertion")
+SIGN_IN_AGAIN = "/login?" + urlencode({"next": "/"})
 
 
 def routes(
-    settings: Settings, keyring: Keyring, flow: ConnectFlow, sessions: Sessions, links_: Links
+    settings: Settings,
+    keyring: Keyring,
+    flow: ConnectFlow,
+    sessions: Sessions,
+    links_: Links,
+    sign_ins: SubjectTokens | None = None,
 ) -> list[Route]:
-    pages_ = BrowserPages(settings, keyring, flow, sessions, links_)
+    pages_ = BrowserPages(settings, keyring, flow, sessions, links_, sign_ins)
     guard = page_endpoint
     return [
         Route("/", guard(pages_.home), methods=["GET"]),
@@ -67,13 +81,20 @@ def routes(
 
 class BrowserPages:
     def __init__(
-        self, settings: Settings, keyring: Keyring, flow: ConnectFlow, sessions: Sessions, links_: Links
+        self,
+        settings: Settings,
+        keyring: Keyring,
+        flow: ConnectFlow,
+        sessions: Sessions,
+        links_: Links,
+        sign_ins: SubjectTokens | None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring
         self.flow = flow
         self.sessions = sessions
         self.links = links_
+        self.sign_ins = sign_ins
 
     # -- home ----------------------------------------------------------------------------
 
@@ -164,11 +185,17 @@ class BrowserPages:
     ) -> Response:
         browser_id = request.cookies.get(COOKIE) or secrets.token_urlsafe(32)
         stored = {c.server: c for c in await self.flow.tokens.list_user_connections(user)}
+        servers = sorted(self.flow.registry.servers.values(), key=lambda s: s.id)
+        signed_in = await self._holds_sign_in(user, servers)
         rows = []
-        for server in sorted(self.flow.registry.servers.values(), key=lambda s: s.id):
-            if server.credential_kind != "oauth":
+        for server in servers:
+            if server.credential_kind not in PERSONAL:
                 continue
             conn = stored.get(server.id)
+            disconnect = f"{links.connections_path(user)}/{server.id}/disconnect{query}"
+            if server.credential_kind == "identity_assertion":
+                rows.append(_managed_row(server, conn, signed_in, disconnect))
+                continue
             rows.append(
                 pages.ConnectionRow(
                     server=server.id,
@@ -178,17 +205,21 @@ class BrowserPages:
                     last_error=conn.last_error if conn else None,
                     refreshable=conn.refreshable if conn else True,
                     connect_url=self.links.connect(user, server.id),
-                    disconnect_action=f"{links.connections_path(user)}/{server.id}/disconnect{query}"
-                    if conn
-                    else None,
+                    disconnect_action=disconnect if conn else None,
                 )
             )
         response = pages.connections(user, rows, self._csrf(browser_id, user), person)
         self._set_cookie(response, browser_id)
         return response
 
+    async def _holds_sign_in(self, user: str, servers: list[ServerConfig]) -> bool:
+        """Whether Keybearer holds an ID token of the person (asked only when a server needs one)."""
+        if self.sign_ins is None or not any(s.credential_kind == "identity_assertion" for s in servers):
+            return False
+        return await self.sign_ins.holds(user)
+
     async def disconnect(self, request: Request) -> Response:
-        user, server = self._user(request), self._server(request)
+        user, server = self._user(request), self._server(request, PERSONAL)
         if self.settings.signs_in:
             await self._check_identity(request, user)
             back = "/"
@@ -220,10 +251,10 @@ class BrowserPages:
             )
         return user
 
-    def _server(self, request: Request) -> ServerConfig:
+    def _server(self, request: Request, kinds: tuple[str, ...] = ("oauth",)) -> ServerConfig:
         server_id = str(request.path_params["server"])
         server = self.flow.registry.get(server_id) if SERVER_ID_PATTERN.fullmatch(server_id) else None
-        if server is None or server.credential_kind != "oauth":
+        if server is None or server.credential_kind not in kinds:
             raise FlowError(
                 "Not found",
                 f"No OAuth server {server_id!r} is configured here.",
@@ -315,3 +346,32 @@ def _state(conn: Any) -> str:
     if conn.expires_at is not None and conn.expires_at < time.time():
         return "expired (refreshes on next use)" if conn.refreshable else "expired: reconnect"
     return "connected"
+
+
+def _managed_row(
+    server: ServerConfig, conn: Connection | None, signed_in: bool, forget: str
+) -> pages.ConnectionRow:
+    """A server the organisation manages: nothing to connect; its state, and what (if anything) the person can do."""
+    now = time.time()
+    state = conn.state if conn else None
+    usable = state == CONNECTED and conn is not None and (conn.expires_at is None or conn.expires_at > now)
+    expires_at, when, last_error, sign_in = None, None, None, None
+    if usable and conn is not None:
+        text, expires_at = "connected", conn.expires_at
+    elif state == NOT_ALLOWED and conn is not None:
+        text, when = "not allowed by your organisation", conn.obtained_at
+        last_error = "If you need it, ask whoever manages access at your organisation."
+    elif state == REFUSED and conn is not None:
+        text, when = "unavailable: the server refuses Keybearer", conn.obtained_at
+        last_error = "The proxy's operator must fix this; nothing for you to do."
+    elif not signed_in:
+        text, sign_in = "needs you to sign in again", SIGN_IN_AGAIN
+    elif state == CONNECTED:
+        text = "expired: obtained again when your agent next uses it"
+    else:
+        text = "not yet obtained: Keybearer gets it when your agent first uses this server"
+    return pages.ConnectionRow(
+        server=server.id, host=urlsplit(server.url).netloc, state=text, expires_at=expires_at,
+        last_error=last_error, connect_url=None, disconnect_action=forget if usable else None,
+        managed=True, since=when, sign_in_url=sign_in,
+    )  # fmt: skip

@@ -44,6 +44,8 @@ NOT_OBTAINED = "not_obtained"  # what _load answers when nothing is stored
 # The grant call for (server, user): clients.OAuthClients.client_credentials
 # (one token per server), or assertion.IdentityAssertions (one per user), wired in app.py.
 Obtain = Callable[[ServerConfig, str], Awaitable[ServiceGrant]]
+# The id of the client the server's tokens are asked for as now (clients.OAuthClients.service_client_id).
+ClientOf = Callable[[ServerConfig], Awaitable[str]]
 
 # What the operator should check, by the authorization server's error.
 _CHECK = {
@@ -90,12 +92,14 @@ class ServiceTokens(TokenLifecycle):
         store: TokenStore,
         feed: ChangeFeed,
         obtain: Obtain,
+        client_of: ClientOf,
         refresh_skew: float,
         lock_ttl: float = 30.0,
         cooldown: float = 15.0,
     ) -> None:
         super().__init__(keyring, store, feed, _never_refreshed, refresh_skew, lock_ttl, cooldown)
         self.obtain = obtain
+        self.client_of = client_of
         self.cooldown = cooldown
 
     async def token(self, server: ServerConfig) -> str:
@@ -148,7 +152,7 @@ class ServiceTokens(TokenLifecycle):
         breaker = current.issuer or server.url
         try:
             self.breaker.check(breaker)
-            grant = await self.obtain(server, current.user)
+            grant = await self._obtain(server, current)
         except (OAuthError, ServiceClientUnusable) as exc:
             self.breaker.succeeded(breaker)
             metrics.refresh_result(server.id, "refused")
@@ -176,13 +180,24 @@ class ServiceTokens(TokenLifecycle):
         await self.changed(current.user, current.server)
         return fresh, self._open(fresh, server)
 
+    async def _obtain(self, server: ServerConfig, current: Connection) -> ServiceGrant:
+        """The grant call, under the lock; AssertionTokens records what its refusals mean."""
+        return await self.obtain(server, current.user)
+
     async def _load(self, server: ServerConfig, user: str) -> Connection:
         try:
             conn = await self.store.get_connection(user, server.id)
         except StoreUnavailable as exc:
             raise TemporarilyUnavailable(f"token storage is unavailable ({exc}); retry shortly", 5) from None
-        # Version 0: the conditional write of the first token expects nothing stored.
-        return conn or Connection(user, server.id, state=NOT_OBTAINED)
+        if conn is None:
+            # Version 0: the conditional write of the first token expects nothing stored.
+            return Connection(user, server.id, state=NOT_OBTAINED)
+        if conn.client_id and conn.client_id != await self.client_of(server):
+            # Obtained as (or refused to) the client the server had before: a config
+            # restart with a new client_id, or `oauth-client set`. Never used again; the
+            # version stays, so the token obtained as the new client replaces it.
+            return replace(conn, state=NOT_OBTAINED, sealed=None, expires_at=None, last_error=None)
+        return conn
 
     def _open(self, conn: Connection, server: ServerConfig) -> TokenSet:
         """What another request or replica just wrote."""
@@ -217,15 +232,21 @@ class ServiceTokens(TokenLifecycle):
         return conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
 
     async def _refuse(self, server: ServerConfig, current: Connection, message: str) -> ServiceTokenFailed:
-        """Record the failure, for every replica and the listings."""
-        refused = replace(
-            current, state=REFUSED, sealed=None, expires_at=None, obtained_at=time.time(),
-            last_error=message, version=current.version + 1,
-        )  # fmt: skip
         log.warning("service token refused", server=server.id, reason=message)
-        if await self.store.put_connection(refused, expected_version=current.version):
+        return self._failed(server, await self._record(server, current, REFUSED, message))
+
+    async def _record(
+        self, server: ServerConfig, current: Connection, state: str, message: str
+    ) -> Connection:
+        """A state without a token, for every replica and the listings; its `obtained_at` is when.
+        Bound to the current client like a token: a new client starts afresh."""
+        record = replace(
+            current, state=state, sealed=None, expires_at=None, obtained_at=time.time(), last_error=message,
+            client_id=await self.client_of(server), version=current.version + 1,
+        )  # fmt: skip
+        if await self.store.put_connection(record, expected_version=current.version):
             await self.changed(current.user, current.server)
-        return self._failed(server, refused)
+        return record
 
     def _failed(self, server: ServerConfig, refused: Connection) -> ServiceTokenFailed:
         wait = refused.obtained_at + self.cooldown - time.time()

@@ -2,9 +2,11 @@
 
 One source per auth type, each behind the same two questions:
 
-- `credential(server, user)`: the header to add, None for nothing, or a
-  `KeybearerError` whose answer the agent gets instead (not connected, key
-  missing, storage down);
+- `credential(server, user, caller_jwt)`: the header to add, None for nothing,
+  or a `KeybearerError` whose answer the agent gets instead (not connected, key
+  missing, storage down). `caller_jwt` is the agent's own bearer token when
+  inbound auth verified it as a JWT (`inbound_auth: jwt`), else None: only
+  identity_assertion uses it (as the subject of its exchange), nobody sends it on;
 - `rejected(server, user, refusal)`: the upstream answered 401 or 403 to what
   was sent. A `Credential` means "send the request again with this", an
   `Answer` is what the agent gets, None relays the upstream's own answer.
@@ -47,7 +49,9 @@ class Refusal:
 
 
 class CredentialSource(Protocol):
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None: ...
+    async def credential(
+        self, server: ServerConfig, user: str, caller_jwt: str | None
+    ) -> Credential | None: ...
 
     async def rejected(
         self, server: ServerConfig, user: str, refusal: Refusal

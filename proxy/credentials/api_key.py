@@ -16,7 +16,7 @@ class ApiKeys:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+    async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         key = self.registry.api_key(server)
         if not key:
             where = f"set the environment variable {server.api_key_env}" if server.api_key_env else ""

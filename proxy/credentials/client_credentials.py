@@ -19,7 +19,7 @@ class ClientCredentials:
     def __init__(self, tokens: ServiceTokens) -> None:
         self.tokens = tokens
 
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+    async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         return bearer(await self.tokens.token(server))
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:

@@ -1,6 +1,8 @@
 """`auth: oauth` with `grant: identity_assertion`: each person's token, as their organisation allows.
 
-The token comes from connect/assertion.py. What the agent may get instead:
+The token comes from connect/assertion.py, the subject of its exchange from
+connect/subject.py: the agent's own JWT when it is the person's ID token, else
+their kept sign-in. What the agent may get instead:
 the sign-in link (-32042) when Keybearer holds no current sign-in of the
 person, the organisation's refusal, or a 503 naming the server when its
 authorization server refuses Keybearer's grant.
@@ -8,7 +10,7 @@ authorization server refuses Keybearer's grant.
 
 from __future__ import annotations
 
-from proxy.connect.assertion import AssertionTokens
+from proxy.connect.assertion import PRESENTED, AssertionTokens
 from proxy.credentials import Credential, Refusal, bearer
 from proxy.errors import Answer, KeybearerError
 from proxy.settings import ServerConfig
@@ -18,7 +20,10 @@ class IdentityAssertion:
     def __init__(self, tokens: AssertionTokens) -> None:
         self.tokens = tokens
 
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+    async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
+        # Kept for the rest of this request's task (rejected() below too): the
+        # subject of an exchange, should one be needed.
+        PRESENTED.set(caller_jwt)
         return bearer(await self.tokens.access_token(server, user))
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:

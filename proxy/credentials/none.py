@@ -8,7 +8,7 @@ from proxy.settings import ServerConfig
 
 
 class NoCredential:
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+    async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         return None
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:

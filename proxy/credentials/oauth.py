@@ -28,7 +28,7 @@ class OAuthTokens:
         self.keyring = keyring
         self.links = links.Links(settings, keyring)
 
-    async def credential(self, server: ServerConfig, user: str) -> Credential | None:
+    async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         try:
             return bearer(await self.lifecycle.access_token(server, user))
         except NeedsConsent as exc:

@@ -102,11 +102,14 @@ def authorization_url(
     scopes: Sequence[str],
     resource: str | None,
     extra_params: Mapping[str, str] | None = None,
+    *,
+    consent_for_offline: bool = True,
 ) -> str:
     """The URL to send the browser to. A query already in the authorization
     endpoint is kept (RFC 6749 §3.1); `extra_params` (configured per server,
     e.g. `prompt`) may not name a protocol parameter: ValueError. Asking for
-    `offline_access` adds `prompt=consent` unless `extra_params` set a prompt."""
+    `offline_access` adds `prompt=consent` unless `extra_params` set a prompt
+    or `consent_for_offline` is False."""
     extra = dict(extra_params or {})
     clash = sorted(k for k in extra if k.lower() in PROTOCOL_PARAMS)
     if clash:
@@ -123,7 +126,7 @@ def authorization_url(
         params.append(("scope", " ".join(scopes)))
     if resource:
         params.append(("resource", resource))
-    if OFFLINE_ACCESS in scopes and not any(k.lower() == "prompt" for k in extra):
+    if consent_for_offline and OFFLINE_ACCESS in scopes and not any(k.lower() == "prompt" for k in extra):
         # OpenID Connect §11: offline access is granted on consent, which
         # providers (oidc-provider among them) insist on being asked for.
         params.append(("prompt", "consent"))

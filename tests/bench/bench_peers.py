@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import resource
 import secrets
 import sys
@@ -432,8 +433,11 @@ async def burst_client(
         headers = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
         for _ in range(repeat):
             started = time.perf_counter()
+            refusals: Counter[str] = Counter()
 
-            async def post(i: int, started: float = started) -> tuple[int, bool, float]:
+            async def post(
+                i: int, started: float = started, refusals: Counter[str] = refusals
+            ) -> tuple[int, bool, float]:
                 try:
                     async with session.post(
                         bases[i % len(bases)] + path.format(user=f"u{i % users}"),
@@ -441,8 +445,12 @@ async def burst_client(
                         headers=headers,
                     ) as response:
                         body = await response.read()
-                        return response.status, body == RESPONSE_BODY, time.perf_counter() - started
-                except (aiohttp.ClientError, OSError, TimeoutError):
+                        ok = body == RESPONSE_BODY
+                        if not ok:
+                            refusals[_refusal(body)] += 1
+                        return response.status, ok, time.perf_counter() - started
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    refusals[type(exc).__name__] += 1
                     return 0, False, time.perf_counter() - started
 
             results = await asyncio.gather(*(post(i) for i in range(n)))
@@ -455,10 +463,22 @@ async def burst_client(
                     "p99_ms": _percentile(done, 99),
                     "statuses": dict(statuses),
                     "body_ok": sum(1 for r in results if r[1]),
+                    "refusals": dict(refusals.most_common(5)),
                 }
             )
             await asyncio.sleep(pause)
     return out
+
+
+def _refusal(body: bytes) -> str:
+    """What a proxy's error answer says (its code and message, numbers masked so that alike ones add up)."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        return body[:80].decode(errors="replace")
+    if isinstance(error, dict):
+        error = f"{(error.get('data') or {}).get('error')}: {error.get('message')}"
+    return re.sub(r"\d+(\.\d+)?", "N", str(error))[:200]
 
 
 # --------------------------------------------------------------------------- main
