@@ -168,15 +168,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.head_bytes is None:  # a request body, which the app bounds
             super().data_received(data)
             return
-        if self.cycle is None or self.cycle.response_complete:
-            # The connection was idle: these are the next request's first bytes
-            # (uvicorn's keep-alive timer stops at any byte, even a lone CRLF).
-            self._start_head_clock()
+        # Idle, these are the next request's first bytes (uvicorn's keep-alive
+        # timer stops at any byte, even a lone CRLF): its head's clock starts now.
+        idle = self.cycle is None or self.cycle.response_complete
         limit = self.limits.max_header_bytes
         if self.head_bytes + len(data) <= limit:
             self.head_bytes += len(data)
             super().data_received(data)
+            # A head that arrived whole (the usual case) needs no clock: one is armed,
+            # from this same moment, only for a head still incomplete after this read.
+            if idle and self.head_bytes and not self.transport.is_closing():
+                self._start_head_clock()
             return
+        if idle:
+            self._start_head_clock()
         # Parse only what the head may still take. If the head ends within it,
         # the count is reset, and the rest is body or the next request. (That
         # next request's first bytes within `room` go uncounted: at most one limit.)
