@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
-import datetime
 import functools
 import json
 import logging
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable, MutableMapping
 from typing import Any, TextIO
 
@@ -183,22 +183,56 @@ _writer = LineWriter(sys.stdout)
 _request_lines = True
 
 
-def request(**fields: Any) -> None:
+def request(
+    *,
+    request_id: str,
+    user: str | None = None,
+    server: str | None = None,
+    method: str | None = None,
+    mcp_method: str | None = None,
+    status: int = 0,
+    outcome: str = "ok",
+    duration_ms: float = 0.0,
+    bytes_in: int = 0,
+    bytes_out: int = 0,
+) -> None:
     """The one line per forwarded request, without structlog's processor chain.
 
     Same shape as every other line. Its fields are the proxy's own (validated
     ids, numbers, an outcome code) except `mcp_method`, which the agent chose
-    and which is redacted like any text.
+    and which is redacted like any text. Written out by hand rather than by
+    `json.dumps` of a dict (a third of this line's cost): every string still
+    goes through the JSON encoder's own escaping.
     """
     if not _request_lines:
         return
-    method = fields.get("mcp_method")
-    if method is not None:
-        fields["mcp_method"] = redact_text(method)
-    fields["event"] = "request"
-    fields["level"] = "info"
-    fields["timestamp"] = datetime.datetime.now(datetime.UTC).replace(tzinfo=None).isoformat() + "Z"
-    _writer.write_later(json.dumps(fields) + "\n")
+    # Inline rather than a helper per field: this runs for every request.
+    _writer.write_later(
+        f'{{"request_id": {_encode_str(request_id)}, '
+        f'"user": {"null" if user is None else _encode_str(user)}, '
+        f'"server": {"null" if server is None else _encode_str(server)}, '
+        f'"method": {"null" if method is None else _encode_str(method)}, '
+        f'"mcp_method": {"null" if mcp_method is None else _encode_str(redact_text(mcp_method))}, '
+        f'"status": {status:d}, "outcome": {_encode_str(outcome)}, "duration_ms": {duration_ms!r}, '
+        f'"bytes_in": {bytes_in:d}, "bytes_out": {bytes_out:d}, "event": "request", "level": "info", '
+        f'"timestamp": "{_timestamp()}"}}\n'
+    )
+
+
+_encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for every str
+_second = -1
+_second_text = ""
+
+
+def _timestamp() -> str:
+    """UTC, ISO 8601 with microseconds and a Z, as structlog's lines; the date and
+    time of day are formatted once per second."""
+    global _second, _second_text
+    now = time.time_ns()
+    second, fraction = divmod(now, 1_000_000_000)
+    if second != _second:
+        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_second_text}.{fraction // 1000:06d}Z"
 
 
 def flush() -> None:

@@ -16,6 +16,13 @@ three limits in front of the app:
 
 Idle keep-alive connections between requests are uvicorn's own
 `timeout_keep_alive` (5 s). Each limit holds per worker process.
+
+It also sends each answer in as few writes as it can: uvicorn writes the status
+line and headers, then every body chunk, each with a system call of its own
+(on loopback each one also runs the receiver's side of TCP, on this core). The
+request's writes are held until the answer is complete, and at most until the
+end of the event loop's current pass (`_Cork`), so an event stream's events
+still go out at once.
 """
 
 from __future__ import annotations
@@ -81,6 +88,48 @@ _head_too_large = _Throttled("request_head_too_large")
 _head_too_slow = _Throttled("request_head_too_slow")
 
 
+class _Cork:
+    """The transport uvicorn's request cycle writes to: writes made within one pass
+    of the event loop go out as one. The protocol flushes it when an answer is
+    complete; a pass that ends first (an event stream, a slow body) flushes it then."""
+
+    __slots__ = ("_loop", "_pending", "_scheduled", "transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport = transport
+        self._loop = loop
+        self._pending: list[bytes] = []
+        self._scheduled = False
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self._pending.append(data)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            # The agent may have gone since these were held: uvicorn writes nothing then.
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -92,6 +141,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # lingering once refused.
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
+        self.cork: _Cork | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -102,6 +152,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
             return
         super().connection_made(transport)
+        self.cork = _Cork(transport, self.loop)
         # A connection that never sends a byte must not hold its place either.
         self._start_head_clock()
 
@@ -117,15 +168,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.head_bytes is None:  # a request body, which the app bounds
             super().data_received(data)
             return
-        if self.cycle is None or self.cycle.response_complete:
-            # The connection was idle: these are the next request's first bytes
-            # (uvicorn's keep-alive timer stops at any byte, even a lone CRLF).
-            self._start_head_clock()
+        # Idle, these are the next request's first bytes (uvicorn's keep-alive
+        # timer stops at any byte, even a lone CRLF): its head's clock starts now.
+        idle = self.cycle is None or self.cycle.response_complete
         limit = self.limits.max_header_bytes
         if self.head_bytes + len(data) <= limit:
             self.head_bytes += len(data)
             super().data_received(data)
+            # A head that arrived whole (the usual case) needs no clock: one is armed,
+            # from this same moment, only for a head still incomplete after this read.
+            if idle and self.head_bytes and not self.transport.is_closing():
+                self._start_head_clock()
             return
+        if idle:
+            self._start_head_clock()
         # Parse only what the head may still take. If the head ends within it,
         # the count is reset, and the rest is body or the next request. (That
         # next request's first bytes within `room` go uncounted: at most one limit.)
@@ -149,6 +205,14 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._stop_clock()
         self.head_bytes = None
         super().on_headers_complete()
+        if self.cycle is not None:
+            self.cycle.transport = cast(asyncio.Transport, self.cork)
+
+    def on_response_complete(self) -> None:
+        # The whole answer, in one write, before the next request's may start.
+        assert self.cork is not None
+        self.cork.flush()
+        super().on_response_complete()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

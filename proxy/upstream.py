@@ -29,7 +29,7 @@ import functools
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import quote, urlsplit
 
@@ -83,12 +83,15 @@ class Origin:
     scheme: str
     host: str
     port: int
+    # The Host header's value, made once: the idna codec is Python-level, and
+    # every request's head carries it.
+    host_header: bytes = field(init=False, repr=False, compare=False)
 
-    @property
-    def host_header(self) -> bytes:
+    def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return (host if self.port == default else f"{host}:{self.port}").encode("idna")
+        value = (host if self.port == default else f"{host}:{self.port}").encode("idna")
+        object.__setattr__(self, "host_header", value)
 
     @property
     def authority(self) -> bytes:
@@ -594,15 +597,29 @@ def _request_head(
     headers: list[tuple[bytes, bytes]],
     body: bytes | AsyncIterator[bytes],
 ) -> bytes:
-    lines = [b"%b %b HTTP/1.1" % (method.encode("ascii"), target), b"host: " + origin.host_header]
-    lines.extend(name + b": " + value for name, value in headers)
+    parts = [
+        _METHODS.get(method) or method.encode("ascii"),
+        b" ",
+        target,
+        b" HTTP/1.1\r\nhost: ",
+        origin.host_header,
+    ]
+    for name, value in headers:
+        parts += (b"\r\n", name, b": ", value)
+    lines = 2 + len(headers)
     if not isinstance(body, bytes):
-        lines.append(b"transfer-encoding: chunked")
+        parts.append(b"\r\ntransfer-encoding: chunked")
+        lines += 1
     elif body or method not in _NO_CONTENT_METHODS:
-        lines.append(b"content-length: %d" % len(body))
-    head = b"\r\n".join(lines)
+        parts += (b"\r\ncontent-length: ", str(len(body)).encode())
+        lines += 1
+    parts.append(b"\r\n\r\n")
+    head = b"".join(parts)
     # One pass in C instead of a check per header: any CR, LF or NUL of our
     # own making would let a header value start a header or a request of its own.
-    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1 or b"\0" in head:
+    if head.count(b"\n") != lines + 1 or head.count(b"\r") != lines + 1 or b"\0" in head:
         raise InvalidHeader("a request header contains a line break or NUL")
-    return head + b"\r\n\r\n"
+    return head
+
+
+_METHODS = {m: m.encode() for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}

@@ -468,6 +468,30 @@ def test_any_bytes_parse_or_give_a_json_body_error(raw: bytes) -> None:
         pass
 
 
+@some
+@given(
+    st.sampled_from([b"", b"\xef\xbb\xbf"]),
+    st.text(alphabet=" \t\r\n\x0c\ufeff", max_size=3),
+    json_documents,
+    st.text(alphabet=" \t\r\n\x0cx", max_size=3),
+)
+@example(b"", "", {"a": 1}, " x")
+@example(b"\xef\xbb\xbf", "\ufeff", [], "")
+def test_json_parses_exactly_as_json_loads_of_the_utf8_sig_text(
+    bom: bytes, before: str, document: Any, after: str
+) -> None:
+    # parse_json calls the C scanner itself and decodes without the utf-8-sig codec (for speed):
+    # byte order marks and whitespace around the value must be taken or refused as json.loads does.
+    raw = bom + (before + json.dumps(document) + after).encode()
+    try:
+        expected = json.loads(raw.decode("utf-8-sig"))
+    except ValueError:
+        with pytest.raises(JSONBodyError):
+            parse_json(raw)
+    else:
+        assert parse_json(raw) == expected
+
+
 def _depth(value: Any) -> int:
     if isinstance(value, list):
         return 1 + max(map(_depth, value), default=0)

@@ -179,6 +179,30 @@ def test_line_breaks_trickled_after_a_response_are_cut_off(proxy_factory: type[P
     assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
 
 
+def test_a_second_head_trickled_on_a_kept_alive_connection_is_cut_off(
+    proxy_factory: type[ProxyProcess],
+) -> None:
+    # A head that arrives whole arms no clock; one still incomplete after its first read does,
+    # from that read on (serving.py), as the connection's first head's clock runs from the start.
+    proxy = proxy_factory({"header_timeout": 1})
+    with connect(proxy) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = b""
+        while not first.endswith(b"ok\n"):
+            first += sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            sock.sendall(b"GET /ping HTTP/1.1\r\n")
+            for i in range(20):  # a header line every 0.3 s, 6 s at most
+                if select.select([sock], [], [], 0.3)[0]:
+                    break
+                sock.sendall(b"X-Slow-%d: 1\r\n" % i)
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert time.monotonic() - started < 5
+
+
 def test_connections_beyond_max_connections_are_closed_at_once(proxy_factory: type[ProxyProcess]) -> None:
     proxy = proxy_factory({"max_connections": 5})
     conns = [HTTPConnection("127.0.0.1", proxy.port, timeout=5) for _ in range(5)]

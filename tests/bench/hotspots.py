@@ -51,7 +51,7 @@ CONCERNS: list[tuple[str, str, str]] = [
     ("response_headers()", "proxy/forwarding.py", r"^response_headers$"),
     ("read_body()", "proxy/forwarding.py", r"^read_body$"),
     ("_mcp_method() (JSON parse of the body)", "proxy/forwarding.py", r"^_mcp_method$"),
-    ("_request_id() (secrets.token_hex)", "proxy/forwarding.py", r"^_request_id$"),
+    ("_request_id()", "proxy/forwarding.py", r"^_request_id$"),
     ("routing.parse + upstream_url", "proxy/routing.py", r".*"),
     ("inbound auth check", "proxy/inbound.py", r".*"),
     ("yarl URL building", "yarl/", r".*"),

@@ -81,6 +81,8 @@ API_KEY = "bench-api-key-" + secrets.token_hex(8)
 TARGET_API_KEY_RATIO = 0.90
 TARGET_OAUTH_RATIO = 0.85
 TARGET_ADDED_P50_MS = 0.6
+# Issue 17: the api_key path's CPU per request against nginx's, same run, 16 clients.
+TARGET_CPU_VS_NGINX = 2.5
 TARGET_IDLE_RSS_MB = 400
 TARGET_SSE_P99_MS = 5.0
 TRACED = "keybearer api_key, traced"
@@ -713,7 +715,28 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
                 row.target = f"p50 +<= {TARGET_ADDED_P50_MS} ms"
                 row.result = verdict(added <= TARGET_ADDED_P50_MS and not load.errors, f"+{added:.2f}")
             s.rows.append(row)
+        s.rows.extend(cpu_vs_nginx_rows(result, targets, level))
     return result
+
+
+def cpu_vs_nginx_rows(result: dict[tuple[str, int], Load], targets: dict[str, Any], level: int) -> list[Row]:
+    """Each api_key row's CPU per request over nginx's; at 16 clients, the target."""
+    nginx = result.get(("nginx, 1 worker", level))
+    if nginx is None or not nginx.us_per_request:
+        return []
+    rows = []
+    for name in targets:
+        load = result[(name, level)]
+        if not name.startswith("keybearer api_key") or name == TRACED or not load.us_per_request:
+            continue
+        ratio = load.us_per_request / nginx.us_per_request
+        row = Row("1", f"{name.replace('keybearer ', '')} / nginx cpu", str(level), us_req=f"{ratio:.2f}x")
+        row.detail = f"{load.us_per_request:.0f} vs {nginx.us_per_request:.0f} us CPU/req"
+        if level == 16:
+            row.target = f"cpu <= {TARGET_CPU_VS_NGINX:g}x nginx"
+            row.result = verdict(ratio <= TARGET_CPU_VS_NGINX, f"{ratio:.2f}x")
+        rows.append(row)
+    return rows
 
 
 def start_traced(s: Setup) -> tuple[str, tuple[str, int | None]]:
