@@ -13,7 +13,6 @@ means two things.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from proxy.errors import InvalidInput
@@ -45,20 +44,6 @@ class Route:
 
 def parse(raw_path: bytes) -> Route:
     """Split and validate `/<user>/<server>[/<subpath>]`; `/mcp` is the endpoint."""
-    # An agent sends the same path on every request: a valid short one is parsed
-    # once (a refused one raises every time; nothing about it is kept).
-    if len(raw_path) <= _CACHED_PATH_BYTES:
-        return _parse_cached(raw_path)
-    return _parse(raw_path)
-
-
-# Paths longer than this are parsed every time, so the cache holds at most
-# MAX_CACHED_ROUTES x 256 bytes of paths.
-_CACHED_PATH_BYTES = 256
-MAX_CACHED_ROUTES = 4096
-
-
-def _parse(raw_path: bytes) -> Route:
     try:
         path = raw_path.decode("ascii")
     except UnicodeDecodeError:
@@ -116,6 +101,3 @@ def upstream_url(server: ServerConfig, subpath: str, query: bytes, announced: fr
     if not query:
         return base
     return base + ("&" if "?" in base else "?") + query.decode("latin-1")
-
-
-_parse_cached = functools.lru_cache(maxsize=MAX_CACHED_ROUTES)(_parse)

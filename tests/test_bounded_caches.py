@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import legacy_sse, registry, routing, web_origin
+from proxy import legacy_sse, registry, web_origin
 from proxy.bounded import BoundedMap
 from proxy.connect import clients, lifecycle
 from proxy.connect.clients import OAuthClients, _discovery_to_json, discovery_cache_key
@@ -40,19 +40,6 @@ def test_judged_host_names_are_bounded() -> None:
         guard.refusal([(b"host", f"h{i}.example".encode())])
     assert len(guard._judged) == web_origin.MAX_JUDGED
     assert guard.refusal([(b"host", b"proxy.example")]) is None
-
-
-def test_parsed_routes_are_bounded_and_long_or_refused_paths_are_not_kept() -> None:
-    routing._parse_cached.cache_clear()
-    for i in range(routing.MAX_CACHED_ROUTES + 100):
-        assert routing.parse(f"/u{i}/srv".encode()).user == f"u{i}"
-    assert routing._parse_cached.cache_info().currsize == routing.MAX_CACHED_ROUTES
-    routing._parse_cached.cache_clear()
-    long_path = b"/alice/srv/" + b"a" * 300
-    assert routing.parse(long_path).subpath == "/" + "a" * 300
-    with pytest.raises(routing.RouteError):
-        routing.parse(b"/admin/srv")
-    assert routing._parse_cached.cache_info().currsize == 0
 
 
 def test_announced_paths_are_bounded() -> None:
