@@ -1557,7 +1557,10 @@ def benchmark(args: argparse.Namespace) -> int:
                 section_forwarding(s)
             if "2" in args.sections:
                 s.say("[2] event streams")
-                kb, port = s.start_keybearer("kb-streams", s.sidecar_config("kb-streams"), PROXY_CPU)
+                # Holding this many streams is an operator's choice: the default cap is 1,000
+                # connections per worker (docs/operations.md, "Connection limits").
+                streams = {**s.sidecar_config("kb-streams"), "max_connections": args.streams + 100}
+                kb, port = s.start_keybearer("kb-streams", streams, PROXY_CPU)
                 section_streams(s, kb, port)
                 s.procs.stop(kb)
             if "3" in args.sections and s.shared is not None:
