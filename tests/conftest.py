@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -43,7 +44,7 @@ def salt() -> str:
 
 
 @pytest.fixture
-def proxy_factory(tmp_path: Path, salt: str) -> Iterator[type[ProxyProcess]]:
+async def proxy_factory(tmp_path: Path, salt: str) -> AsyncIterator[type[ProxyProcess]]:
     started: list[ProxyProcess] = []
 
     class Factory(ProxyProcess):
@@ -52,8 +53,9 @@ def proxy_factory(tmp_path: Path, salt: str) -> Iterator[type[ProxyProcess]]:
             started.append(self)
 
     yield Factory
-    for proc in started:
-        proc.stop()
+    # Stopped together, off the loop: peers served on this loop (an OTLP collector, an
+    # authorization server) must go on answering while a proxy shuts down.
+    await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in started))
 
 
 @pytest.fixture(scope="module")

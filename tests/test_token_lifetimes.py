@@ -79,7 +79,7 @@ async def test_short_lived_tokens_are_refreshed_about_once_per_lifetime(
     replicas = setup[2][0]
     await connect(replicas, browser, "carol")
     auth.reset_stats()
-    requests, spread = 24, 18.0  # three lifetimes
+    requests, spread = 16, 12.0  # two lifetimes
     started_at = time.monotonic()
     async with httpx.AsyncClient(timeout=30) as client:
         for _ in range(requests):

@@ -66,6 +66,8 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+# Tests name `peers` before `proxy_factory`, so that the proxies stop before the peers do:
+# a proxy stopping exports its last spans, and waits for a collector that is gone.
 @pytest.fixture
 async def peers() -> AsyncIterator[Peers]:
     found = Peers()
@@ -181,7 +183,7 @@ def _attributes(span: Span) -> dict[str, Any]:
 
 
 async def test_an_oauth_request_that_refreshes_exports_its_span_tree(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
@@ -237,7 +239,7 @@ async def test_an_oauth_request_that_refreshes_exports_its_span_tree(
 
 
 async def test_the_user_is_in_the_request_span_only_when_the_operator_allows_it(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env, trace_user_ids=True)
@@ -254,7 +256,7 @@ async def test_the_user_is_in_the_request_span_only_when_the_operator_allows_it(
 
 @pytest.mark.parametrize("off", [{}, {"OTEL_SDK_DISABLED": "true"}], ids=["unset", "sdk-disabled"])
 async def test_with_tracing_off_nothing_is_exported_and_no_traceparent_added(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers, off: dict[str, str]
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, off: dict[str, str]
 ) -> None:
     env = {**off, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     if off:  # an endpoint is set, but the SDK is switched off the standard way
@@ -285,7 +287,7 @@ def test_an_endpoint_without_the_sdk_stops_the_proxy_before_it_listens(
 
 
 async def test_a_consent_answer_is_named_by_its_code_never_by_its_link(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
@@ -310,7 +312,7 @@ async def test_a_consent_answer_is_named_by_its_code_never_by_its_link(
 
 
 async def test_waiting_on_another_replicas_refresh_is_a_lock_wait_span(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
@@ -342,7 +344,7 @@ async def test_waiting_on_another_replicas_refresh_is_a_lock_wait_span(
 
 
 async def test_the_connect_flow_traces_its_oauth_calls(
-    proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str, peers: Peers
+    peers: Peers, proxy_factory: type[ProxyProcess], tmp_path: Path, salt: str
 ) -> None:
     env = {"OTEL_EXPORTER_OTLP_ENDPOINT": peers.otlp, "OTEL_BSP_SCHEDULE_DELAY": "50"}
     proxy = await _proxy(proxy_factory, tmp_path, salt, peers, env)
