@@ -30,6 +30,7 @@ import structlog
 
 from proxy import metrics, tracing
 from proxy.bounded import BoundedMap
+from proxy.connect.single_flight import SingleFlight
 from proxy.crypto import DecryptError, Keyring
 from proxy.errors import KeybearerError, Unavailable
 from proxy.events import ChangeFeed
@@ -231,7 +232,7 @@ class TokenLifecycle:
         self.breaker = CircuitBreaker(cooldown=cooldown)
         # (user, server id) -> (until, access token, the server url it is for)
         self._recent: BoundedMap[tuple[str, str], tuple[float, str, str]] = BoundedMap(RECENT_MAX)
-        self._inflight: dict[tuple[str, str], asyncio.Future[tuple[Connection, TokenSet]]] = {}
+        self._refreshes: SingleFlight[tuple[str, str], tuple[Connection, TokenSet]] = SingleFlight()
         self._turns = asyncio.Semaphore(REFRESHES_AT_ONCE)
         # One per (user, server) this process waits on while another replica refreshes.
         self._waiting: dict[tuple[str, str], asyncio.Event] = {}
@@ -336,23 +337,11 @@ class TokenLifecycle:
 
     async def refresh(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
         """Refresh `seen` once, however many callers and replicas ask at the same time."""
-        key = (seen.user, seen.server)
-        running = self._inflight.get(key)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[tuple[Connection, TokenSet]] = asyncio.get_running_loop().create_future()
-        self._inflight[key] = future
-        try:
-            with tracing.span("refresh", {"keybearer.server": server.id}):
-                result = await self._refresh_across_replicas(server, seen)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # waiters see it; no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[key]
+        return await self._refreshes.run((seen.user, seen.server), lambda: self._traced_refresh(server, seen))
+
+    async def _traced_refresh(self, server: ServerConfig, seen: Connection) -> tuple[Connection, TokenSet]:
+        with tracing.span("refresh", {"keybearer.server": server.id}):
+            return await self._refresh_across_replicas(server, seen)
 
     async def _refresh_across_replicas(
         self, server: ServerConfig, seen: Connection

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import structlog
 
 from proxy.connect.lifecycle import LIFETIME_FRACTION, TemporarilyUnavailable
+from proxy.connect.single_flight import SingleFlight
 from proxy.crypto import DecryptError, Keyring
 from proxy.login import Identity, RelyingParty
 from proxy.names import SESSION
@@ -72,7 +73,7 @@ class SubjectTokens:
         self.lifetime = lifetime
         # Held across one call to the provider: longer than the fetcher's deadline.
         self.lock_ttl = lock_ttl + party.fetcher.timeout
-        self._inflight: dict[str, asyncio.Future[str | None]] = {}
+        self._renewals: SingleFlight[str, str | None] = SingleFlight()
 
     # -- sign-in and sign-out (login.KeepsSignIns) ----------------------------------------
 
@@ -116,21 +117,7 @@ class SubjectTokens:
             return kept.id_token
         if kept.refresh_token is None:
             return kept.id_token if kept.expires > time.time() else None
-        running = self._inflight.get(user)
-        if running is not None:
-            return await asyncio.shield(running)
-        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
-        self._inflight[user] = future
-        try:
-            result = await self._renew_across_replicas(user, kept)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # waiters see it; no "never retrieved" warning
-            raise
-        finally:
-            del self._inflight[user]
+        return await self._renewals.run(user, lambda: self._renew_across_replicas(user, kept))
 
     def _due(self, kept: KeptSignIn) -> bool:
         ahead = min(self.skew, max(0.0, kept.expires - kept.issued) * LIFETIME_FRACTION)
