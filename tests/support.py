@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,3 +140,21 @@ def self_signed_certificate(folder: Path, names: tuple[str, ...] = ()) -> tuple[
         )
     )
     return cert_path, key_path
+
+
+@contextlib.contextmanager
+def replicas_running(
+    config: dict[str, Any], ports: list[int], salt: str, workdirs: Any
+) -> Iterator[list[ProxyProcess]]:
+    """One proxy per port on one config, each in its own work folder (`workdirs` is
+    pytest's TempPathFactory); every one started is stopped after, even if a later
+    one fails to start."""
+    procs: list[ProxyProcess] = []
+    try:
+        for port in ports:
+            workdir = workdirs.mktemp(f"replica-{port}")
+            procs.append(ProxyProcess(config, workdir, {"KEYBEARER_SALT": salt}, port=port))
+        yield procs
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -25,7 +25,7 @@ from conftest import RedisServer
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
 from playwright.async_api import Browser
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, replicas_running
 from test_store_faults import PostgresServer
 from test_token_lifecycle import SERVER, call, connect, wait_expired
 
@@ -95,15 +95,8 @@ def replicas(
         "refresh_lock_ttl": LOCK_TTL,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
-    procs: list[ProxyProcess] = []
-    try:
-        for port in ports:
-            workdir = tmp_path_factory.mktemp(f"replica-{port}")
-            procs.append(ProxyProcess(config, workdir, {"KEYBEARER_SALT": salt}, port=port))
+    with replicas_running(config, ports, salt, tmp_path_factory) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
 from playwright.async_api import Browser
 from services import REDIS_URL
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, replicas_running
 
 from proxy import links
 from proxy.crypto import Keyring
@@ -70,15 +70,8 @@ def replicas(
         "token_endpoint_cooldown": 2,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
-    procs: list[ProxyProcess] = []
-    try:
-        for port in ports:
-            workdir = tmp_path_factory.mktemp(f"replica-{port}")
-            procs.append(ProxyProcess(config, workdir, {"KEYBEARER_SALT": salt}, port=port))
+    with replicas_running(config, ports, salt, tmp_path_factory) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
 
 
 @pytest.fixture
