@@ -57,7 +57,7 @@ from proxy.errors import Answer, Forbidden, InvalidInput, KeybearerError, NotFou
 from proxy.names import LINK, PENDING_STATE, SESSION
 from proxy.oauth import client as oauth_client
 from proxy.oauth.client import OFFLINE_ACCESS, AuthServerUnavailable, OAuthError
-from proxy.oauth.discovery import OIDC_WELL_KNOWN, AuthServer, DiscoveryError
+from proxy.oauth.discovery import OIDC_WELL_KNOWN, AuthServer, DiscoveryError, checked_endpoint
 from proxy.oauth.fetch import Fetcher, FetchError, UnsafeURL
 from proxy.oauth.jwks import KeySetCache, KeysUnavailable
 from proxy.routing import RESERVED
@@ -643,14 +643,7 @@ def provider_from_metadata(fetcher: Fetcher, metadata: Mapping[str, Any], url: s
         raise DiscoveryError(f"{url} names issuer {str(metadata.get('issuer'))[:200]!r}, not {issuer!r}")
     endpoints: dict[str, str] = {}
     for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
-        value = metadata.get(name)
-        if not isinstance(value, str) or not value:
-            raise DiscoveryError(f"{url} has no {name}")
-        try:
-            fetcher.check_url(value)
-        except UnsafeURL as exc:
-            raise DiscoveryError(f"{url}: {name} refused: {exc}") from None
-        endpoints[name] = value
+        endpoints[name] = checked_endpoint(fetcher, metadata, name, url)
     methods = _strings(metadata.get("code_challenge_methods_supported"))
     if methods is not None and "S256" not in methods:
         raise DiscoveryError(f"{issuer} does not support PKCE with S256")

@@ -408,13 +408,7 @@ def auth_server_from_metadata(
         if value is None and name in ("registration_endpoint", "revocation_endpoint"):
             endpoints[name] = None
             continue
-        if not isinstance(value, str) or not value:
-            raise DiscoveryError(f"{where} has no {name}")
-        try:
-            fetcher.check_url(value)
-        except UnsafeURL as exc:
-            raise DiscoveryError(f"{where}: {name} refused: {exc}") from None
-        endpoints[name] = value
+        endpoints[name] = checked_endpoint(fetcher, metadata, name, where)
     auth_methods = _string_tuple(metadata.get("token_endpoint_auth_methods_supported"))
     return AuthServer(
         issuer=issuer,
@@ -492,3 +486,15 @@ def _string_tuple(value: Any) -> tuple[str, ...] | None:
     if isinstance(value, list):
         return tuple(v for v in value if isinstance(v, str))
     return None
+
+
+def checked_endpoint(fetcher: Fetcher, metadata: Mapping[str, Any], name: str, where: str) -> str:
+    """An endpoint a metadata document must name, and the fetcher must accept."""
+    value = metadata.get(name)
+    if not isinstance(value, str) or not value:
+        raise DiscoveryError(f"{where} has no {name}")
+    try:
+        fetcher.check_url(value)
+    except UnsafeURL as exc:
+        raise DiscoveryError(f"{where}: {name} refused: {exc}") from None
+    return value
