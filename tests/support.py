@@ -144,16 +144,16 @@ def self_signed_certificate(folder: Path, names: tuple[str, ...] = ()) -> tuple[
 
 @contextlib.contextmanager
 def replicas_running(
-    config: dict[str, Any], ports: list[int], salt: str, workdirs: Any
+    config: dict[str, Any], ports: list[int], env: dict[str, str], workdirs: Any
 ) -> Iterator[list[ProxyProcess]]:
-    """One proxy per port on one config, each in its own work folder (`workdirs` is
-    pytest's TempPathFactory); every one started is stopped after, even if a later
-    one fails to start."""
+    """One proxy per port on one config and environment, each in its own work folder
+    (`workdirs` is pytest's TempPathFactory); every one started is stopped after, even
+    if a later one fails to start."""
     procs: list[ProxyProcess] = []
     try:
         for port in ports:
             workdir = workdirs.mktemp(f"replica-{port}")
-            procs.append(ProxyProcess(config, workdir, {"KEYBEARER_SALT": salt}, port=port))
+            procs.append(ProxyProcess(config, workdir, env, port=port))
         yield procs
     finally:
         for proc in procs:

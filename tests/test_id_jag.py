@@ -27,7 +27,7 @@ from peers.mcp_client import INITIALIZE, result_text, streamable_session
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from playwright.async_api import Browser
 from services import REDIS_URL
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, replicas_running
 
 from proxy.settings import ConfigError, Settings, _check_login, parse_server
 from proxy.stores.redis import RedisTokenStore
@@ -91,14 +91,8 @@ def replicas(
     }
     env = {"KEYBEARER_SALT": salt, "KEYBEARER_LOGIN_CLIENT_SECRET": LOGIN_SECRET, "AS_SECRET": AS_SECRET,
            "KEYBEARER_ADMIN_TOKEN": ADMIN}  # fmt: skip
-    procs: list[ProxyProcess] = []
-    try:
-        for port in ports:
-            procs.append(ProxyProcess(config, tmp_path_factory.mktemp(f"idjag-{port}"), env, port=port))
+    with replicas_running(config, ports, env, tmp_path_factory) as procs:
         yield procs
-    finally:
-        for proc in procs:
-            proc.stop()
     for proc in procs:  # no ID token, ID-JAG or access token (all JWTs) in any log
         assert "eyJ" not in proc.log()
 

@@ -95,7 +95,7 @@ def replicas(
         "refresh_lock_ttl": LOCK_TTL,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
-    with replicas_running(config, ports, salt, tmp_path_factory) as procs:
+    with replicas_running(config, ports, {"KEYBEARER_SALT": salt}, tmp_path_factory) as procs:
         yield procs
 
 

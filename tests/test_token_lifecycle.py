@@ -70,7 +70,7 @@ def replicas(
         "token_endpoint_cooldown": 2,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
-    with replicas_running(config, ports, salt, tmp_path_factory) as procs:
+    with replicas_running(config, ports, {"KEYBEARER_SALT": salt}, tmp_path_factory) as procs:
         yield procs
 
 
