@@ -9,6 +9,8 @@
                uvloop, a fixed Authorization header; reads the body, forwards, answers
     asgi-floor the same as a raw ASGI app on uvicorn (httptools, uvloop), the answer streamed
                back chunk by chunk: the floor of Keybearer's own serving stack
+    protocol-floor  the least a Python proxy can do: asyncio protocols on uvloop and httptools
+               on both sides, no ASGI, no coroutine per request; the floor for the nginx row
     oauth      an OAuth-protected MCP server and its authorization server in one aiohttp app:
                401 + resource_metadata for requests without a token it issued, RFC 9728 and
                RFC 8414 metadata, a token endpoint that counts refreshes and rotates refresh
@@ -191,6 +193,116 @@ def asgi_floor_app(upstream: str) -> Any:
         await send({"type": "http.response.body", "body": b""})
 
     return app
+
+
+def run_protocol_floor(port: int, upstream: str) -> None:
+    """The least a Python proxy can do per request: asyncio protocols on uvloop on both
+    sides, httptools parsing both, no ASGI and no coroutine per request. It forwards
+    the body with a fixed Authorization header and answers with the upstream's status,
+    Content-Type and body. Bodies with Content-Length only: what wrk and the upstream send."""
+    from urllib.parse import urlsplit
+
+    import httptools
+    import uvloop
+
+    target = urlsplit(upstream)
+    up_host, up_port, up_path = target.hostname or HOST, target.port or 80, target.path or "/"
+    idle: list[Upstream] = []
+    connecting: set[asyncio.Task[None]] = set()
+
+    class Upstream(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpResponseParser(self)
+            self.client: Downstream | None = None
+            self.content_type = b"application/json"
+            self.body: list[bytes] = []
+            self.name = b""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def send(self, client: Downstream, head: bytes, body: bytes) -> None:
+            self.client, self.body = client, []
+            self.transport.write(head + body)
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if name.lower() == b"content-type":
+                self.content_type = value
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            client, self.client = self.client, None
+            idle.append(self)
+            if client is not None:
+                client.answer(self.parser.get_status_code(), self.content_type, b"".join(self.body))
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self in idle:
+                idle.remove(self)
+
+    class Downstream(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parser = httptools.HttpRequestParser(self)
+            self.headers: list[bytes] = []
+            self.body: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport: asyncio.Transport = transport  # type: ignore[assignment]
+
+        def data_received(self, data: bytes) -> None:
+            self.parser.feed_data(data)
+
+        def on_message_begin(self) -> None:
+            self.headers, self.body = [], []
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            if name.lower() in (b"content-type", b"accept"):
+                self.headers.append(name + b": " + value)
+
+        def on_body(self, body: bytes) -> None:
+            self.body.append(body)
+
+        def on_message_complete(self) -> None:
+            body = b"".join(self.body)
+            head = b"\r\n".join(
+                [
+                    self.parser.get_method() + b" " + up_path.encode() + b" HTTP/1.1",
+                    b"Host: " + f"{up_host}:{up_port}".encode(),
+                    *self.headers,
+                    b"Authorization: Bearer " + FLOOR_TOKEN.encode(),
+                    b"Content-Length: " + str(len(body)).encode(),
+                    b"",
+                    b"",
+                ]
+            )
+            if idle:
+                idle.pop().send(self, head, body)
+            else:
+                task = asyncio.ensure_future(self.connect(head, body))
+                connecting.add(task)
+                task.add_done_callback(connecting.discard)
+
+        async def connect(self, head: bytes, body: bytes) -> None:
+            loop = asyncio.get_running_loop()
+            _, conn = await loop.create_connection(Upstream, up_host, up_port)
+            conn.send(self, head, body)
+
+        def answer(self, status: int, content_type: bytes, body: bytes) -> None:
+            self.transport.write(
+                b"HTTP/1.1 " + str(status).encode() + b" OK\r\nContent-Type: " + content_type
+                + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )  # fmt: skip
+
+    async def main() -> None:
+        server = await asyncio.get_running_loop().create_server(Downstream, HOST, port, backlog=2048)
+        await server.serve_forever()
+
+    uvloop.run(main())
 
 
 # --------------------------------------------------------------------------- OAuth peer
@@ -495,6 +607,9 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("asgi-floor")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upstream", required=True)
+    p = sub.add_parser("protocol-floor")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--upstream", required=True)
     p = sub.add_parser("oauth")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--token-delay-ms", type=float, default=50)
@@ -526,6 +641,8 @@ def main(argv: list[str] | None = None) -> None:
         run_floor(args.port, args.upstream)
     elif args.role == "asgi-floor":
         serve(asgi_floor_app(args.upstream), args.port)
+    elif args.role == "protocol-floor":
+        run_protocol_floor(args.port, args.upstream)
     elif args.role == "oauth":
         run_oauth_peer(args.port, args.token_delay_ms / 1000, args.expires_in)
     elif args.role == "otlp":

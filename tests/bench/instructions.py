@@ -177,7 +177,7 @@ def main() -> int:
     parser.add_argument(
         "--annotate", type=int, default=0, metavar="N", help="print the N costliest functions"
     )
-    parser.add_argument("--app", choices=("keybearer", "static", "pool"), default="keybearer")
+    parser.add_argument("--app", choices=("keybearer", "static", "pool", "floor"), default="keybearer")
     parser.add_argument("--serve", nargs=3, metavar=("KIND", "PORT", "UPSTREAM"), help=argparse.SUPPRESS)
     parser.add_argument("--syscalls", action="store_true", help="count system calls (strace) instead")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (callgrind output, logs)")
@@ -229,6 +229,17 @@ def main() -> int:
         )
         if args.app == "keybearer":
             command = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+        elif args.app == "floor":
+            upstream_url = f"http://{bench.HOST}:{up_port}/mcp"
+            command = [
+                sys.executable,
+                bench.PEERS,
+                "protocol-floor",
+                "--port",
+                str(port),
+                "--upstream",
+                upstream_url,
+            ]
         else:
             upstream_url = f"http://{bench.HOST}:{up_port}/mcp"
             command = [sys.executable, __file__, "--serve", args.app, str(port), upstream_url]

@@ -83,6 +83,7 @@ TARGET_OAUTH_RATIO = 0.85
 TARGET_ADDED_P50_MS = 0.6
 # Issue 17: the api_key path's CPU per request against nginx's, same run, 16 clients.
 TARGET_CPU_VS_NGINX = 2.5
+PROTOCOL_FLOOR = "protocol floor (asyncio)"
 TARGET_IDLE_RSS_MB = 400
 TARGET_SSE_P99_MS = 5.0
 TRACED = "keybearer api_key, traced"
@@ -628,6 +629,16 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
     wait_until(lambda: forwards_ok(url), fl, "aiohttp floor")
     targets["aiohttp floor"] = (url, fl.pid)
 
+    pf_port = free_port()
+    pf = s.procs.start(
+        "protocol-floor",
+        [sys.executable, PEERS, "protocol-floor", "--port", str(pf_port), "--upstream", f"{up}/mcp"],
+        PROXY_CPU,
+    )
+    url = f"http://{HOST}:{pf_port}/alice/keyed"
+    wait_until(lambda: forwards_ok(url), pf, "protocol floor")
+    targets[PROTOCOL_FLOOR] = (url, pf.pid)
+
     if not args.no_asgi_floor:
         af_port = free_port()
         af = s.procs.start(
@@ -727,12 +738,13 @@ def cpu_vs_nginx_rows(result: dict[tuple[str, int], Load], targets: dict[str, An
     rows = []
     for name in targets:
         load = result[(name, level)]
-        if not name.startswith("keybearer api_key") or name == TRACED or not load.us_per_request:
+        floor = name == PROTOCOL_FLOOR  # what any Python proxy costs: no target, for scale
+        if not (floor or name.startswith("keybearer api_key")) or name == TRACED or not load.us_per_request:
             continue
         ratio = load.us_per_request / nginx.us_per_request
         row = Row("1", f"{name.replace('keybearer ', '')} / nginx cpu", str(level), us_req=f"{ratio:.2f}x")
         row.detail = f"{load.us_per_request:.0f} vs {nginx.us_per_request:.0f} us CPU/req"
-        if level == 16:
+        if level == 16 and not floor:
             row.target = f"cpu <= {TARGET_CPU_VS_NGINX:g}x nginx"
             row.result = verdict(ratio <= TARGET_CPU_VS_NGINX, f"{ratio:.2f}x")
         rows.append(row)
@@ -1217,6 +1229,7 @@ class UsersProxy:
     redis: Proc
     redis_url: str
     rotate: Path  # the wrk script that rotates the user
+    single: Path  # the same script over user u0 alone
 
 
 def start_users_proxy(s: Setup, name: str, users: list[str]) -> UsersProxy:
@@ -1233,7 +1246,11 @@ def start_users_proxy(s: Setup, name: str, users: list[str]) -> UsersProxy:
     wait_until(lambda: forwards_ok(url), kb, name)
     rotate = s.workdir / f"rotate-{name}.lua"
     rotate.write_text(WRK_LUA + ROTATE_LUA.format(users=len(users), server="oauth"))
-    return UsersProxy(kb, url, redis_proc, redis_url, rotate)
+    # The one-user row runs the same script over one user: wrk then does the same work
+    # per request in both rows, on the core it shares with the upstream.
+    single = s.workdir / f"single-{name}.lua"
+    single.write_text(WRK_LUA + ROTATE_LUA.format(users=1, server="oauth"))
+    return UsersProxy(kb, url, redis_proc, redis_url, rotate, single)
 
 
 def section_users(s: Setup) -> None:
@@ -1245,7 +1262,7 @@ def section_users(s: Setup) -> None:
     kb, one_url, redis_url, rotate = p.kb, p.url, p.redis_url, p.rotate
     for level in args.users_connections:
         measured: dict[str, tuple[Load, float]] = {}
-        for label, lua in (("one", s.lua), ("many", rotate)):
+        for label, lua in (("one", p.single), ("many", rotate)):
             warmup = args.warmup
             if label == "many":  # long enough to reach every user once: the steady state
                 warmup += 2 * math.ceil(len(users) / max(measured["one"][0].rps, 100.0))
