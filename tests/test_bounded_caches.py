@@ -120,3 +120,28 @@ async def test_remembered_tokens_are_bounded(
         assert ("user249", "srv") in tokens._recent and ("user0", "srv") not in tokens._recent
     finally:
         await sqlite.close()
+
+
+async def test_tokens_opened_together_are_not_all_read_again_together(sqlite: SQLiteStore, salt: str) -> None:
+    # 10,000 users back after a restart open their tokens within seconds: kept for
+    # the same RECENT_TTL, every one of them went back to the store in the same
+    # second a minute later (a third of the requests read Redis, in make bench).
+    keyring = Keyring(salt)
+    server = ServerConfig(id="srv", url="http://127.0.0.1:9/mcp", auth="oauth")
+    tokens = TokenLifecycle(keyring, sqlite, None, None, 60.0)  # type: ignore[arg-type]
+    try:
+        for i in range(200):
+            user = f"user{i}"
+            sealed = seal(keyring, user, server.id, TokenSet(f"token-{i}", "refresh"))
+            await sqlite.put_connection(Connection(
+                user=user, server=server.id, sealed=sealed, issuer="https://as.example", client_id="c",
+                expires_at=time.time() + 3600, obtained_at=time.time(), version=1,
+            ))  # fmt: skip
+            await tokens.access_token(server, user)
+        until = sorted(tokens._recent[key][0] for key in list(tokens._recent))
+        now = time.monotonic()
+        assert until[0] - now >= lifecycle.RECENT_TTL / 2 - 5  # kept at least half of it
+        assert until[-1] - now <= lifecycle.RECENT_TTL
+        assert until[-1] - until[0] >= lifecycle.RECENT_TTL / 4  # spread over 15 s and more
+    finally:
+        await sqlite.close()

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import math
+import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -46,7 +47,9 @@ MUST_RECONNECT = "must_reconnect"
 # A process remembers a user's opened access token until its refresh is due or
 # an event names it (every change is announced), and never longer than this, in
 # case an announcement was lost (a lost subscription ends in RESYNC, which
-# clears everything).
+# clears everything). Each token is kept a random share of it, at least half:
+# tokens opened together (every user's first request after a start) would
+# otherwise all be read again from the store in the same second.
 RECENT_TTL = 60.0
 # At most this many remembered tokens (about 300 bytes each).
 RECENT_MAX = 50_000
@@ -251,7 +254,8 @@ class TokenLifecycle:
             # Saves a Redis read and a decryption on every request but the first.
             # A change made on another replica (a reconnect, a delete) arrives as
             # an event and is forgotten then; never kept past the refresh.
-            self._recent[key] = (time.monotonic() + min(refresh_in, RECENT_TTL), token, server.url)
+            kept = min(refresh_in, RECENT_TTL * random.uniform(0.5, 1.0))  # noqa: S311 (spread, not a secret)
+            self._recent[key] = (time.monotonic() + kept, token, server.url)
         return token
 
     def forget(self, user: str, server_id: str) -> None:
