@@ -89,12 +89,16 @@ class Origin:
     # The Host header's value, made once: the idna codec is Python-level, and
     # every request's head carries it.
     host_header: bytes = field(init=False, repr=False, compare=False)
+    # The pool's key for it, made once: a dataclass's own __hash__ is a Python
+    # function, and the pool looks an origin up twice a request.
+    key: tuple[str, str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         default = 443 if self.scheme == "https" else 80
         host = f"[{self.host}]" if ":" in self.host else self.host
         value = (host if self.port == default else f"{host}:{self.port}").encode("idna")
         object.__setattr__(self, "host_header", value)
+        object.__setattr__(self, "key", (self.scheme, self.host, self.port))
 
     @property
     def authority(self) -> bytes:
@@ -161,19 +165,23 @@ class _UpstreamSocket(asyncio.Protocol):
                     if isinstance(refusal, InvalidResponse)
                     else InvalidResponse(f"the server's answer is not valid HTTP ({exc})")
                 )
-            return
-        if response._head_bytes > MAX_HEAD_BYTES:
-            self.close()
-            response._fail(
-                InvalidResponse(f"the server sent more than {MAX_HEAD_BYTES // 1024} KiB of headers")
-            )
+        else:
+            if response._head_bytes > MAX_HEAD_BYTES:
+                self.close()
+                response._fail(
+                    InvalidResponse(f"the server sent more than {MAX_HEAD_BYTES // 1024} KiB of headers")
+                )
+        if response.status:
+            # One wake for whatever these bytes brought (head, body, end), not one per callback.
+            response._wake()
 
     def eof_received(self) -> bool:
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
+        if self._timer is not None and (self._timed is None or self._timed.done()):
+            # Kept while a wait is on: its deadline holds until something ends that wait.
             self._timer.cancel()
             self._timer = None
         if self.idle_in is not None:
@@ -230,8 +238,7 @@ class _UpstreamSocket(asyncio.Protocol):
             # llhttp cannot be told that a HEAD answer has no body: end it here
             # and never reuse the connection, whose parser would expect one.
             response.keep_alive = False
-            response._complete()
-        response._wake()
+            response.complete = True
 
     def on_body(self, body: bytes) -> None:
         response = self.response
@@ -239,7 +246,10 @@ class _UpstreamSocket(asyncio.Protocol):
         if response.status == 0 or response.complete:
             return
         response._head_bytes = 0
-        response._add(body)
+        response._chunks.append(body)
+        response._size += len(body)
+        if response._size > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
         response = self.response
@@ -247,7 +257,7 @@ class _UpstreamSocket(asyncio.Protocol):
         if response.status == 0 or response.complete:
             return
         response.keep_alive = self.parser.should_keep_alive()
-        response._complete()
+        response.complete = True
 
     # -- used by Pool and Response
 
@@ -384,24 +394,20 @@ class Response:
 
     def _wait_for_more(self, timeout: float | None) -> asyncio.Future[None]:
         """A future the connection completes when something arrives; awaited directly."""
-        waiter = self._waiter = self._pool.loop.create_future()
-        if timeout:
-            if self._connection is not None:
-                self._connection.expire(waiter, timeout)
-            else:  # read after close(): nothing will arrive, but the timeout still holds
+        connection = self._connection
+        if connection is None:  # read after close(): nothing will arrive, but the timeout still holds
+            waiter = self._waiter = self._pool.loop.create_future()
+            if timeout:
                 self._pool.loop.call_later(timeout, _expire, waiter)
+            return waiter
+        waiter = self._waiter = connection.loop.create_future()
+        if timeout:
+            connection.expire(waiter, timeout)
         return waiter
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-
-    def _add(self, body: bytes) -> None:
-        self._chunks.append(body)
-        self._size += len(body)
-        if self._size > HIGH_WATER and self._connection is not None and self._connection.transport:
-            self._connection.transport.pause_reading()
-        self._wake()
 
     def _complete(self) -> None:
         self.complete = True
@@ -430,7 +436,7 @@ class Pool:
         # Per origin, decided on first use: the proxy it is reached through, or None.
         self._proxies: dict[Origin, ProxyServer | None] = {}
         # Per origin, oldest first: reuse takes the newest, pruning starts at the oldest.
-        self._idle: dict[Origin, deque[_UpstreamSocket]] = {}
+        self._idle: dict[tuple[str, str, int], deque[_UpstreamSocket]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -501,11 +507,11 @@ class Pool:
             return proxy
 
     def _idle_connection(self, origin: Origin) -> _UpstreamSocket | None:
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.key)
         while idle:
             connection = idle.pop()
             connection.idle_in = None
-            if not connection.closed and connection.idle_since >= self.loop.time() - IDLE_SECONDS:
+            if not connection.closed and connection.idle_since >= connection.loop.time() - IDLE_SECONDS:
                 return connection
             connection.close()
         return None
@@ -567,8 +573,10 @@ class Pool:
         return self.ssl_context
 
     def _release(self, origin: Origin, connection: _UpstreamSocket) -> None:
-        now = self.loop.time()
-        idle = self._idle.setdefault(origin, deque())
+        now = connection.loop.time()
+        idle = self._idle.get(origin.key)
+        if idle is None:
+            idle = self._idle[origin.key] = deque()
         while idle and idle[0].idle_since < now - IDLE_SECONDS:
             stale = idle.popleft()
             stale.idle_in = None
@@ -581,7 +589,7 @@ class Pool:
         idle.append(connection)
 
     def idle_count(self, origin: Origin) -> int:
-        return len(self._idle.get(origin, ()))
+        return len(self._idle.get(origin.key, ()))
 
     def close(self) -> None:
         for idle in self._idle.values():
