@@ -391,8 +391,6 @@ class Response:
         else:
             connection.close()
 
-    # -- called by the connection
-
     def _wait_for_more(self, timeout: float | None) -> asyncio.Future[None]:
         """A future the connection completes when something arrives; awaited directly."""
         connection = self._connection
@@ -405,6 +403,8 @@ class Response:
         if timeout:
             connection.expire(waiter, timeout)
         return waiter
+
+    # -- called by the connection
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
