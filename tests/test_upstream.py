@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peers.hostile_upstream import FLOOD_BYTES, OK_BODY, HostileUpstream, answer, read_request
@@ -255,6 +256,55 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None
         assert await exchange(pool, server.origin) == b"ok"
         pool.close()
     assert server.connections == 2
+
+
+async def deadlines_on_one_connection() -> None:
+    # How long the server takes over each request; "body" and "head" never end that part.
+    delays = iter([0.0, 0.25, 0.0, "body", "head"])
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_request(reader)
+            delay = next(delays)
+            if isinstance(delay, float):
+                await asyncio.sleep(delay)
+                writer.write(answer(b"ok"))
+                continue
+            if delay == "body":
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nok")
+            await asyncio.sleep(5)
+
+    loop = asyncio.get_running_loop()
+    async with RawServer(handler) as server:
+        pool = upstream.Pool(5)
+        assert await exchange(pool, server.origin, timeout=0.3) == b"ok"
+        await asyncio.sleep(0.2)
+        # The first request's deadline passes during this one, which has time left.
+        assert await exchange(pool, server.origin, timeout=0.3) == b"ok"
+        assert await exchange(pool, server.origin, timeout=30) == b"ok"
+        # A shorter timeout after a longer one on the same connection still holds.
+        response = await pool.request("GET", server.origin, b"/", [], b"", 30)
+        assert await response.read(0.2) == b"ok"
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await response.read(0.2)
+        assert 0.15 < loop.time() - started < 1
+        response.close()
+        assert server.connections == 1
+        # And on a connection of its own, the head's wait too.
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", server.origin, b"/", [], b"", 0.2)
+        assert 0.15 < loop.time() - started < 1
+        pool.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_each_wait_has_its_own_deadline_on_a_reused_connection(loop: str) -> None:
+    # The production loop too: uvloop's timers are its own.
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(deadlines_on_one_connection())
 
 
 def self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
