@@ -40,7 +40,9 @@ _shortest_known = 0
 
 def register_secret(value: str | None) -> None:
     """Mask this exact value in every later log line."""
-    register_secrets((value,))
+    # Called with the same API key on every request that reads it: known, it costs one lookup.
+    if value and value not in _known:
+        register_secrets((value,))
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
