@@ -74,7 +74,7 @@ class RequestFacts:
 
     scope: Scope
     request_id: str
-    started: float = field(default_factory=time.perf_counter)
+    started: int = field(default_factory=time.perf_counter_ns)
     user: str | None = None
     server: str | None = None
     mcp_method: str | None = None
@@ -124,7 +124,8 @@ class Forwarder:
                 mcp_method=facts.mcp_method,
                 status=facts.status,
                 outcome=facts.outcome,
-                duration_ms=round((time.perf_counter() - facts.started) * 1000, 2),
+                # Milliseconds to two decimals, rounded in integers: round(x, 2) costs more.
+                duration_ms=(time.perf_counter_ns() - facts.started + 5_000) // 10_000 / 100,
                 bytes_in=facts.bytes_in,
                 bytes_out=facts.bytes_out,
             )

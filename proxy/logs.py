@@ -33,20 +33,26 @@ _SECRET_KEYS = re.compile(
 _CREDENTIAL = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
 _known: set[str] = set()
 _known_pattern: re.Pattern[str] | None = None
+# A text shorter than every registered secret cannot hold one: most logged strings
+# (ids, methods) are, and skip the pattern.
+_shortest_known = 0
 
 
 def register_secret(value: str | None) -> None:
     """Mask this exact value in every later log line."""
-    register_secrets((value,))
+    # Called with the same API key on every request that reads it: known, it costs one lookup.
+    if value and value not in _known:
+        register_secrets((value,))
 
 
 def register_secrets(values: Iterable[str | None]) -> None:
     """Mask these exact values in every later log line: the pattern is built once for all."""
-    global _known_pattern
+    global _known_pattern, _shortest_known
     new = {v for v in values if v and len(v) >= 6 and v not in _known}
     if not new:
         return
     _known.update(new)
+    _shortest_known = min(map(len, _known))
     try:
         _known_pattern = re.compile(_trie(_known))
     except (RecursionError, re.error):
@@ -93,7 +99,7 @@ def redact_text(text: str) -> str:
     # and this runs for every field of every request line.
     if " " in text or "\t" in text or "\n" in text:
         text = _CREDENTIAL.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    if _known_pattern is not None:
+    if _known_pattern is not None and len(text) >= _shortest_known:
         text = _known_pattern.sub(REDACTED, text)
     return text
 
@@ -206,33 +212,31 @@ def request(
     """
     if not _request_lines:
         return
-    # Inline rather than a helper per field: this runs for every request.
+    global _second, _second_text
+    # The microseconds since the epoch: their last six digits are the timestamp's fraction.
+    now = str(time.time_ns() // 1000)
+    if now[:-6] != _second:
+        _second = now[:-6]
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(_second)))
+    # Inline rather than a helper per field: this runs for every request. Numbers
+    # without a format spec: `{n:d}` parses its spec on every call.
     _writer.write_later(
         f'{{"request_id": {_encode_str(request_id)}, '
         f'"user": {"null" if user is None else _encode_str(user)}, '
         f'"server": {"null" if server is None else _encode_str(server)}, '
         f'"method": {"null" if method is None else _encode_str(method)}, '
         f'"mcp_method": {"null" if mcp_method is None else _encode_str(redact_text(mcp_method))}, '
-        f'"status": {status:d}, "outcome": {_encode_str(outcome)}, "duration_ms": {duration_ms!r}, '
-        f'"bytes_in": {bytes_in:d}, "bytes_out": {bytes_out:d}, "event": "request", "level": "info", '
-        f'"timestamp": "{_timestamp()}"}}\n'
+        f'"status": {status}, "outcome": {_encode_str(outcome)}, "duration_ms": {duration_ms!r}, '
+        f'"bytes_in": {bytes_in}, "bytes_out": {bytes_out}, "event": "request", "level": "info", '
+        f'"timestamp": "{_second_text}.{now[-6:]}Z"}}\n'
     )
 
 
 _encode_str = json.encoder.encode_basestring_ascii  # what json.dumps uses for every str
-_second = -1
+# The timestamp is UTC, ISO 8601 with microseconds and a Z, as structlog's lines; the
+# date and time of day are formatted once per second.
+_second = ""
 _second_text = ""
-
-
-def _timestamp() -> str:
-    """UTC, ISO 8601 with microseconds and a Z, as structlog's lines; the date and
-    time of day are formatted once per second."""
-    global _second, _second_text
-    now = time.time_ns()
-    second, fraction = divmod(now, 1_000_000_000)
-    if second != _second:
-        _second, _second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_second_text}.{fraction // 1000:06d}Z"
 
 
 def flush() -> None:

@@ -13,6 +13,7 @@ means two things.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from proxy.errors import InvalidInput
@@ -34,12 +35,19 @@ class RouteError(InvalidInput):
         super().__init__(message, status=status, code=code)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__, which made
+# building one the costliest step of parsing a route.
+@dataclass(slots=True)
 class Route:
     user: str
     server_id: str
     # The upstream path below the server's origin, or "" for the MCP endpoint.
     subpath: str
+
+
+# An agent's usual path, a valid user and server and the endpoint, in one match; every
+# other path takes the checks of _parse one at a time, each with its own error.
+_ENDPOINT = re.compile(rf"/({ID_PATTERN.pattern})/({SERVER_ID_PATTERN.pattern})(?:/|{re.escape(MCP_ALIAS)})?")
 
 
 def parse(raw_path: bytes) -> Route:
@@ -48,6 +56,13 @@ def parse(raw_path: bytes) -> Route:
         path = raw_path.decode("ascii")
     except UnicodeDecodeError:
         raise RouteError(400, "invalid_path", "the path must be ASCII") from None
+    endpoint = _ENDPOINT.fullmatch(path)
+    if endpoint is not None and endpoint[1].lower() not in RESERVED:
+        return Route(endpoint[1], endpoint[2], "")
+    return _parse(path)
+
+
+def _parse(path: str) -> Route:
     parts = path.split("/", 3)
     if len(parts) < 3 or parts[0] != "":
         raise RouteError(404, "not_found", "use /<user>/<server> to reach an MCP server")

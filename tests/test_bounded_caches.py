@@ -13,6 +13,7 @@ from proxy.bounded import BoundedMap
 from proxy.connect import clients, lifecycle
 from proxy.connect.clients import OAuthClients, _discovery_to_json, discovery_cache_key
 from proxy.connect.lifecycle import TokenLifecycle, TokenSet, seal
+from proxy.credentials import Credential, api_key
 from proxy.crypto import Keyring
 from proxy.oauth.discovery import AuthServer, Discovery
 from proxy.registry import Registry
@@ -68,6 +69,19 @@ def test_key_files_read_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         )
         assert keys.api_key(server) == f"key-file-secret-{i}"
     assert len(keys._file_keys) == 50
+
+
+async def test_api_key_credentials_made_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api_key, "MAX_SERVERS", 50)
+    monkeypatch.setenv("BOUNDED_TEST_KEY", "bounded-test-key-0123")
+    source = api_key.ApiKeys(Registry({}, None, None))  # type: ignore[arg-type]
+    for i in range(70):
+        server = ServerConfig(
+            id=f"s{i}", url="http://127.0.0.1:9/mcp", auth="api_key", api_key_env="BOUNDED_TEST_KEY"
+        )
+        made = await source.credential(server, "alice", None)
+        assert made == Credential(b"authorization", b"Bearer bounded-test-key-0123")
+    assert len(source._made) == 50
 
 
 @pytest.fixture

@@ -75,6 +75,27 @@ def test_a_raw_path_is_a_valid_route_or_a_route_error(raw: bytes) -> None:
     )
 
 
+def _route_or_code(parse: Any, path: Any) -> object:
+    try:
+        return parse(path)
+    except routing.RouteError as exc:
+        return exc.code
+
+
+@some
+@given(raw_paths)
+@example(b"/alice/srv/")
+@example(b"/Admin/srv/mcp")
+@example(b"/alice/srv/mcp/")
+@example(b"/alice/srv/mcp\n")
+def test_the_usual_paths_one_match_agrees_with_the_checks_one_by_one(raw: bytes) -> None:
+    try:
+        path = raw.decode("ascii")
+    except UnicodeDecodeError:
+        return
+    assert _route_or_code(routing.parse, raw) == _route_or_code(routing._parse, path)
+
+
 upstream_paths = st.from_regex(UPSTREAM_PATH_PATTERN, fullmatch=True).filter(
     lambda p: not set(p.split("/")) & {".", ".."}
 )

@@ -240,6 +240,17 @@ async def test_stored_key_set_by_cli_while_serving(proxy: ProxyProcess) -> None:
     db = Path(proxy.config["database_url"].removeprefix("sqlite:///")).read_bytes()
     assert STORED_KEY.encode() not in db
 
+    # A rotated key replaces the one in use (the source keeps the credential it made).
+    rotated = STORED_KEY[::-1]
+    assert proxy.cli("api-key", "set", "stored", input=rotated + "\n").returncode == 0
+    for _ in range(50):
+        async with streamable_session(url) as session:
+            seen = json.loads(result_text(await session.call_tool("headers", {})))
+        if seen["authorization"] == f"Bearer {rotated}":
+            break
+        await asyncio.sleep(0.1)
+    assert seen["authorization"] == f"Bearer {rotated}"
+
 
 async def test_api_key_cli_bad_input_changes_nothing(proxy: ProxyProcess) -> None:
     empty = proxy.cli("api-key", "set", "stored", input="\n")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,28 @@ def test_request_line_has_the_common_shape_and_redacts_the_agents_text(stream: i
     assert str(line["timestamp"]).endswith("Z")
     assert line["mcp_method"] == f"tools/call Bearer {logs.REDACTED}"
     assert (line["user"], line["status"], line["duration_ms"]) == ("alice", 200, 1.5)
+
+
+def test_request_line_fields_and_timestamp(stream: io.StringIO) -> None:
+    secret = f"sk-{secrets.token_hex(8)}"
+    logs.register_secret(secret)
+    before = datetime.now(UTC)
+    logs.request(request_id="r2", method="POST", mcp_method=secret, status=503, outcome="upstream_timeout",
+                 duration_ms=12.05, bytes_in=7, bytes_out=1234)  # fmt: skip
+    logs.request(request_id="r3", mcp_method="x/y", status=200)  # shorter than any secret
+    first, second = lines(stream)
+    assert first["mcp_method"] == logs.REDACTED and second["mcp_method"] == "x/y"
+    assert (first["status"], first["duration_ms"], first["bytes_in"], first["bytes_out"]) == (
+        503,
+        12.05,
+        7,
+        1234,
+    )
+    assert (first["user"], first["server"], first["outcome"]) == (None, None, "upstream_timeout")
+    stamp = str(first["timestamp"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    when = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    assert before - timedelta(seconds=1) <= when <= datetime.now(UTC)
 
 
 def test_request_lines_follow_the_level() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from proxy.bounded import BoundedMap
 from proxy.credentials import Credential, Refusal, unauthorized
 from proxy.errors import Answer, Unavailable
 from proxy.registry import Registry
@@ -12,9 +13,16 @@ class ApiKeyMissing(Unavailable):
     code = "api_key_missing"
 
 
+# Servers whose credential is kept made, beside their key: more than any deployment has.
+MAX_SERVERS = 4096
+
+
 class ApiKeys:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
+        # server id -> (its config, its key, the credential made of them): rebuilt
+        # only when the key or the server's settings change.
+        self._made: BoundedMap[str, tuple[ServerConfig, str, Credential]] = BoundedMap(MAX_SERVERS)
 
     async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         key = self.registry.api_key(server)
@@ -29,8 +37,13 @@ class ApiKeys:
                 retry_after=60,
                 server=server.id,
             )
+        made = self._made.get(server.id)
+        if made is not None and made[0] is server and made[1] == key:
+            return made[2]
         value = f"{server.api_key_scheme} {key}" if server.api_key_scheme else key
-        return Credential(server.api_key_header.lower().encode(), value.encode())
+        credential = Credential(server.api_key_header.lower().encode(), value.encode())
+        self._made[server.id] = (server, key, credential)
+        return credential
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
         if refusal.status == 401:
