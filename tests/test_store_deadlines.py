@@ -320,3 +320,20 @@ def test_shipped_readiness_probes_wait_longer_than_the_deadline() -> None:
 def _containers(doc: Any) -> list[dict[str, Any]]:
     spec = doc.get("spec", {}).get("template", {}).get("spec", {}) if isinstance(doc, dict) else {}
     return [*spec.get("containers", []), *spec.get("initContainers", [])]
+
+
+async def test_redis_replies_are_parsed_in_c(redis_server_factory: Callable[..., RedisServer]) -> None:
+    # redis-py falls back to its own Python parser, silently, when hiredis is missing:
+    # every token read from the store then costs about twice the CPU.
+    server = redis_server_factory()
+    store = RedisTokenStore.from_url(server.url, prefix=PREFIX, timeout=DEADLINE)
+    try:
+        assert await store.get_connection("alice", "srv") is None
+        pool = store.client.connection_pool
+        conn = await pool.get_connection()
+        try:
+            assert "Hiredis" in type(conn._parser).__name__
+        finally:
+            await pool.release(conn)
+    finally:
+        await store.close()
