@@ -113,6 +113,18 @@ async def test_discoveries_kept_in_memory_are_bounded(
         await sqlite.close()
 
 
+async def connect_users(sqlite: SQLiteStore, keyring: Keyring, server: ServerConfig, count: int) -> list[str]:
+    """user0… connected to `server`, each with the access token token-<i>."""
+    users = [f"user{i}" for i in range(count)]
+    for i, user in enumerate(users):
+        sealed = seal(keyring, user, server.id, TokenSet(f"token-{i}", "refresh"))
+        await sqlite.put_connection(Connection(
+            user=user, server=server.id, sealed=sealed, issuer="https://as.example", client_id="c",
+            expires_at=time.time() + 3600, obtained_at=time.time(), version=1,
+        ))  # fmt: skip
+    return users
+
+
 async def test_remembered_tokens_are_bounded(
     sqlite: SQLiteStore, salt: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -122,13 +134,7 @@ async def test_remembered_tokens_are_bounded(
     server = ServerConfig(id="srv", url="http://127.0.0.1:9/mcp", auth="oauth")
     tokens = TokenLifecycle(keyring, sqlite, None, None, 60.0)  # type: ignore[arg-type]
     try:
-        for i in range(250):
-            user = f"user{i}"
-            sealed = seal(keyring, user, server.id, TokenSet(f"token-{i}", "refresh"))
-            await sqlite.put_connection(Connection(
-                user=user, server=server.id, sealed=sealed, issuer="https://as.example", client_id="c",
-                expires_at=time.time() + 3600, obtained_at=time.time(), version=1,
-            ))  # fmt: skip
+        for i, user in enumerate(await connect_users(sqlite, keyring, server, 250)):
             assert await tokens.access_token(server, user) == f"token-{i}"
         assert len(tokens._recent) == 100
         assert ("user249", "srv") in tokens._recent and ("user0", "srv") not in tokens._recent
@@ -144,13 +150,7 @@ async def test_tokens_opened_together_are_not_all_read_again_together(sqlite: SQ
     server = ServerConfig(id="srv", url="http://127.0.0.1:9/mcp", auth="oauth")
     tokens = TokenLifecycle(keyring, sqlite, None, None, 60.0)  # type: ignore[arg-type]
     try:
-        for i in range(200):
-            user = f"user{i}"
-            sealed = seal(keyring, user, server.id, TokenSet(f"token-{i}", "refresh"))
-            await sqlite.put_connection(Connection(
-                user=user, server=server.id, sealed=sealed, issuer="https://as.example", client_id="c",
-                expires_at=time.time() + 3600, obtained_at=time.time(), version=1,
-            ))  # fmt: skip
+        for user in await connect_users(sqlite, keyring, server, 200):
             await tokens.access_token(server, user)
         until = sorted(tokens._recent[key][0] for key in list(tokens._recent))
         now = time.monotonic()

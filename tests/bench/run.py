@@ -619,36 +619,10 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
     ng = start_nginx(s, ng_port)
     targets["nginx, 1 worker"] = (f"http://{HOST}:{ng_port}/alice/keyed", ng.pid)
 
-    fl_port = free_port()
-    fl = s.procs.start(
-        "floor",
-        [sys.executable, PEERS, "floor", "--port", str(fl_port), "--upstream", f"{up}/mcp"],
-        PROXY_CPU,
-    )
-    url = f"http://{HOST}:{fl_port}/alice/keyed"
-    wait_until(lambda: forwards_ok(url), fl, "aiohttp floor")
-    targets["aiohttp floor"] = (url, fl.pid)
-
-    pf_port = free_port()
-    pf = s.procs.start(
-        "protocol-floor",
-        [sys.executable, PEERS, "protocol-floor", "--port", str(pf_port), "--upstream", f"{up}/mcp"],
-        PROXY_CPU,
-    )
-    url = f"http://{HOST}:{pf_port}/alice/keyed"
-    wait_until(lambda: forwards_ok(url), pf, "protocol floor")
-    targets[PROTOCOL_FLOOR] = (url, pf.pid)
-
+    for role, name in (("floor", "aiohttp floor"), ("protocol-floor", PROTOCOL_FLOOR)):
+        targets[name] = start_floor(s, role, name)
     if not args.no_asgi_floor:
-        af_port = free_port()
-        af = s.procs.start(
-            "asgi-floor",
-            [sys.executable, PEERS, "asgi-floor", "--port", str(af_port), "--upstream", f"{up}/mcp"],
-            PROXY_CPU,
-        )
-        url = f"http://{HOST}:{af_port}/alice/keyed"
-        wait_until(lambda: forwards_ok(url), af, "ASGI floor")
-        targets["ASGI floor (uvicorn)"] = (url, af.pid)
+        targets["ASGI floor (uvicorn)"] = start_floor(s, "asgi-floor", "ASGI floor")
 
     trees: list[tuple[str, str | None]] = [("", None), *((name, path) for name, path in args.compare)]
     for spec, source in trees:
@@ -728,6 +702,19 @@ def section_forwarding(s: Setup) -> dict[tuple[str, int], Load]:
             s.rows.append(row)
         s.rows.extend(cpu_vs_nginx_rows(result, targets, level))
     return result
+
+
+def start_floor(s: Setup, role: str, name: str) -> tuple[str, int | None]:
+    """One of bench_peers.py's pass-throughs to the upstream, on the proxy's CPU."""
+    port = free_port()
+    proc = s.procs.start(
+        role,
+        [sys.executable, PEERS, role, "--port", str(port), "--upstream", f"{s.upstream_base}/mcp"],
+        PROXY_CPU,
+    )
+    url = f"http://{HOST}:{port}/alice/keyed"
+    wait_until(lambda: forwards_ok(url), proc, name)
+    return url, proc.pid
 
 
 def cpu_vs_nginx_rows(result: dict[tuple[str, int], Load], targets: dict[str, Any], level: int) -> list[Row]:
