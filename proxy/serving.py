@@ -17,6 +17,15 @@ three limits in front of the app:
 Idle keep-alive connections between requests are uvicorn's own
 `timeout_keep_alive` (5 s). Each limit holds per worker process.
 
+It is also where the forwarder's lane (forwarding.py `forward_now`) starts: a
+POST with a small body is held here instead of starting uvicorn's request
+cycle and task, and offered whole to the lane, which forwards it and later
+answers through `respond`, or hands it over (`hand_over`) to a request cycle
+made then. A request the lane does not take gets its cycle at once, body and
+all, as uvicorn would have made it. While the lane has a request, a stand-in
+for its cycle (`_LaneRequest`) keeps uvicorn's pipelining, shutdown and
+disconnect handling working as they do for a cycle.
+
 It also sends each answer in as few writes as it can: uvicorn writes the status
 line and headers, then every body chunk, each with a system call of its own
 (on loopback each one also runs the receiver's side of TCP, on this core). The
@@ -31,14 +40,18 @@ import asyncio
 import functools
 import math
 import time
+import urllib.parse
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
+import httptools
 import structlog
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from starlette.types import ASGIApp
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
 from proxy.errors import Answer, json_content
+from proxy.forwarding import WHOLE_BODY_LIMIT, Agent
 from proxy.settings import Settings
 
 log = structlog.get_logger("keybearer.serving")
@@ -130,6 +143,34 @@ class _Cork:
         return self.transport.is_closing()
 
 
+class Lane(Protocol):
+    """The app's side of the lane: `Keybearer.forward_now`."""
+
+    def __call__(self, scope: Any, body: bytes, agent: Agent) -> bool: ...
+
+
+class _NoEvent:
+    """uvicorn sets its cycle's message event on a disconnect: the lane's has no waiter."""
+
+    @staticmethod
+    def set() -> None:
+        pass
+
+
+class _LaneRequest:
+    """Stands in for uvicorn's RequestResponseCycle while the lane has the request:
+    the attributes uvicorn's protocol reads and writes on `self.cycle`."""
+
+    __slots__ = ("disconnected", "keep_alive", "response_complete", "scope")
+    message_event = _NoEvent
+
+    def __init__(self, scope: Any, keep_alive: bool) -> None:
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.response_complete = False
+        self.disconnected = False
+
+
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, limits: InboundLimits, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -142,6 +183,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
         self.cork: _Cork | None = None
+        # The app's lane, if it has one; a held body's chunks; the lane's request.
+        self.lane: Lane | None = getattr(self.app, "forward_now", None)
+        self.held: list[bytes] | None = None
+        self.lane_request: _LaneRequest | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -160,6 +205,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport is None:  # refused in connection_made
             return
         self._stop_clock()
+        if self.lane_request is not None:  # uvicorn marks only `self.cycle`, maybe a later request
+            self.lane_request.disconnected = True
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -204,9 +251,106 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_clock()
         self.head_bytes = None
+        if self.lane is not None and self._lane_may_take():
+            self.held = []
+            return
+        self._start_cycle()
+
+    def _start_cycle(self) -> None:
         super().on_headers_complete()
         if self.cycle is not None:
             self.cycle.transport = cast(asyncio.Transport, self.cork)
+
+    def _lane_may_take(self) -> bool:
+        """A POST whose whole body is announced and small, nothing before it unanswered,
+        and an agent reading what it is sent: what the lane can take."""
+        if (
+            self.parser.get_method() != b"POST"
+            or self.expect_100_continue
+            or not (self.cycle is None or self.cycle.response_complete)
+            or self.flow.write_paused
+            or self.parser.get_http_version() != "1.1"
+            or self.parser.should_upgrade()
+        ):
+            return False
+        for name, value in self.headers:
+            if name == b"content-length":
+                if not (value.isdigit() and int(value) <= WHOLE_BODY_LIMIT):
+                    return False
+                break
+        else:
+            return False
+        # As uvicorn's on_headers_complete fills them.
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        scope = self.scope
+        scope["method"] = "POST"
+        scope["path"] = self.root_path + (urllib.parse.unquote(path) if "%" in path else path)
+        scope["raw_path"] = self.root_path.encode("ascii") + url.path
+        scope["query_string"] = url.query or b""
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if self.held is not None:
+            self.held.append(body)  # at most its Content-Length, which llhttp holds it to
+        else:
+            super().on_body(body)
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        request = self.lane_request
+        assert request is not None
+        self.lane_request = None
+        request.response_complete = True
+        if not request.disconnected:
+            head = [STATUS_LINE[status]]
+            length = False
+            for name, value in headers:
+                head += (name, b": ", value, b"\r\n")
+                length = length or name == b"content-length"
+            if not length and status not in (204, 304):
+                head.append(b"content-length: %d\r\n" % len(body))
+            if not request.keep_alive:
+                head.append(b"connection: close\r\n")
+            head += (b"\r\n", body)
+            lines = len(headers) + 2 + (not length and status not in (204, 304)) + (not request.keep_alive)
+            data = b"".join(head)
+            end = len(data) - len(body)
+            # One pass in C for what uvicorn checks header by header: a CR or LF in a
+            # relayed header would start a header (or an answer) of its own. (llhttp
+            # already refuses other control characters in what the upstream sent.)
+            if data.count(b"\n", 0, end) != lines or data.count(b"\r", 0, end) != lines:
+                self.transport.close()
+            else:
+                self.transport.write(data)
+                if not request.keep_alive:
+                    self.transport.close()
+        self.on_response_complete()
+
+    def hand_over(self, app: ASGIApp) -> None:
+        request = self.lane_request
+        assert request is not None
+        self.lane_request = None
+        cycle = RequestResponseCycle(
+            scope=request.scope,
+            transport=cast(asyncio.Transport, self.cork),
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=request.keep_alive,
+            on_response=self.on_response_complete,
+        )
+        cycle.more_body = False
+        cycle.disconnected = request.disconnected
+        if self.cycle is request:  # else a pipelined request's cycle is already current
+            self.cycle = cycle
+        # As uvicorn starts a cycle's task, minus its reset_contextvars option, not set here.
+        task = self.loop.create_task(cycle.run_asgi(app))  # type: ignore[arg-type]  # starlette's ASGI types
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_response_complete(self) -> None:
         # The whole answer, in one write, before the next request's may start.
@@ -215,8 +359,23 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
         self.head_bytes = 0
+        held = self.held
+        if held is None:
+            super().on_message_complete()
+            return
+        self.held = None
+        body = held[0] if len(held) == 1 else b"".join(held)
+        assert self.lane is not None
+        if self.lane(self.scope, body, self):
+            # The lane answers later, from the upstream's callbacks: never from within this call.
+            request = _LaneRequest(self.scope, self.parser.should_keep_alive())
+            self.cycle, self.lane_request = request, request  # type: ignore[assignment]
+            return
+        self._start_cycle()
+        self.cycle.body += body
+        self.cycle.more_body = False
+        self.cycle.message_event.set()
 
     def _start_head_clock(self) -> None:
         if self.deadline is None:
