@@ -84,7 +84,10 @@ async def test_a_refused_key_is_explained(proxy: ProxyProcess) -> None:
     answer = await post(proxy, "refuse")
     assert answer.status_code == 502
     body = answer.json()
-    assert body["id"] == 41 and body["error"]["data"] == {"error": "upstream_unauthorized", "server": "refuse"}
+    assert body["id"] == 41 and body["error"]["data"] == {
+        "error": "upstream_unauthorized",
+        "server": "refuse",
+    }
     assert "www-authenticate" not in answer.headers
 
 
@@ -106,7 +109,9 @@ def raw_request(proxy: ProxyProcess, server: str, *extra: bytes) -> bytes:
 async def read_answer(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     length = next(
-        int(line.split(b":")[1]) for line in head.lower().split(b"\r\n") if line.startswith(b"content-length:")
+        int(line.split(b":")[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
     )
     return head, await reader.readexactly(length)
 
