@@ -14,8 +14,10 @@ three limits in front of the app:
   pipelined behind a response in progress gets its clock when that response ends);
 - beyond `max_connections` open connections, a new one is closed at once.
 
-Idle keep-alive connections between requests are uvicorn's own
-`timeout_keep_alive` (5 s). Each limit holds per worker process.
+Idle keep-alive connections between requests are closed after uvicorn's
+`timeout_keep_alive` (5 s), as uvicorn does, but with one timer per connection,
+moved lazily, instead of one set and cancelled per request. Each limit holds
+per worker process.
 
 It is also where the forwarder's lane (forwarding.py `forward_now`) starts: a
 POST with a small body is held here instead of starting uvicorn's request
@@ -60,6 +62,8 @@ log = structlog.get_logger("keybearer.serving")
 LOG_INTERVAL = 5.0
 # How long a refused connection's further bytes are read and dropped.
 LINGER = 2.0
+# uvloop's clock and timers count milliseconds: a timer may fire this much before its time.
+_CLOCK_TICK = 0.001
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.lane: Lane | None = getattr(self.app, "forward_now", None)
         self.held: list[bytes] | None = None
         self.lane_request: _LaneRequest | None = None
+        # When the connection's last answer ended, while no request is under way.
+        self.idle_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if len(self.connections) >= self.limits.max_connections:
@@ -205,6 +211,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport is None:  # refused in connection_made
             return
         self._stop_clock()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         if self.lane_request is not None:  # uvicorn marks only `self.cycle`, maybe a later request
             self.lane_request.disconnected = True
         super().connection_lost(exc)
@@ -356,7 +365,36 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # The whole answer, in one write, before the next request's may start.
         assert self.cork is not None
         self.cork.flush()
-        super().on_response_complete()
+        # uvicorn's, but for its keep-alive timer (see _unset_keepalive_if_required).
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self.idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_at(
+                self.idle_since + self.timeout_keep_alive, self._keep_alive_check
+            )
+
+    def _unset_keepalive_if_required(self) -> None:
+        # Called by uvicorn on every read: the connection is no longer idle. Its timer
+        # stays armed (about 8k instructions a request to cancel and set again), and
+        # when it fires it closes the connection only if it has been idle long enough.
+        self.idle_since = None
+
+    def _keep_alive_check(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self.idle_since is None:
+            return  # busy: armed again when its answer is complete
+        due = self.idle_since + self.timeout_keep_alive
+        if self.loop.time() < due - _CLOCK_TICK:
+            self.timeout_keep_alive_task = self.loop.call_at(due, self._keep_alive_check)
+        else:
+            self.timeout_keep_alive_handler()
 
     def on_message_complete(self) -> None:
         self.head_bytes = 0
