@@ -586,19 +586,21 @@ class DisconnectWatch:
 
 
 def request_headers(scope: Scope, credential: Credential | None) -> list[tuple[bytes, bytes]]:
-    drop = DROP_REQUEST
+    drop = DROP_REQUEST if credential is None else _drop_also(credential.header)
     connection_tokens: set[bytes] = set()
     host = b""
     out: list[tuple[bytes, bytes]] = []
-    for name, value in scope["headers"]:
-        if name == b"connection":
-            connection_tokens |= {t.strip().lower() for t in value.split(b",")}
+    # One pass: what is dropped is looked at for what it says, the rest kept as it is.
+    for header in scope["headers"]:
+        name = header[0]
+        if name not in drop:
+            out.append(header)
         elif name == b"host":
-            host = value
-    for name, value in scope["headers"]:
-        if name in drop or name in connection_tokens or (credential and name == credential.header):
-            continue
-        out.append((name, value))
+            host = header[1]
+        elif name == b"connection":
+            connection_tokens |= {t.strip().lower() for t in header[1].split(b",")}
+    if connection_tokens:
+        out = [header for header in out if header[0] not in connection_tokens]
     client = scope.get("client")
     out.append((b"x-forwarded-for", client[0].encode() if client else b"unknown"))
     out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
@@ -610,6 +612,12 @@ def request_headers(scope: Scope, credential: Credential | None) -> list[tuple[b
     if credential is not None:
         out.append((credential.header, credential.value))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_also(header: bytes) -> frozenset[bytes]:
+    """DROP_REQUEST and the credential's header (the agent's own value of it stops here too)."""
+    return DROP_REQUEST | {header}
 
 
 def response_headers(raw: list[tuple[bytes, bytes]], is_stream: bool) -> list[tuple[bytes, bytes]]:
