@@ -447,6 +447,7 @@ class Forwarder:
         facts.status, facts.bytes_out = await errors.send_answer(send, answer, facts.body)
 
 
+@dataclass(slots=True, eq=False)
 class _Exchange:
     """A request the lane sent, waiting for its answer without a task.
 
@@ -458,32 +459,17 @@ class _Exchange:
     to `Forwarder._resume`, the ASGI way, which relays or answers it.
     """
 
-    __slots__ = (
-        "agent", "credential", "facts", "forwarder", "over", "response", "route", "server", "source", "started", "url",
-    )  # fmt: skip
-
-    def __init__(
-        self,
-        forwarder: Forwarder,
-        facts: RequestFacts,
-        server: ServerConfig,
-        source: CredentialSource,
-        route: routing.Route,
-        url: str,
-        credential: Credential | None,
-        agent: Agent,
-    ) -> None:
-        self.forwarder = forwarder
-        self.facts = facts
-        self.server = server
-        self.source = source
-        self.route = route
-        self.url = url
-        self.credential = credential
-        self.agent = agent
-        self.response: upstream.Response | None = None
-        self.started = time.perf_counter()
-        self.over = False
+    forwarder: Forwarder
+    facts: RequestFacts
+    server: ServerConfig
+    source: CredentialSource
+    route: routing.Route
+    url: str
+    credential: Credential | None
+    agent: Agent
+    response: upstream.Response | None = None
+    started: float = field(default_factory=time.perf_counter)
+    over: bool = False
 
     def done(self) -> bool:
         return self.over
