@@ -51,7 +51,7 @@ from proxy.credentials.oauth import OAuthTokens
 from proxy.crypto import Keyring
 from proxy.errors import Answer
 from proxy.events import ChangeFeed
-from proxy.forwarding import Forwarder
+from proxy.forwarding import Agent, Forwarder
 from proxy.inbound import InboundAuth
 from proxy.links import CONSOLE_PATH, Links
 from proxy.login import RelyingParty, Sessions
@@ -212,6 +212,13 @@ class Keybearer:
             exception_handlers={HTTPException: self.http_error},
             lifespan=self.lifespan,
         )
+
+    def forward_now(self, scope: Scope, body: bytes, agent: Agent) -> bool:
+        """The forwarder's lane, for a POST serving.py holds whole: False for anything
+        else, which then comes to __call__ as usual."""
+        if self.traced or _first_segment(scope["path"]) in _OWN:
+            return False  # spans are made the ASGI way; the app's own paths are not forwarded
+        return self.forwarder.forward_now(scope, body, agent)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -7,6 +7,17 @@ A request passes these stages, each a small function below:
     -> upstream call -> refused? ask the source (replay, or its answer)
     -> relay response
 
+Most requests take a lane instead of that task (`Forwarder.forward_now`): a
+small whole POST body whose credential is at hand (a configured key, a token
+this process remembers) is checked and sent upstream by the same functions,
+from the agent connection's own parser callback (serving.py), and the
+upstream's whole answer is written back from the upstream connection's. No
+task, coroutine or ASGI message is made for it; per request that is most of
+what Python spends on forwarding (docs/performance.md). Whatever needs a wait
+goes the ASGI way instead: before anything is sent, the request itself (the
+checks run again there and answer); after, the upstream's answer, handed over
+(`_Exchange`) to the same `_forward` the task would have reached.
+
 The forwarder knows no auth type: credentials/ does. Responses are never
 buffered: JSON bodies are relayed as they arrive, event streams chunk by
 chunk. The agent's `Authorization` and cookies stop here; the credential is
@@ -18,17 +29,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from proxy import errors, legacy_sse, logs, metrics, routing, tracing, upstream
-from proxy.credentials import Credential, CredentialSource, Refusal
+from proxy.credentials import WAIT, Credential, CredentialSource, Refusal
 from proxy.egress import Egress
 from proxy.errors import Answer, KeybearerError, TooLarge
 from proxy.inbound import InboundAuth
@@ -58,6 +71,9 @@ DROP_RESPONSE = HOP_BY_HOP | {b"set-cookie", b"www-authenticate", b"server", b"d
 # available to name the JSON-RPC id in an error. Larger ones are streamed.
 WHOLE_BODY_LIMIT = 256 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# The lane waits for an answer's body up to this size; a longer one is relayed
+# as it arrives, by the ASGI way.
+LANE_BODY_LIMIT = 64 * 1024
 
 
 class BodyTooLarge(TooLarge):
@@ -83,6 +99,16 @@ class RequestFacts:
     bytes_in: int = 0
     bytes_out: int = 0
     outcome: str = "ok"
+
+
+class Agent(Protocol):
+    """The agent's connection, as the lane answers on it (serving.py)."""
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Write the whole answer (a Content-Length is added if `headers` lack one)."""
+
+    def hand_over(self, app: ASGIApp) -> None:
+        """Go on with this request the ASGI way: `app` gets its scope, an empty body and `send`."""
 
 
 class Forwarder:
@@ -114,21 +140,84 @@ class Forwarder:
             with tracing.request(scope, facts):
                 await self._handle(facts, receive, send)
         finally:
-            label = facts.server if facts.server in self.registry.servers else "-"
-            metrics.request_counter(label, facts.status).inc()
-            logs.request(
-                request_id=facts.request_id,
-                user=facts.user,
-                server=facts.server,
-                method=scope["method"],
-                mcp_method=facts.mcp_method,
-                status=facts.status,
-                outcome=facts.outcome,
-                # Milliseconds to two decimals, rounded in integers: round(x, 2) costs more.
-                duration_ms=(time.perf_counter_ns() - facts.started + 5_000) // 10_000 / 100,
-                bytes_in=facts.bytes_in,
-                bytes_out=facts.bytes_out,
-            )
+            self._finish(facts)
+
+    def _finish(self, facts: RequestFacts) -> None:
+        label = facts.server if facts.server in self.registry.servers else "-"
+        metrics.request_counter(label, facts.status).inc()
+        logs.request(
+            request_id=facts.request_id,
+            user=facts.user,
+            server=facts.server,
+            method=facts.scope["method"],
+            mcp_method=facts.mcp_method,
+            status=facts.status,
+            outcome=facts.outcome,
+            # Milliseconds to two decimals, rounded in integers: round(x, 2) costs more.
+            duration_ms=(time.perf_counter_ns() - facts.started + 5_000) // 10_000 / 100,
+            bytes_in=facts.bytes_in,
+            bytes_out=facts.bytes_out,
+        )
+
+    def forward_now(self, scope: Scope, body: bytes, agent: Agent) -> bool:
+        """The lane: send the request upstream now, if nothing in it needs a wait.
+
+        Called with a POST's whole body (at most WHOLE_BODY_LIMIT), on an untraced
+        forwarding path. False when it sent nothing: the request then goes the ASGI
+        way (`__call__`), which checks it again and answers whatever stopped it here.
+        """
+        facts = RequestFacts(scope, _request_id(scope), body=body, bytes_in=len(body))
+        if len(body) > self.settings.max_body_bytes or self.web_origin.refusal(scope["headers"]) is not None:
+            return False
+        try:
+            route = routing.parse(scope.get("raw_path") or scope["path"].encode())
+        except routing.RouteError:
+            return False
+        server = self.registry.get(route.server_id)
+        if server is None or route.subpath or not self.inbound.check_now(scope["headers"], route.user):
+            return False
+        source = self.sources[server.credential_kind]
+        credential = source.at_hand(server, route.user)
+        if credential is WAIT:
+            return False
+        facts.user, facts.server = route.user, route.server_id
+        facts.mcp_method = _mcp_method(scope, body)
+        url = routing.upstream_url(server, "", scope["query_string"], frozenset())
+        origin, target = upstream.split_url(url)
+        exchange = _Exchange(self, facts, server, source, route, url, credential, agent)
+        try:
+            response = self.pool.send_now(
+                scope["method"], origin, target, request_headers(scope, credential), body,
+                exchange, self.settings.upstream_timeout,
+            )  # fmt: skip
+        except upstream.UpstreamFailed:
+            return False  # a header the ASGI way refuses with its own answer
+        if response is None:
+            return False
+        exchange.response = response
+        return True
+
+    async def _resume(
+        self,
+        exchange: _Exchange,
+        first: upstream.Response | Exception,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """The ASGI way for a request the lane sent, from the upstream's answer (or failure) on."""
+        facts = exchange.facts
+        try:
+            await self._forward(
+                facts, exchange.server, exchange.source, exchange.route, exchange.url, exchange.credential,
+                facts.body or b"", receive, send, first,
+            )  # fmt: skip
+        except ClientGone:
+            facts.outcome = "client_disconnected"
+        except KeybearerError as exc:
+            await self._answer(facts, send, exc.answer())
+        finally:
+            self._finish(facts)
 
     async def _handle(self, facts: RequestFacts, receive: Receive, send: Send) -> None:
         scope = facts.scope
@@ -172,22 +261,19 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes],
         receive: Receive,
         send: Send,
+        first: upstream.Response | Exception | None = None,
     ) -> None:
+        """`first`: the lane's answer (or failure) to the first attempt, already sent."""
         origin, target = upstream.split_url(url)
         # A streamed body is still being received while the request is sent: only
         # one reader may call receive() at a time, so such requests go unwatched.
         watch_receive = receive if isinstance(body, bytes) else None
         try:
             for attempt in (1, 2):
-                headers = request_headers(facts.scope, credential)
-                started = time.perf_counter()
-                with tracing.span("upstream", {"keybearer.server": server.id}, client=True) as span:
-                    tracing.inject(headers)
-                    response = await self.pool.request(
-                        facts.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
-                    )
-                    span.set_attribute("http.response.status_code", response.status)
-                metrics.upstream_latency(server.id).observe(time.perf_counter() - started)
+                if isinstance(first, Exception):
+                    raise first
+                response = first or await self._request(facts, server, origin, target, credential, body)
+                first = None
                 if response.status in (401, 403):
                     refusal = Refusal(
                         response.status, response.header_values(b"www-authenticate"), credential,
@@ -228,6 +314,26 @@ class Forwarder:
                 "check that it is running and that its url in the proxy's config is right",
                 data={"server": server.id},
             ))  # fmt: skip
+
+    async def _request(
+        self,
+        facts: RequestFacts,
+        server: ServerConfig,
+        origin: upstream.Origin,
+        target: bytes,
+        credential: Credential | None,
+        body: bytes | AsyncIterator[bytes],
+    ) -> upstream.Response:
+        headers = request_headers(facts.scope, credential)
+        started = time.perf_counter()
+        with tracing.span("upstream", {"keybearer.server": server.id}, client=True) as span:
+            tracing.inject(headers)
+            response = await self.pool.request(
+                facts.scope["method"], origin, target, headers, body, self.settings.upstream_timeout
+            )
+            span.set_attribute("http.response.status_code", response.status)
+        metrics.upstream_latency(server.id).observe(time.perf_counter() - started)
+        return response
 
     async def _relay(
         self,
@@ -341,6 +447,83 @@ class Forwarder:
         facts.status, facts.bytes_out = await errors.send_answer(send, answer, facts.body)
 
 
+@dataclass(slots=True, eq=False)
+class _Exchange:
+    """A request the lane sent, waiting for its answer without a task.
+
+    The upstream connection calls `wake` whenever bytes of the answer arrived,
+    and `set_exception` when its deadline passed first (it stands in for the
+    future a task would await). A whole answer that needs nothing more is
+    written back here; anything else (a refusal to ask the credential source
+    about, a redirect, an event stream, a long body, a failure) is handed over
+    to `Forwarder._resume`, the ASGI way, which relays or answers it.
+    """
+
+    forwarder: Forwarder
+    facts: RequestFacts
+    server: ServerConfig
+    source: CredentialSource
+    route: routing.Route
+    url: str
+    credential: Credential | None
+    agent: Agent
+    response: upstream.Response | None = None
+    started: float = field(default_factory=time.perf_counter)
+    over: bool = False
+
+    def done(self) -> bool:
+        return self.over
+
+    def set_exception(self, exception: BaseException) -> None:
+        """The upstream's deadline passed before its answer did."""
+        assert isinstance(exception, Exception)
+        self._hand_over(exception)
+
+    def wake(self) -> None:
+        response = self.response
+        if self.over or response is None:
+            return
+        if response.failure is not None and not response.status:
+            return self._hand_over(response.failure)
+        if not response.status:
+            return  # an interim (1xx) answer
+        if (
+            response.failure is not None
+            or response.status in (401, 403)
+            or response.status in REDIRECTS
+            or (response.header(b"content-type") or "").startswith("text/event-stream")
+        ):
+            return self._hand_over(response)
+        if response.complete:
+            return self._reply(response)
+        if response.buffered > LANE_BODY_LIMIT:
+            return self._hand_over(response)
+        # The rest of the body, within the same deadline for each wait the ASGI way has.
+        response.expire(self, self.forwarder.settings.upstream_timeout)
+
+    def _reply(self, response: upstream.Response) -> None:
+        self.over = True
+        facts = self.facts
+        metrics.upstream_latency(self.server.id).observe(time.perf_counter() - self.started)
+        body = response.body_now()
+        facts.status, facts.bytes_out = response.status, len(body)
+        headers = response_headers(response.headers, False)
+        response.close()
+        self.agent.respond(response.status, headers, body)
+        self.forwarder._finish(facts)
+
+    def _hand_over(self, first: upstream.Response | Exception) -> None:
+        self.over = True
+        response = self.response
+        assert response is not None
+        response.on_wake = None
+        if isinstance(first, Exception):
+            response.close()
+        else:
+            metrics.upstream_latency(self.server.id).observe(time.perf_counter() - self.started)
+        self.agent.hand_over(functools.partial(self.forwarder._resume, self, first))
+
+
 class ClientGone(KeybearerError):
     """The agent closed its connection; the upstream request is abandoned."""
 
@@ -389,19 +572,21 @@ class DisconnectWatch:
 
 
 def request_headers(scope: Scope, credential: Credential | None) -> list[tuple[bytes, bytes]]:
-    drop = DROP_REQUEST
+    drop = DROP_REQUEST if credential is None else _drop_also(credential.header)
     connection_tokens: set[bytes] = set()
     host = b""
     out: list[tuple[bytes, bytes]] = []
-    for name, value in scope["headers"]:
-        if name == b"connection":
-            connection_tokens |= {t.strip().lower() for t in value.split(b",")}
+    # One pass: what is dropped is looked at for what it says, the rest kept as it is.
+    for header in scope["headers"]:
+        name = header[0]
+        if name not in drop:
+            out.append(header)
         elif name == b"host":
-            host = value
-    for name, value in scope["headers"]:
-        if name in drop or name in connection_tokens or (credential and name == credential.header):
-            continue
-        out.append((name, value))
+            host = header[1]
+        elif name == b"connection":
+            connection_tokens |= {t.strip().lower() for t in header[1].split(b",")}
+    if connection_tokens:
+        out = [header for header in out if header[0] not in connection_tokens]
     client = scope.get("client")
     out.append((b"x-forwarded-for", client[0].encode() if client else b"unknown"))
     out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
@@ -413,6 +598,12 @@ def request_headers(scope: Scope, credential: Credential | None) -> list[tuple[b
     if credential is not None:
         out.append((credential.header, credential.value))
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _drop_also(header: bytes) -> frozenset[bytes]:
+    """DROP_REQUEST and the credential's header (the agent's own value of it stops here too)."""
+    return DROP_REQUEST | {header}
 
 
 def response_headers(raw: list[tuple[bytes, bytes]], is_stream: bool) -> list[tuple[bytes, bytes]]:
@@ -483,11 +674,26 @@ async def _stream_body(receive: Receive, limit: int, facts: RequestFacts) -> Asy
             return
 
 
+# A JSON-RPC request as clients write it: its method among the object's first
+# members, after at most its jsonrpc and id. ASCII without escapes only.
+_METHOD_NEAR_FRONT = re.compile(
+    rb'\{[ \t\n\r]*(?:"(?:jsonrpc|id)"[ \t\n\r]*:[ \t\n\r]*(?:-?\d{1,20}|"[\x20\x21\x23-\x5b\x5d-\x7e]{0,64}")'
+    rb'[ \t\n\r]*,[ \t\n\r]*){0,2}"method"[ \t\n\r]*:[ \t\n\r]*"([\x20\x21\x23-\x5b\x5d-\x7e]{1,64})"'
+)
+
+
 def _mcp_method(scope: Scope, body: bytes | None) -> str | None:
     for name, value in scope["headers"]:
         if name == b"mcp-method":
             return value.decode("latin-1")[:64]
     if body and body[:1] == b"{":
+        # Parsing the body is most of this function's cost. Where the member found
+        # near the front is the body's only "method" (no other one written out, none
+        # spelt with escapes), it is the one a parse would find. A body that is not
+        # JSON past that point is logged with the method it names; upstream refuses it.
+        front = _METHOD_NEAR_FRONT.match(body)
+        if front is not None and body.count(b'"method"') == 1 and b"\\u" not in body:
+            return front.group(1).decode("ascii")
         message = errors.parse_json(body)
         method = message.get("method") if isinstance(message, dict) else None
         return method[:64] if isinstance(method, str) else None

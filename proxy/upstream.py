@@ -28,9 +28,9 @@ import contextlib
 import functools
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import quote, urlsplit
 
 import httptools
@@ -59,6 +59,21 @@ _CLOCK_TICK = 0.001
 
 # Methods that mean nothing by a body: an empty one is sent without a Content-Length.
 _NO_CONTENT_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+class Waiter(Protocol):
+    """What a deadline fails: an asyncio future, or the forwarder's lane, which waits without one."""
+
+    def done(self) -> bool: ...
+
+    def set_exception(self, exception: BaseException) -> None: ...
+
+
+class Watcher(Waiter, Protocol):
+    """The forwarder's lane, told of its answer by callbacks instead of awaiting it."""
+
+    def wake(self) -> None:
+        """Something of the answer arrived, or the connection failed (`Response.failure`)."""
 
 
 class UpstreamError(UpstreamFailed):
@@ -133,7 +148,7 @@ class _UpstreamSocket(asyncio.Protocol):
         self._write_paused = False
         self._drain: asyncio.Future[None] | None = None
         # The deadline of the wait in progress, if it has one, and the timer that enforces it.
-        self._timed: asyncio.Future[None] | None = None
+        self._timed: Waiter | None = None
         self._timed_at = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -279,7 +294,7 @@ class _UpstreamSocket(asyncio.Protocol):
             self.expire(self._drain, timeout)
         await self._drain
 
-    def expire(self, waiter: asyncio.Future[None], timeout: float) -> None:
+    def expire(self, waiter: Waiter, timeout: float) -> None:
         """Fail `waiter` with TimeoutError unless it is done within `timeout` seconds."""
         # One timer per connection, moved lazily: a wait that ends in time leaves
         # it armed, and when it fires during a later wait it re-arms for that
@@ -328,6 +343,7 @@ class Response:
         "headers",
         "keep_alive",
         "method",
+        "on_wake",
         "origin",
         "request_sent",
         "status",
@@ -349,6 +365,8 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._head_bytes = 0
         self._interim = 0
+        # Called instead of waking a reader, while the forwarder's lane waits without a task.
+        self.on_wake: Callable[[], None] | None = None
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (name in lowercase), or None."""
@@ -359,6 +377,25 @@ class Response:
 
     def header_values(self, name: bytes) -> list[str]:
         return [value.decode("latin-1") for key, value in self.headers if key == name]
+
+    @property
+    def failure(self) -> UpstreamError | None:
+        return self._error
+
+    @property
+    def buffered(self) -> int:
+        """Body bytes arrived and not yet read."""
+        return self._size
+
+    def body_now(self) -> bytes:
+        """The body arrived so far, without waiting: the whole of it once `complete`."""
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def expire(self, waiter: Waiter, timeout: float | None) -> None:
+        """Fail `waiter` unless something ends its wait within `timeout` seconds."""
+        if timeout and self._connection is not None:
+            self._connection.expire(waiter, timeout)
 
     def delimited_by_close(self) -> bool:
         """An answer with neither a length nor chunks ends when the connection does."""
@@ -407,7 +444,9 @@ class Response:
     # -- called by the connection
 
     def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
+        if self.on_wake is not None:
+            self.on_wake()
+        elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
     def _complete(self) -> None:
@@ -497,6 +536,36 @@ class Pool:
         except BaseException:
             response.close()
             raise
+        return response
+
+    def send_now(
+        self,
+        method: str,
+        origin: Origin,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        watcher: Watcher,
+        timeout: float | None,
+    ) -> Response | None:
+        """`request` without waiting, for the forwarder's lane: the request written on
+        an idle connection, or None (sent nothing) when it would have to wait for one
+        (no idle connection, or an egress proxy to go through). `watcher` is told of
+        the answer, and failed when it has not begun within `timeout`."""
+        if self.egress is not None and self._proxy(origin) is not None:
+            return None
+        head = _request_head(method, target, origin, headers, body)
+        connection = self._idle_connection(origin)
+        if connection is None:
+            return None
+        response = Response(self, origin, connection, method)
+        response.on_wake = watcher.wake
+        connection.response = response
+        # A write the upstream has not taken yet stays in the transport's buffer:
+        # at most the one body the lane takes (forwarding.WHOLE_BODY_LIMIT).
+        connection.send(head + body)
+        response.request_sent = True
+        response.expire(watcher, timeout)
         return response
 
     def _proxy(self, origin: Origin) -> ProxyServer | None:

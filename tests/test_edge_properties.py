@@ -519,3 +519,47 @@ def _depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max(map(_depth, value.values()), default=0)
     return 0
+
+
+# -- the JSON-RPC method a request names (the request log's mcp_method) ---------
+
+method_names = st.one_of(
+    st.sampled_from(["tools/call", "tools/list", "initialize", "method", "", "a" * 64, "a" * 65]),
+    st.text(max_size=70),
+)
+members = st.sampled_from(["jsonrpc", "id", "method", "params", "method", "\\u006dethod", "x"])
+
+
+@some
+@given(
+    st.lists(
+        st.tuples(members, st.one_of(method_names, json_documents, st.integers(), st.none())), max_size=6
+    ),
+    st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]),
+    st.booleans(),
+)
+@example([("jsonrpc", "2.0"), ("id", 1), ("method", "tools/list")], (",", ":"), True)
+@example([("method", "a"), ("params", {"method": "b"})], (",", ":"), True)
+@example([("method", "a"), ("method", "b")], (",", ":"), True)
+@example([("method", "a"), ("\\u006dethod", "b")], (",", ":"), True)
+def test_the_method_found_near_the_front_is_the_one_the_parse_finds(
+    pairs: list[tuple[str, Any]], separators: tuple[str, str], ascii_only: bool
+) -> None:
+    from proxy.forwarding import _mcp_method
+
+    # Written out by hand: duplicate members, and a member name spelt with an escape.
+    item, key = separators
+    text = (
+        "{"
+        + item.join(
+            (f'"{name}"' if name.startswith("\\") else json.dumps(name))
+            + key
+            + json.dumps(value, ensure_ascii=ascii_only)
+            for name, value in pairs
+        )
+        + "}"
+    )
+    body = text.encode()
+    message = json.loads(body)
+    method = message.get("method")
+    assert _mcp_method({"headers": []}, body) == (method[:64] if isinstance(method, str) else None)

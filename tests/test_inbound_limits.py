@@ -298,3 +298,29 @@ def test_limits_out_of_range_are_refused_naming_the_setting(name: str, value: st
     with pytest.raises(ConfigError) as info:
         load_settings(env={f"KEYBEARER_{name.upper()}": value})
     assert info.value.key in (name, f"KEYBEARER_{name.upper()}") and says in info.value.message
+
+
+def test_an_idle_connection_closes_after_the_keep_alive_timeout_a_busy_one_stays(
+    proxy_factory: type[ProxyProcess], upstream: Upstream
+) -> None:
+    # serving.py keeps one keep-alive timer per connection, moved lazily: it must still
+    # close an idle connection on time, and never a connection that answered lately.
+    proxy = proxy_factory({"servers": {"echo": {"url": upstream.base_url + "/_echo", "auth": "none"}}})
+    idle, busy = connect(proxy), connect(proxy)
+    request = b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    with idle, busy:
+        idle.sendall(request)
+        assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        busy.settimeout(5)
+        while time.monotonic() - started < 6.5:  # past the idle one's 5 s
+            busy.sendall(request)
+            assert busy.recv(65536).startswith(b"HTTP/1.1 200 "), "a busy connection was closed"
+            if 4.0 < time.monotonic() - started < 4.5:
+                assert not select.select([idle], [], [], 0)[0], "closed before the keep-alive timeout"
+            time.sleep(0.4)
+        assert read_until_closed(idle, timeout=0.1) == b""
+        closed_after = time.monotonic() - started
+        busy.sendall(request)
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert closed_after < 7.5

@@ -245,18 +245,24 @@ class TokenLifecycle:
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
-        key = (user, server.id)
-        cached = self._recent.get(key)
-        if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
-            return cached[1]
+        remembered = self.remembered(server, user)
+        if remembered is not None:
+            return remembered
         token, refresh_in = await self._access_token(server, user)
         if refresh_in > 0:
             # Saves a Redis read and a decryption on every request but the first.
             # A change made on another replica (a reconnect, a delete) arrives as
             # an event and is forgotten then; never kept past the refresh.
             kept = min(refresh_in, RECENT_TTL * random.uniform(0.5, 1.0))  # noqa: S311 (spread, not a secret)
-            self._recent[key] = (time.monotonic() + kept, token, server.url)
+            self._recent[(user, server.id)] = (time.monotonic() + kept, token, server.url)
         return token
+
+    def remembered(self, server: ServerConfig, user: str) -> str | None:
+        """The access token this process opened lately, if it still holds: no store read."""
+        cached = self._recent.get((user, server.id))
+        if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
+            return cached[1]
+        return None
 
     def forget(self, user: str, server_id: str) -> None:
         self._recent.pop((user, server_id), None)

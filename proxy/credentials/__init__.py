@@ -7,6 +7,9 @@ One source per auth type, each behind the same two questions:
   missing, storage down). `caller_jwt` is the agent's own bearer token when
   inbound auth verified it as a JWT (`inbound_auth: jwt`), else None: only
   identity_assertion uses it (as the subject of its exchange), nobody sends it on;
+- `at_hand(server, user)`: the same answer when the source has it without
+  waiting (a configured key, a token this process remembers), else `WAIT`:
+  what lets the forwarder's lane (forwarding.py) forward without a task;
 - `rejected(server, user, refusal)`: the upstream answered 401 or 403 to what
   was sent. A `Credential` means "send the request again with this", an
   `Answer` is what the agent gets, None relays the upstream's own answer.
@@ -17,6 +20,7 @@ or `client_credentials` for an oauth server with that grant) and knows nothing m
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +33,16 @@ from proxy.settings import ServerConfig
 class Credential:
     header: bytes  # lower-case header name
     value: bytes
+
+
+class Wait(enum.Enum):
+    """The type of WAIT."""
+
+    WAIT = "wait"
+
+
+# `at_hand`'s answer when only `credential` can tell: a store read, a refresh, an exchange.
+WAIT = Wait.WAIT
 
 
 def bearer(token: str) -> Credential:
@@ -52,6 +66,8 @@ class CredentialSource(Protocol):
     async def credential(
         self, server: ServerConfig, user: str, caller_jwt: str | None
     ) -> Credential | None: ...
+
+    def at_hand(self, server: ServerConfig, user: str) -> Credential | Wait | None: ...
 
     async def rejected(
         self, server: ServerConfig, user: str, refusal: Refusal

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from proxy.bounded import BoundedMap
-from proxy.credentials import Credential, Refusal, unauthorized
+from proxy.credentials import WAIT, Credential, Refusal, Wait, unauthorized
 from proxy.errors import Answer, Unavailable
 from proxy.registry import Registry
 from proxy.settings import ServerConfig
@@ -25,8 +25,8 @@ class ApiKeys:
         self._made: BoundedMap[str, tuple[ServerConfig, str, Credential]] = BoundedMap(MAX_SERVERS)
 
     async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
-        key = self.registry.api_key(server)
-        if not key:
+        credential = self._made_for(server)
+        if credential is None:
             where = f"set the environment variable {server.api_key_env}" if server.api_key_env else ""
             if server.api_key_file:
                 where = f"put the key in {server.api_key_file}"
@@ -37,6 +37,17 @@ class ApiKeys:
                 retry_after=60,
                 server=server.id,
             )
+        return credential
+
+    def at_hand(self, server: ServerConfig, user: str) -> Credential | Wait | None:
+        credential = self._made_for(server)
+        return WAIT if credential is None else credential
+
+    def _made_for(self, server: ServerConfig) -> Credential | None:
+        """The credential of the server's key; None when it has none."""
+        key = self.registry.api_key(server)
+        if not key:
+            return None
         made = self._made.get(server.id)
         if made is not None and made[0] is server and made[1] == key:
             return made[2]

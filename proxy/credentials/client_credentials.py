@@ -8,7 +8,7 @@ server and what the operator must check, never a connect link or -32042.
 from __future__ import annotations
 
 from proxy.connect.service import ServiceTokens
-from proxy.credentials import Credential, Refusal, bearer
+from proxy.credentials import WAIT, Credential, Refusal, Wait, bearer
 from proxy.errors import Answer, KeybearerError
 from proxy.names import SERVICE_USER
 from proxy.oauth.discovery import parse_www_authenticate
@@ -21,6 +21,9 @@ class ClientCredentials:
 
     async def credential(self, server: ServerConfig, user: str, caller_jwt: str | None) -> Credential | None:
         return bearer(await self.tokens.token(server))
+
+    def at_hand(self, server: ServerConfig, user: str) -> Credential | Wait | None:
+        return WAIT
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
         if refusal.status == 403:

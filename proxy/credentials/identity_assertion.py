@@ -11,7 +11,7 @@ authorization server refuses Keybearer's grant.
 from __future__ import annotations
 
 from proxy.connect.assertion import PRESENTED, AssertionTokens
-from proxy.credentials import Credential, Refusal, bearer
+from proxy.credentials import WAIT, Credential, Refusal, Wait, bearer
 from proxy.errors import Answer, KeybearerError
 from proxy.settings import ServerConfig
 
@@ -25,6 +25,9 @@ class IdentityAssertion:
         # subject of an exchange, should one be needed.
         PRESENTED.set(caller_jwt)
         return bearer(await self.tokens.access_token(server, user))
+
+    def at_hand(self, server: ServerConfig, user: str) -> Credential | Wait | None:
+        return WAIT
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
         if refusal.status == 403:

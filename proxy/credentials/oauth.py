@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from proxy import links, metrics
 from proxy.connect.lifecycle import NeedsConsent, TokenLifecycle
-from proxy.credentials import Credential, Refusal, bearer
+from proxy.credentials import WAIT, Credential, Refusal, Wait, bearer
 from proxy.crypto import Keyring
 from proxy.errors import Answer, KeybearerError
 from proxy.oauth.discovery import parse_www_authenticate
@@ -33,6 +33,10 @@ class OAuthTokens:
             return bearer(await self.lifecycle.access_token(server, user))
         except NeedsConsent as exc:
             raise ConsentRequired(self.consent(server, user, exc.scopes, exc.reason)) from None
+
+    def at_hand(self, server: ServerConfig, user: str) -> Credential | Wait | None:
+        token = self.lifecycle.remembered(server, user)
+        return WAIT if token is None else bearer(token)
 
     async def rejected(self, server: ServerConfig, user: str, refusal: Refusal) -> Credential | Answer | None:
         challenge = parse_www_authenticate(refusal.challenges)

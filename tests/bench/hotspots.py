@@ -32,10 +32,12 @@ FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 # Concerns: a stack counts for one when any of its frames matches (file substring, function regex).
 CONCERNS: list[tuple[str, str, str]] = [
     (
-        "Forwarder.__call__ (all of Keybearer's request handling)",
+        "Forwarder.__call__ (all of Keybearer's request handling, the ASGI way)",
         "proxy/forwarding.py",
         r"Forwarder\.__call__",
     ),
+    ("the lane: Forwarder.forward_now (checks and send)", "proxy/forwarding.py", r"Forwarder\.forward_now"),
+    ("the lane: _Exchange.wake (the answer written back)", "proxy/forwarding.py", r"_Exchange\.wake"),
     (
         "aiohttp ClientSession._request (upstream call to headers)",
         "aiohttp/client.py",

@@ -18,6 +18,13 @@ Modes (the request path, without its slash):
     cut-event-stream      the same for a chunked text/event-stream
     short-length          10 of the 100 bytes the Content-Length announces, then a close
     raw                   the pieces in `raw`, one write each, then a close
+    slow-ok               SLOW_BODY, after 0.3 s; the connection is kept
+    split                 a JSON answer's head, then its body 0.2 s later; the connection is kept
+    chunked               a whole chunked JSON answer in two chunks, 0.1 s apart; the connection is kept
+    silent                no answer at all, until the client hangs up
+    big                   a JSON answer of BIG_BYTES; the connection is kept
+    refuse                401 with a Bearer challenge; the connection is kept
+    collector             an empty 200, as an OTLP collector answers an export
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ FLOOD_BYTES = 64 * 1024 * 1024
 # The second answer's head that the trailing-bytes modes send after the first one.
 TRAILING_HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 999\r\n\r\n"
 OK_BODY = b'{"ok":true}'
+SLOW_BODY = b'{"slow":true}'
+BIG_BYTES = 200 * 1024
 JSON = b"content-type: application/json"
 
 
@@ -110,6 +119,36 @@ class HostileUpstream:
                 writer.write(piece)
                 await writer.drain()
             return False
+        elif mode == "slow-ok":
+            await asyncio.sleep(0.3)
+            writer.write(answer(SLOW_BODY, JSON))
+        elif mode == "split":
+            whole = answer(OK_BODY, JSON)
+            writer.write(whole[: -len(OK_BODY)])
+            await writer.drain()
+            await asyncio.sleep(0.2)
+            writer.write(OK_BODY)
+        elif mode == "chunked":
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+            )
+            writer.write(b'6\r\n{"ok":\r\n')
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"5\r\ntrue}\r\n0\r\n\r\n")
+        elif mode == "silent":
+            await reader.read()
+            return False
+        elif mode == "big":
+            writer.write(answer(b'{"pad":"' + b"p" * (BIG_BYTES - 10) + b'"}', JSON))
+        elif mode == "refuse":
+            writer.write(
+                answer(
+                    b"{}", JSON, b'www-authenticate: Bearer error="invalid_token"', status=b"401 Unauthorized"
+                )
+            )
+        elif mode == "collector":
+            writer.write(answer(b""))
         else:
             writer.write(answer(b"unknown mode", status=b"404 Not Found"))
         await writer.drain()
