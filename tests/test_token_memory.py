@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from peers.private_stores import RedisServer
 from services import REDIS_URL
 
 from proxy.connect import lifecycle as lifecycle_module
@@ -137,6 +138,37 @@ async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
             task.cancel()
         for store in stores:
             await store.close()
+
+
+async def test_a_read_answered_before_a_change_but_heard_after_its_event_is_not_remembered(
+    redis_server_factory: Callable[..., RedisServer], salt: str
+) -> None:
+    # The read and the event travel on different connections: Redis can answer the
+    # read, the other replica delete and announce, and this one hear the event
+    # first. The read is still used by the request that made it, but remembered,
+    # it would keep a deleted connection in use for up to RECENT_TTL.
+    redis = redis_server_factory()
+    store = RedisTokenStore.from_url(redis.url_for(0), prefix="kbmem")
+    keyring = Keyring(salt)
+    lifecycle = TokenLifecycle(keyring, store, None, None, SKEW)  # type: ignore[arg-type]
+    try:
+        await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+        assert await store.get_connection("alice", SERVER.id) is not None  # a pooled connection, open
+        with redis.frozen():
+            reading = asyncio.create_task(lifecycle.access_token(SERVER, "alice"))
+            await asyncio.sleep(0.2)  # the read is sent, and waits in Redis
+        # From here nothing yields to the loop until the event is handled: Redis answers the
+        # read with token-a, then the other replica deletes and its event arrives first.
+        time.sleep(0.3)
+        redis.cli("del", store._tokens("alice", SERVER.id))
+        event = parse_event(connection_changed(SERVER.id, "alice"))
+        assert event is not None and not reading.done()
+        lifecycle.on_event(event)
+        assert await reading == "token-a"  # read before the delete: that request uses it
+        with pytest.raises(NeedsConsent):
+            await lifecycle.access_token(SERVER, "alice")
+    finally:
+        await store.close()
 
 
 def test_events_for_every_user_of_a_server_and_resync_clear_the_memory(salt: str) -> None:

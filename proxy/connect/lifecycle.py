@@ -235,6 +235,9 @@ class TokenLifecycle:
         self.breaker = CircuitBreaker(cooldown=cooldown)
         # (user, server id) -> (until, access token, the server url it is for)
         self._recent: BoundedMap[tuple[str, str], tuple[float, str, str]] = BoundedMap(RECENT_MAX)
+        # Moves whenever remembered tokens are forgotten (an event, a refusal): a read
+        # that was under way meanwhile may predate the change, and is not remembered.
+        self._forgetting = 0
         self._refreshes: SingleFlight[tuple[str, str], tuple[Connection, TokenSet]] = SingleFlight()
         self._turns = asyncio.Semaphore(REFRESHES_AT_ONCE)
         # One per (user, server) this process waits on while another replica refreshes.
@@ -249,8 +252,9 @@ class TokenLifecycle:
         cached = self._recent.get(key)
         if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
             return cached[1]
+        forgetting = self._forgetting
         token, refresh_in = await self._access_token(server, user)
-        if refresh_in > 0:
+        if refresh_in > 0 and forgetting == self._forgetting:
             # Saves a Redis read and a decryption on every request but the first.
             # A change made on another replica (a reconnect, a delete) arrives as
             # an event and is forgotten then; never kept past the refresh.
@@ -259,6 +263,7 @@ class TokenLifecycle:
         return token
 
     def forget(self, user: str, server_id: str) -> None:
+        self._forgetting += 1
         self._recent.pop((user, server_id), None)
 
     async def changed(self, user: str, server_id: str) -> None:
@@ -269,6 +274,9 @@ class TokenLifecycle:
 
     def on_event(self, event: Event) -> None:
         """Forget remembered tokens the event names; wake whoever waits on them."""
+        # The read and the event come on different connections: Redis may have
+        # answered a read before the change that this event announces.
+        self._forgetting += 1
         if event.kind == "connection" and event.server and event.user not in (None, ALL_USERS):
             # The common case, one user's tokens: no walk over everything remembered.
             keys = [(event.user, event.server)]
