@@ -63,7 +63,9 @@ async def measure(users: int, rounds: int, at_once: int, profile: int) -> None:
                 scopes=("mcp",), expires_at=time.time() + 86400, obtained_at=time.time(), version=1,
             )  # fmt: skip
             fields = _encode(conn)
-            pipe.hset(store._tokens(user, server.id), mapping=dict(zip(fields[::2], fields[1::2], strict=True)))
+            pipe.hset(
+                store._tokens(user, server.id), mapping=dict(zip(fields[::2], fields[1::2], strict=True))
+            )
         await pipe.execute()
 
         async def refresher(*_: object) -> object:
@@ -122,7 +124,9 @@ def count_instructions(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--at-once", type=int, default=1)
