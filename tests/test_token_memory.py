@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from peers.private_stores import RedisServer
 from services import REDIS_URL
 
 from proxy.connect import lifecycle as lifecycle_module
-from proxy.connect.lifecycle import NeedsConsent, TokenLifecycle, TokenSet, seal
+from proxy.connect.lifecycle import MUST_RECONNECT, NeedsConsent, TokenLifecycle, TokenSet, seal
 from proxy.crypto import Keyring
 from proxy.events import ChangeFeed
 from proxy.names import connection_changed, parse_event
@@ -88,6 +89,67 @@ async def test_memory_ends_at_its_maximum_age_even_without_an_event(
     assert await lifecycle.access_token(SERVER, "alice") == "token-a"
     await asyncio.sleep(0.4)
     assert await lifecycle.access_token(SERVER, "alice") == "token-b"
+
+
+@pytest.fixture
+async def on_redis(
+    redis_prefix: str, salt: str
+) -> AsyncIterator[tuple[TokenLifecycle, RedisTokenStore, Keyring]]:
+    store = RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-opened")
+    keyring = Keyring(salt)
+
+    async def refresher(*_: object) -> object:
+        raise AssertionError("a refresh was asked for")
+
+    yield TokenLifecycle(keyring, store, ChangeFeed(store, store), refresher, SKEW), store, keyring  # type: ignore[arg-type]
+    await store.delete_connection("alice", SERVER.id)
+    await store.close()
+
+
+async def test_tokens_read_again_unchanged_are_not_decrypted_again(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every remembered token is read again within RECENT_TTL: with 10,000 users,
+    # hundreds of reads a second, nearly all of the very ciphertext opened before.
+    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+    lifecycle, store, keyring = on_redis
+    opened: list[str] = []
+    decrypt = keyring.decrypt
+    monkeypatch.setattr(
+        keyring,
+        "decrypt",
+        lambda purpose, token, record: opened.append(token) or decrypt(purpose, token, record),
+    )
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    await asyncio.sleep(0.25)  # remembered no longer: read again
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    assert len(opened) == 1
+    # Sealed anew (a refresh, a reconnect, `keys rotate`), even under the same version: opened.
+    await store_token(store, keyring, "token-b", time.time() + 3600, 1)  # type: ignore[arg-type]
+    await asyncio.sleep(0.25)
+    assert await lifecycle.access_token(SERVER, "alice") == "token-b"
+    assert len(opened) == 2
+
+
+async def test_what_a_read_says_besides_the_ciphertext_still_counts(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+    lifecycle, store, keyring = on_redis
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    stored = await store.get_connection("alice", SERVER.id)
+    assert stored is not None
+    # The same ciphertext, now due for refresh: the refresh is asked for, as before.
+    await store.put_connection(replace(stored, expires_at=time.time() + SKEW / 2, version=2))
+    await asyncio.sleep(0.25)
+    with pytest.raises(AssertionError, match="refresh was asked for"):
+        await lifecycle.access_token(SERVER, "alice")
+    # The same ciphertext, marked for reconnect (the provider revoked the grant).
+    await store.put_connection(replace(stored, state=MUST_RECONNECT, last_error="revoked", version=3))
+    with pytest.raises(NeedsConsent, match="revoked"):
+        await lifecycle.access_token(SERVER, "alice")
 
 
 async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
