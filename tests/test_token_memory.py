@@ -1,5 +1,5 @@
-"""The OAuth path's in-process token memory (connect/lifecycle.py), on a real
-SQLite token store: what it remembers, and what it must not."""
+"""The OAuth path's in-process token memory (connect/lifecycle.py), on real
+token stores (SQLite, Redis): what it remembers, and what it must not."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ MUST_RECONNECT = "must_reconnect"
 # tokens opened together (every user's first request after a start) would
 # otherwise all be read again from the store in the same second.
 RECENT_TTL = 60.0
-# At most this many remembered tokens (about 300 bytes each).
+# At most this many remembered tokens (about 400 bytes each, with a short token).
 RECENT_MAX = 50_000
 # The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
 LIFETIME_FRACTION = 0.25
