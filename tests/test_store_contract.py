@@ -268,6 +268,20 @@ async def test_connection_round_trip(tokens: TokenStore) -> None:
     assert await tokens.get_connection("a.user@example.com", "linear") == bare, "absent fields are cleared"
 
 
+async def test_connections_read_together(tokens: TokenStore) -> None:
+    # On Redis, reads asked for in one turn of the loop go in one call (a script; on a
+    # Cluster, whose keys lie in many slots, a pipeline): each caller gets its own row.
+    written = [
+        conn(f"u{i}", "srv", sealed=f"t{i}", scopes=("a", "b"), expires_at=1_760_000_000.5 + i, version=i + 1)
+        for i in range(12)
+    ]
+    for c in written:
+        await tokens.put_connection(c)
+    users = [*(c.user for c in written), "nobody", "u3"]
+    found = await asyncio.gather(*(tokens.get_connection(user, "srv") for user in users))
+    assert found == [*written, None, written[3]]
+
+
 async def test_connections_list_and_delete(tokens: TokenStore) -> None:
     users = ["bob", "a.lice@example.com", "carol-1_x"]
     for user in users:

@@ -1,18 +1,20 @@
-"""The OAuth path's in-process token memory (connect/lifecycle.py), on a real
-SQLite token store: what it remembers, and what it must not."""
+"""The OAuth path's in-process token memory (connect/lifecycle.py), on real
+token stores (SQLite, Redis): what it remembers, and what it must not."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from peers.private_stores import RedisServer
 from services import REDIS_URL
 
 from proxy.connect import lifecycle as lifecycle_module
-from proxy.connect.lifecycle import NeedsConsent, TokenLifecycle, TokenSet, seal
+from proxy.connect.lifecycle import MUST_RECONNECT, NeedsConsent, TokenLifecycle, TokenSet, seal
 from proxy.crypto import Keyring
 from proxy.events import ChangeFeed
 from proxy.names import connection_changed, parse_event
@@ -89,6 +91,67 @@ async def test_memory_ends_at_its_maximum_age_even_without_an_event(
     assert await lifecycle.access_token(SERVER, "alice") == "token-b"
 
 
+@pytest.fixture
+async def on_redis(
+    redis_prefix: str, salt: str
+) -> AsyncIterator[tuple[TokenLifecycle, RedisTokenStore, Keyring]]:
+    store = RedisTokenStore.from_url(REDIS_URL, prefix=f"{redis_prefix}-opened")
+    keyring = Keyring(salt)
+
+    async def refresher(*_: object) -> object:
+        raise AssertionError("a refresh was asked for")
+
+    yield TokenLifecycle(keyring, store, ChangeFeed(store, store), refresher, SKEW), store, keyring  # type: ignore[arg-type]
+    await store.delete_connection("alice", SERVER.id)
+    await store.close()
+
+
+async def test_tokens_read_again_unchanged_are_not_decrypted_again(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every remembered token is read again within RECENT_TTL: with 10,000 users,
+    # hundreds of reads a second, nearly all of the very ciphertext opened before.
+    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+    lifecycle, store, keyring = on_redis
+    opened: list[str] = []
+    decrypt = keyring.decrypt
+    monkeypatch.setattr(
+        keyring,
+        "decrypt",
+        lambda purpose, token, record: opened.append(token) or decrypt(purpose, token, record),
+    )
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    await asyncio.sleep(0.25)  # remembered no longer: read again
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    assert len(opened) == 1
+    # Sealed anew (a refresh, a reconnect, `keys rotate`), even under the same version: opened.
+    await store_token(store, keyring, "token-b", time.time() + 3600, 1)  # type: ignore[arg-type]
+    await asyncio.sleep(0.25)
+    assert await lifecycle.access_token(SERVER, "alice") == "token-b"
+    assert len(opened) == 2
+
+
+async def test_what_a_read_says_besides_the_ciphertext_still_counts(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+    lifecycle, store, keyring = on_redis
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    stored = await store.get_connection("alice", SERVER.id)
+    assert stored is not None
+    # The same ciphertext, now due for refresh: the refresh is asked for, as before.
+    await store.put_connection(replace(stored, expires_at=time.time() + SKEW / 2, version=2))
+    await asyncio.sleep(0.25)
+    with pytest.raises(AssertionError, match="refresh was asked for"):
+        await lifecycle.access_token(SERVER, "alice")
+    # The same ciphertext, marked for reconnect (the provider revoked the grant).
+    await store.put_connection(replace(stored, state=MUST_RECONNECT, last_error="revoked", version=3))
+    with pytest.raises(NeedsConsent, match="revoked"):
+        await lifecycle.access_token(SERVER, "alice")
+
+
 async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
     redis_prefix: str, salt: str
 ) -> None:
@@ -137,6 +200,37 @@ async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
             task.cancel()
         for store in stores:
             await store.close()
+
+
+async def test_a_read_answered_before_a_change_but_heard_after_its_event_is_not_remembered(
+    redis_server_factory: Callable[..., RedisServer], salt: str
+) -> None:
+    # The read and the event travel on different connections: Redis can answer the
+    # read, the other replica delete and announce, and this one hear the event
+    # first. The read is still used by the request that made it, but remembered,
+    # it would keep a deleted connection in use for up to RECENT_TTL.
+    redis = redis_server_factory()
+    store = RedisTokenStore.from_url(redis.url_for(0), prefix="kbmem")
+    keyring = Keyring(salt)
+    lifecycle = TokenLifecycle(keyring, store, None, None, SKEW)  # type: ignore[arg-type]
+    try:
+        await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+        assert await store.get_connection("alice", SERVER.id) is not None  # a pooled connection, open
+        with redis.frozen():
+            reading = asyncio.create_task(lifecycle.access_token(SERVER, "alice"))
+            await asyncio.sleep(0.2)  # the read is sent, and waits in Redis
+        # From here nothing yields to the loop until the event is handled: Redis answers the
+        # read with token-a, then the other replica deletes and its event arrives first.
+        time.sleep(0.3)
+        redis.cli("del", store._tokens("alice", SERVER.id))
+        event = parse_event(connection_changed(SERVER.id, "alice"))
+        assert event is not None and not reading.done()
+        lifecycle.on_event(event)
+        assert await reading == "token-a"  # read before the delete: that request uses it
+        with pytest.raises(NeedsConsent):
+            await lifecycle.access_token(SERVER, "alice")
+    finally:
+        await store.close()
 
 
 def test_events_for_every_user_of_a_server_and_resync_clear_the_memory(salt: str) -> None:

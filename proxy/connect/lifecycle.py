@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import random
@@ -26,6 +27,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import structlog
 
@@ -51,7 +53,7 @@ MUST_RECONNECT = "must_reconnect"
 # tokens opened together (every user's first request after a start) would
 # otherwise all be read again from the store in the same second.
 RECENT_TTL = 60.0
-# At most this many remembered tokens (about 300 bytes each).
+# At most this many remembered tokens (about 400 bytes each, with a short token).
 RECENT_MAX = 50_000
 # The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
 LIFETIME_FRACTION = 0.25
@@ -123,6 +125,22 @@ class Held:
     replaces: int  # the stored version they follow
     lock: str
     lock_token: str | None  # the refresh lock, kept (renewed) until they are written
+
+
+class Opened(NamedTuple):
+    """An access token remembered after its tokens were read and opened."""
+
+    until: float  # used without a store read until then (monotonic clock)
+    token: str
+    url: str  # the server url it was opened for
+    # After `until` the tokens are read again; when the stored ciphertext is the
+    # same (its digest: the ciphertext itself is kilobytes, 50,000 times over),
+    # they are not decrypted again.
+    sealed: bytes
+
+
+def sealed_digest(conn: Connection) -> bytes:
+    return hashlib.blake2b((conn.sealed or "").encode(), digest_size=16).digest()
 
 
 def record(user: str, server: str) -> str:
@@ -233,8 +251,12 @@ class TokenLifecycle:
         self.lock_ttl = lock_ttl
         self.refresher = refresher
         self.breaker = CircuitBreaker(cooldown=cooldown)
-        # (user, server id) -> (until, access token, the server url it is for)
-        self._recent: BoundedMap[tuple[str, str], tuple[float, str, str]] = BoundedMap(RECENT_MAX)
+        # (user, server id) -> (until, access token, the server url it is for, the digest of
+        # the sealed tokens it was opened from); kept past `until` for that digest (see Opened)
+        self._recent: BoundedMap[tuple[str, str], Opened] = BoundedMap(RECENT_MAX)
+        # Moves whenever remembered tokens are forgotten (an event, a refusal): a read
+        # that was under way meanwhile may predate the change, and is not remembered.
+        self._forgetting = 0
         self._refreshes: SingleFlight[tuple[str, str], tuple[Connection, TokenSet]] = SingleFlight()
         self._turns = asyncio.Semaphore(REFRESHES_AT_ONCE)
         # One per (user, server) this process waits on while another replica refreshes.
@@ -245,26 +267,32 @@ class TokenLifecycle:
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
-        remembered = self.remembered(server, user)
-        if remembered is not None:
-            return remembered
-        token, refresh_in = await self._access_token(server, user)
-        if refresh_in > 0:
+        key = (user, server.id)
+        opened = self._recent.get(key)
+        if opened is not None and opened.url == server.url:
+            if opened.until > time.monotonic():
+                return opened.token
+        else:
+            opened = None
+        forgetting = self._forgetting
+        token, refresh_in, sealed = await self._access_token(server, user, opened)
+        if refresh_in > 0 and forgetting == self._forgetting:
             # Saves a Redis read and a decryption on every request but the first.
             # A change made on another replica (a reconnect, a delete) arrives as
             # an event and is forgotten then; never kept past the refresh.
             kept = min(refresh_in, RECENT_TTL * random.uniform(0.5, 1.0))  # noqa: S311 (spread, not a secret)
-            self._recent[(user, server.id)] = (time.monotonic() + kept, token, server.url)
+            self._recent[key] = Opened(time.monotonic() + kept, token, server.url, sealed)
         return token
 
     def remembered(self, server: ServerConfig, user: str) -> str | None:
         """The access token this process opened lately, if it still holds: no store read."""
-        cached = self._recent.get((user, server.id))
-        if cached is not None and cached[0] > time.monotonic() and cached[2] == server.url:
-            return cached[1]
+        opened = self._recent.get((user, server.id))
+        if opened is not None and opened.until > time.monotonic() and opened.url == server.url:
+            return opened.token
         return None
 
     def forget(self, user: str, server_id: str) -> None:
+        self._forgetting += 1
         self._recent.pop((user, server_id), None)
 
     async def changed(self, user: str, server_id: str) -> None:
@@ -275,6 +303,9 @@ class TokenLifecycle:
 
     def on_event(self, event: Event) -> None:
         """Forget remembered tokens the event names; wake whoever waits on them."""
+        # The read and the event come on different connections: Redis may have
+        # answered a read before the change that this event announces.
+        self._forgetting += 1
         if event.kind == "connection" and event.server and event.user not in (None, ALL_USERS):
             # The common case, one user's tokens: no walk over everything remembered.
             keys = [(event.user, event.server)]
@@ -285,25 +316,37 @@ class TokenLifecycle:
             if key in self._waiting:
                 self._waiting[key].set()
 
-    async def _access_token(self, server: ServerConfig, user: str) -> tuple[str, float]:
-        """The token, and the seconds until its refresh is due."""
+    async def _access_token(
+        self, server: ServerConfig, user: str, opened: Opened | None
+    ) -> tuple[str, float, bytes]:
+        """The token, the seconds until its refresh is due, and the digest of its sealed tokens."""
         conn = await self._load(server, user)
-        tokens = self._open(conn, server)
-        if conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time():
-            if (user, server.id) in self._held:
-                # The newest tokens are not stored yet: never refresh past them.
-                if conn.expires_at <= time.time():
-                    raise TemporarilyUnavailable(
-                        "token storage is unavailable and the access token expired; retry shortly", 5
-                    )
-            # Without a refresh token nothing can be done early: used until it expires.
-            elif tokens.refresh_token or conn.expires_at <= time.time():
-                conn, tokens = await self.refresh(server, conn)
+        sealed = sealed_digest(conn)
+        due = conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
+        if opened is not None and opened.sealed == sealed and not due:
+            # The very ciphertext opened before, read again when its memory ended:
+            # it opens to the same tokens. What else the read says (state, expiry)
+            # was checked above, as for any read.
+            access = opened.token
+        else:
+            tokens = self._open(conn, server)
+            if due and conn.expires_at is not None:
+                if (user, server.id) in self._held:
+                    # The newest tokens are not stored yet: never refresh past them.
+                    if conn.expires_at <= time.time():
+                        raise TemporarilyUnavailable(
+                            "token storage is unavailable and the access token expired; retry shortly", 5
+                        )
+                # Without a refresh token nothing can be done early: used until it expires.
+                elif tokens.refresh_token or conn.expires_at <= time.time():
+                    conn, tokens = await self.refresh(server, conn)
+                    sealed = sealed_digest(conn)
+            access = tokens.access_token
         if conn.expires_at is None:
-            return tokens.access_token, float("inf")
+            return access, float("inf"), sealed
         remaining = conn.expires_at - time.time()
         metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return tokens.access_token, remaining - self.ahead(conn)
+        return access, remaining - self.ahead(conn), sealed
 
     def ahead(self, conn: Connection) -> float:
         """How long before expiry a refresh is due: `refresh_skew`, but never more

@@ -27,7 +27,15 @@ import structlog
 
 from proxy import metrics
 from proxy.connect.clients import ServiceClientUnusable, ServiceGrant
-from proxy.connect.lifecycle import TemporarilyUnavailable, TokenLifecycle, TokenSet, new_connection, unseal
+from proxy.connect.lifecycle import (
+    Opened,
+    TemporarilyUnavailable,
+    TokenLifecycle,
+    TokenSet,
+    new_connection,
+    sealed_digest,
+    unseal,
+)
 from proxy.crypto import DecryptError, Keyring
 from proxy.errors import Unavailable
 from proxy.events import ChangeFeed
@@ -122,16 +130,20 @@ class ServiceTokens(TokenLifecycle):
 
     # -- TokenLifecycle, as service tokens differ --------------------------------------
 
-    async def _access_token(self, server: ServerConfig, user: str) -> tuple[str, float]:
+    async def _access_token(
+        self, server: ServerConfig, user: str, opened: Opened | None
+    ) -> tuple[str, float, bytes]:
+        # Every read is opened: what was opened before is not looked at (a refused or
+        # replaced token is judged on what is stored; and these tokens are few).
         conn = await self._load(server, user)
         tokens = self._usable(conn, server)
         if tokens is None or self._due(conn):
             conn, tokens = await self.refresh(server, conn)
         if conn.expires_at is None:
-            return tokens.access_token, float("inf")
+            return tokens.access_token, float("inf"), sealed_digest(conn)
         remaining = conn.expires_at - time.time()
         metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return tokens.access_token, remaining - self.ahead(conn)
+        return tokens.access_token, remaining - self.ahead(conn), sealed_digest(conn)
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The server refused the token: a new one, unless another request got it already."""

@@ -52,6 +52,7 @@ from proxy.errors import InvalidInput
 from proxy.names import RESYNC
 from proxy.settings import ConfigError
 from proxy.stores.base import Connection, StoreUnavailable, TokenStore
+from proxy.stores.coalesce import Coalesced
 
 log = structlog.get_logger("keybearer.stores.redis")
 
@@ -87,6 +88,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS: token hashes, each from a different request (see _read_connections).
+_HGETALL_MANY = """
+local rows = {}
+for i, key in ipairs(KEYS) do
+  rows[i] = redis.call('HGETALL', key)
+end
+return rows
+"""
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -114,6 +123,8 @@ class RedisTokenStore(TokenStore):
         self._put_script = client.register_script(_PUT_CONNECTION)
         self._release_script = client.register_script(_RELEASE_LOCK)
         self._renew_script = client.register_script(_RENEW_LOCK)
+        self._read_script = client.register_script(_HGETALL_MANY)
+        self._reads: Coalesced[str, dict[str, str]] = Coalesced(self._read_connections)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "mcp", timeout: float = DEFAULT_TIMEOUT) -> RedisTokenStore:
@@ -171,8 +182,20 @@ class RedisTokenStore(TokenStore):
     async def get_connection(self, user: str, server: str) -> Connection | None:
         key = self._tokens(user, server)
         async with self._guard("reading a connection"):
-            fields = _fields(await self.client.hgetall(key))
+            fields = await self._reads.read(key)
         return _decode(user, server, fields) if fields else None
+
+    async def _read_connections(self, keys: list[str]) -> list[dict[str, str]]:
+        """The hashes of the connections read in one turn of the loop, in one round trip."""
+        # Its own deadline, as the callers have theirs: the call must end even if all gave up.
+        async with asyncio.timeout(self.timeout):
+            if len(keys) == 1:
+                return [_fields(await self.client.hgetall(keys[0]))]
+            if isinstance(self.client, RedisCluster):
+                # The keys lie in different slots, which one script may not span.
+                return await self._hgetall_many(keys)
+            rows = await self._read_script(keys=keys)
+        return [_pairs(row) for row in rows]
 
     async def put_connection(
         self, connection: Connection, *, expected_version: int | None = None, lock_token: str | None = None
@@ -401,7 +424,14 @@ def _members(values: Iterable[bytes | str]) -> list[str]:
 
 
 def _fields(values: Mapping[Any, Any]) -> dict[str, str]:
+    if isinstance(values, dict) and all(type(v) is str for v in values.values()):
+        return values  # decoded already, as the clients built here do: no copy on every read
     return {str(_text(k)): str(_text(v)) for k, v in values.items()}
+
+
+def _pairs(values: list[Any]) -> dict[str, str]:
+    """A hash as a script returns it: field, value, field, value, …"""
+    return _fields(dict(zip(values[::2], values[1::2], strict=True)))
 
 
 def _ms(ttl: float) -> int:
