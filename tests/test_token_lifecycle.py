@@ -28,6 +28,9 @@ from proxy.stores.redis import RedisTokenStore
 
 pytestmark = pytest.mark.slow
 TTL = 4
+# The first access token of a test that starts from an expired one: the refresh that
+# follows is the same whatever it lived, and waiting out TTL instead cost each test 3 s.
+FIRST_TTL = 1
 SERVER = "lc"
 
 
@@ -101,6 +104,26 @@ async def wait_expired(tokens: RedisTokenStore, user: str) -> Connection:
     return conn
 
 
+async def connect_expired(
+    replicas: list[ProxyProcess],
+    browser: Browser,
+    auth: AuthorizationServer,
+    tokens: RedisTokenStore,
+    user: str,
+    ttl: int = TTL,
+) -> Connection:
+    """`connect` with a first access token of FIRST_TTL s, then `wait_expired`; the
+    authorization server issues `ttl`-second tokens again (those the refreshes get)."""
+    auth.settings(access_token_ttl=FIRST_TTL)
+    try:
+        await connect(replicas, browser, user)
+    finally:
+        auth.settings(access_token_ttl=ttl)
+    conn = await wait_expired(tokens, user)
+    assert conn.expires_at is not None and round(conn.expires_at - conn.obtained_at) == FIRST_TTL, conn
+    return conn
+
+
 async def call(replica: ProxyProcess, user: str, client: httpx.AsyncClient) -> httpx.Response:
     return await client.post(
         f"{replica.url}/{user}/{SERVER}",
@@ -112,8 +135,7 @@ async def call(replica: ProxyProcess, user: str, client: httpx.AsyncClient) -> h
 async def test_refresh_storm_one_token_request(
     replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    await connect(replicas, browser, "alice")
-    before = await wait_expired(tokens, "alice")
+    before = await connect_expired(replicas, browser, auth, tokens, "alice")
     auth.reset_stats()
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -134,8 +156,7 @@ async def test_replica_dead_holding_the_lock(
     tokens: RedisTokenStore,
     prefix: str,
 ) -> None:
-    await connect(replicas, browser, "bob")
-    await wait_expired(tokens, "bob")
+    await connect_expired(replicas, browser, auth, tokens, "bob")
     # A process takes the refresh lock the way a replica does, then dies without releasing it.
     holder = subprocess.Popen(
         [sys.executable, "-c", _LOCK_HOLDER, REDIS_URL, prefix, "bob", SERVER],
@@ -204,9 +225,8 @@ async def test_revoked_grant_means_reconnect(
     tokens: RedisTokenStore,
     salt: str,
 ) -> None:
-    await connect(replicas, browser, "dave")
+    await connect_expired(replicas, browser, auth, tokens, "dave")
     assert auth.revoke("dave") >= 1
-    await wait_expired(tokens, "dave")
     answer = await raw_post(f"{replicas[2].url}/dave/{SERVER}", jsonrpc("tools/list", id=9))
     assert answer.status_code == 200
     error = answer.json()["error"]
