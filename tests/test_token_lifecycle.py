@@ -104,6 +104,18 @@ async def wait_expired(tokens: RedisTokenStore, user: str) -> Connection:
     return conn
 
 
+async def connect_short(
+    replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, user: str, ttl: int = TTL
+) -> None:
+    """`connect` with a first access token of FIRST_TTL s; the authorization server
+    issues `ttl`-second tokens again after (those the refreshes get)."""
+    auth.settings(access_token_ttl=FIRST_TTL)
+    try:
+        await connect(replicas, browser, user)
+    finally:
+        auth.settings(access_token_ttl=ttl)
+
+
 async def connect_expired(
     replicas: list[ProxyProcess],
     browser: Browser,
@@ -112,13 +124,8 @@ async def connect_expired(
     user: str,
     ttl: int = TTL,
 ) -> Connection:
-    """`connect` with a first access token of FIRST_TTL s, then `wait_expired`; the
-    authorization server issues `ttl`-second tokens again (those the refreshes get)."""
-    auth.settings(access_token_ttl=FIRST_TTL)
-    try:
-        await connect(replicas, browser, user)
-    finally:
-        auth.settings(access_token_ttl=ttl)
+    """`connect_short`, then `wait_expired`."""
+    await connect_short(replicas, browser, auth, user, ttl)
     conn = await wait_expired(tokens, user)
     assert conn.expires_at is not None and round(conn.expires_at - conn.obtained_at) == FIRST_TTL, conn
     return conn
