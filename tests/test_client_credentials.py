@@ -24,7 +24,7 @@ from peers.mcp_client import INITIALIZE, jsonrpc, result_text, streamable_sessio
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
 from services import REDIS_URL
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, start_all, stop_all
 
 from proxy import links
 from proxy.crypto import Keyring
@@ -158,14 +158,14 @@ def replicas(
         },
     }
     env = {"KEYBEARER_SALT": salt, "CC_BASIC_SECRET": BASIC_SECRET, "CC_WRONG_SECRET": "not-the-secret"}
-    procs: list[ProxyProcess] = []
+    procs = [
+        ProxyProcess(config, tmp_path_factory.mktemp(f"replica-{port}"), env, port=port, start=False)
+        for port in ports
+    ]
     try:
-        for port in ports:
-            procs.append(ProxyProcess(config, tmp_path_factory.mktemp(f"replica-{port}"), env, port=port))
-        yield procs
+        yield start_all(procs)
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
 
 
 @pytest.fixture
