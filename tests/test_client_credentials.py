@@ -138,7 +138,7 @@ def replicas(
         "oauth_allow_http_loopback": True,
         "refresh_skew": 1,
         "refresh_lock_ttl": 3,
-        "token_endpoint_cooldown": 3,
+        "token_endpoint_cooldown": 2,
         "servers": {
             "shared": _service(resource.mcp_url, "cc-shared", **secret),
             "storm": _service(resource.mcp_url, "cc-storm", **secret),
@@ -351,8 +351,8 @@ async def test_wrong_secret_is_an_operator_error(
     (row,) = listing.json()["connections"]
     assert row["user"] == SERVICE_USER and row["state"] == "refused" and "invalid_client" in row["last_error"]
 
-    # After the cooldown (3 s) one replica asks again, and is refused again.
-    await asyncio.sleep(3.2)
+    # After the cooldown (2 s) one replica asks again, and is refused again.
+    await asyncio.sleep(2.2)
     async with httpx.AsyncClient(timeout=30) as client:
         again = await asyncio.gather(*(call(replicas[i % 3], "bob", "wrong", client) for i in range(9)))
     assert {a.status_code for a in again} == {503}
