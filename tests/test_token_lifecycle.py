@@ -70,7 +70,7 @@ def replicas(
         "oauth_allow_http_loopback": True,
         "refresh_skew": 1,
         "refresh_lock_ttl": 3,
-        "token_endpoint_cooldown": 2,
+        "token_endpoint_cooldown": 1,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
     with replicas_running(config, ports, {"KEYBEARER_SALT": salt}, tmp_path_factory) as procs:
@@ -105,11 +105,16 @@ async def wait_expired(tokens: RedisTokenStore, user: str) -> Connection:
 
 
 async def connect_short(
-    replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, user: str, ttl: int = TTL
+    replicas: list[ProxyProcess],
+    browser: Browser,
+    auth: AuthorizationServer,
+    user: str,
+    ttl: int = TTL,
+    first_ttl: int = FIRST_TTL,
 ) -> None:
-    """`connect` with a first access token of FIRST_TTL s; the authorization server
+    """`connect` with a first access token of `first_ttl` s; the authorization server
     issues `ttl`-second tokens again after (those the refreshes get)."""
-    auth.settings(access_token_ttl=FIRST_TTL)
+    auth.settings(access_token_ttl=first_ttl)
     try:
         await connect(replicas, browser, user)
     finally:
@@ -200,7 +205,8 @@ asyncio.run(main())
 async def test_authorization_server_down(
     replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    await connect(replicas, browser, "carol")
+    # A 3 s first token: valid for the call right after connecting, then a second less to wait out.
+    await connect_short(replicas, browser, auth, "carol", first_ttl=TTL - 1)
     auth.settings(faults=[{"route": "token", "grant_type": "refresh_token", "status": 503, "count": -1}])
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -217,7 +223,7 @@ async def test_authorization_server_down(
         assert conn is not None and conn.state == "connected"  # the stored tokens are kept
     finally:
         auth.settings(faults=[])
-    await asyncio.sleep(2.2)  # the circuit breaker's cooldown
+    await asyncio.sleep(1.2)  # the cooldown (token_endpoint_cooldown) of the recorded failure
     async with httpx.AsyncClient(timeout=30) as client:
         for replica in replicas:
             back = await call(replica, "carol", client)
