@@ -199,10 +199,12 @@ async def whoami(replica: ProxyProcess, user: str, server: str) -> dict[str, Any
 
 
 async def wait_due(tokens: RedisTokenStore, server: str) -> Connection:
-    """Until the stored service token is due for renewal (refresh_skew is 1 s)."""
+    """Until the stored service token is due for renewal: refresh_skew (1 s) before it
+    expires, or a quarter of its lifetime before if that is less (TokenLifecycle.ahead)."""
     conn = await tokens.get_connection(SERVICE_USER, server)
     assert conn is not None and conn.expires_at is not None and conn.state == "connected"
-    await asyncio.sleep(max(0.0, conn.expires_at - 1 - time.time()) + 0.2)
+    ahead = min(1.0, 0.25 * (conn.expires_at - conn.obtained_at))
+    await asyncio.sleep(max(0.0, conn.expires_at - ahead - time.time()) + 0.2)
     return conn
 
 
@@ -243,8 +245,14 @@ async def test_every_user_gets_the_same_token(
 async def test_one_token_request_per_expiry_across_replicas(
     replicas: list[ProxyProcess], auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    async with httpx.AsyncClient(timeout=30) as client:
-        assert (await call(replicas[0], "alice", "storm", client)).status_code == 200
+    # The first token lives 2 s (due after 1.5 s, not 3); the renewals get TTL-second ones, which
+    # must outlast each storm.
+    auth.settings(access_token_ttl=2)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await call(replicas[0], "alice", "storm", client)).status_code == 200
+    finally:
+        auth.settings(access_token_ttl=TTL)
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     for _ in range(2):
         before = await wait_due(tokens, "storm")
