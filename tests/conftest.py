@@ -58,9 +58,10 @@ async def proxy_factory(tmp_path: Path, salt: str) -> AsyncIterator[type[ProxyPr
     await asyncio.gather(*(asyncio.to_thread(proc.stop) for proc in started))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 async def browser() -> AsyncIterator[Any]:
-    """Debian's Chromium, driven by Playwright: one per test module of the OAuth journey."""
+    """Debian's Chromium, driven by Playwright: one for the run (launching it took about
+    0.6 s per module); every test opens its own context, with no cookies or storage."""
     from peers.browser import launch_browser
 
     async with launch_browser() as b:

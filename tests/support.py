@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -142,19 +143,34 @@ def self_signed_certificate(folder: Path, names: tuple[str, ...] = ()) -> tuple[
     return cert_path, key_path
 
 
+def start_all(procs: list[ProxyProcess]) -> list[ProxyProcess]:
+    """Start processes made with start=False all at once: a start is mostly the
+    interpreter importing, which one after the other cost each replica set a second
+    or more. A failed start stops its process and is raised once all have tried."""
+    with ThreadPoolExecutor(len(procs)) as pool:
+        list(pool.map(ProxyProcess.start, procs))
+    return procs
+
+
+def stop_all(procs: list[ProxyProcess]) -> None:
+    """Stop them all at once: each waits for its own graceful shutdown."""
+    if procs:
+        with ThreadPoolExecutor(len(procs)) as pool:
+            list(pool.map(ProxyProcess.stop, procs))
+
+
 @contextlib.contextmanager
 def replicas_running(
     config: dict[str, Any], ports: list[int], env: dict[str, str], workdirs: Any
 ) -> Iterator[list[ProxyProcess]]:
     """One proxy per port on one config and environment, each in its own work folder
-    (`workdirs` is pytest's TempPathFactory); every one started is stopped after, even
-    if a later one fails to start."""
-    procs: list[ProxyProcess] = []
+    (`workdirs` is pytest's TempPathFactory), started together; all are stopped after,
+    even if one fails to start."""
+    procs = [
+        ProxyProcess(config, workdirs.mktemp(f"replica-{port}"), env, port=port, start=False)
+        for port in ports
+    ]
     try:
-        for port in ports:
-            workdir = workdirs.mktemp(f"replica-{port}")
-            procs.append(ProxyProcess(config, workdir, env, port=port))
-        yield procs
+        yield start_all(procs)
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)

@@ -24,7 +24,7 @@ from peers.mcp_client import INITIALIZE, jsonrpc, result_text, streamable_sessio
 from peers.mcp_resource_server import ResourceServer, run_resource_server
 from peers.oauth import AuthorizationServer, run_authorization_server
 from services import REDIS_URL
-from support import ProxyProcess, free_port
+from support import ProxyProcess, free_port, start_all, stop_all
 
 from proxy import links
 from proxy.crypto import Keyring
@@ -138,7 +138,7 @@ def replicas(
         "oauth_allow_http_loopback": True,
         "refresh_skew": 1,
         "refresh_lock_ttl": 3,
-        "token_endpoint_cooldown": 3,
+        "token_endpoint_cooldown": 2,
         "servers": {
             "shared": _service(resource.mcp_url, "cc-shared", **secret),
             "storm": _service(resource.mcp_url, "cc-storm", **secret),
@@ -158,14 +158,14 @@ def replicas(
         },
     }
     env = {"KEYBEARER_SALT": salt, "CC_BASIC_SECRET": BASIC_SECRET, "CC_WRONG_SECRET": "not-the-secret"}
-    procs: list[ProxyProcess] = []
+    procs = [
+        ProxyProcess(config, tmp_path_factory.mktemp(f"replica-{port}"), env, port=port, start=False)
+        for port in ports
+    ]
     try:
-        for port in ports:
-            procs.append(ProxyProcess(config, tmp_path_factory.mktemp(f"replica-{port}"), env, port=port))
-        yield procs
+        yield start_all(procs)
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
 
 
 @pytest.fixture
@@ -199,10 +199,12 @@ async def whoami(replica: ProxyProcess, user: str, server: str) -> dict[str, Any
 
 
 async def wait_due(tokens: RedisTokenStore, server: str) -> Connection:
-    """Until the stored service token is due for renewal (refresh_skew is 1 s)."""
+    """Until the stored service token is due for renewal: refresh_skew (1 s) before it
+    expires, or a quarter of its lifetime before if that is less (TokenLifecycle.ahead)."""
     conn = await tokens.get_connection(SERVICE_USER, server)
     assert conn is not None and conn.expires_at is not None and conn.state == "connected"
-    await asyncio.sleep(max(0.0, conn.expires_at - 1 - time.time()) + 0.2)
+    ahead = min(1.0, 0.25 * (conn.expires_at - conn.obtained_at))
+    await asyncio.sleep(max(0.0, conn.expires_at - ahead - time.time()) + 0.2)
     return conn
 
 
@@ -243,8 +245,14 @@ async def test_every_user_gets_the_same_token(
 async def test_one_token_request_per_expiry_across_replicas(
     replicas: list[ProxyProcess], auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    async with httpx.AsyncClient(timeout=30) as client:
-        assert (await call(replicas[0], "alice", "storm", client)).status_code == 200
+    # The first token lives 2 s (due after 1.5 s, not 3); the renewals get TTL-second ones, which
+    # must outlast each storm.
+    auth.settings(access_token_ttl=2)
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            assert (await call(replicas[0], "alice", "storm", client)).status_code == 200
+    finally:
+        auth.settings(access_token_ttl=TTL)
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     for _ in range(2):
         before = await wait_due(tokens, "storm")
@@ -351,8 +359,8 @@ async def test_wrong_secret_is_an_operator_error(
     (row,) = listing.json()["connections"]
     assert row["user"] == SERVICE_USER and row["state"] == "refused" and "invalid_client" in row["last_error"]
 
-    # After the cooldown (3 s) one replica asks again, and is refused again.
-    await asyncio.sleep(3.2)
+    # After the cooldown (2 s) one replica asks again, and is refused again.
+    await asyncio.sleep(2.2)
     async with httpx.AsyncClient(timeout=30) as client:
         again = await asyncio.gather(*(call(replicas[i % 3], "bob", "wrong", client) for i in range(9)))
     assert {a.status_code for a in again} == {503}

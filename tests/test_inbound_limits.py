@@ -235,15 +235,19 @@ def test_connections_beyond_max_connections_are_closed_at_once(proxy_factory: ty
 def test_keep_alive_slow_bodies_and_event_streams_outlast_header_timeout(
     proxy_factory: type[ProxyProcess], upstream: Upstream
 ) -> None:
+    # Each wait below is a multiple of header_timeout; half a second (the other tests' 1 s
+    # made this one take 6 s) is still far more than a whole head takes to arrive.
+    timeout = 0.5
     servers = {
         "echo": {"url": upstream.base_url + "/_echo"},
-        "ticks": {"url": upstream.base_url + "/_sse_ticks?n=-1&interval=0.2"},
+        "ticks": {"url": upstream.base_url + "/_sse_ticks?n=-1&interval=0.1"},
     }
-    proxy = proxy_factory({"header_timeout": 1, "servers": servers})
+    proxy = proxy_factory({"header_timeout": timeout, "servers": servers})
     with closing(HTTPConnection("127.0.0.1", proxy.port, timeout=5)) as conn:
         assert get(conn) == 200
         where = conn.sock.getsockname()  # type: ignore[attr-defined]
-        time.sleep(1.5)  # idle between requests: uvicorn's keep-alive timeout (5 s), not header_timeout
+        # idle between requests: uvicorn's keep-alive timeout (5 s), not header_timeout
+        time.sleep(1.5 * timeout)
         assert get(conn) == 200
         assert conn.sock.getsockname() == where  # type: ignore[attr-defined]
 
@@ -254,7 +258,7 @@ def test_keep_alive_slow_bodies_and_event_streams_outlast_header_timeout(
             % (USER.encode(), len(body))
         )
         for piece in (body[:5], body[5:10], body[10:]):
-            time.sleep(0.6)
+            time.sleep(0.6 * timeout)
             sock.sendall(piece)
         sock.sendall(b"GET /ping HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         answers = read_until_closed(sock, timeout=10)
@@ -267,7 +271,7 @@ def test_keep_alive_slow_bodies_and_event_streams_outlast_header_timeout(
         started = time.monotonic()
         for line in stream.iter_lines():
             ticks += line == "event: tick"
-            if time.monotonic() - started > 2.5:
+            if time.monotonic() - started > 2.5 * timeout:
                 break
     assert ticks >= 5
 

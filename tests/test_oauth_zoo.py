@@ -47,7 +47,8 @@ async def test_provider_that_refreshes_only_with_offline_access(
 ) -> None:
     """Okta, Auth0, Entra ID: a refresh token only for `offline_access` (granted on consent)."""
     with (
-        run_authorization_server(refresh_tokens="offline_access", access_token_ttl=4) as auth,
+        # The first token lives 2 s, not 4: the test waits for it to be due, not longer.
+        run_authorization_server(refresh_tokens="offline_access", access_token_ttl=2) as auth,
         run_resource_server(auth.issuer) as resource,
     ):
         server = {"url": resource.mcp_url, "auth": "oauth"}
@@ -61,8 +62,9 @@ async def test_provider_that_refreshes_only_with_offline_access(
             (registered,) = auth.events("registration_create.success")
             assert "refresh_token" in registered["grant_types"]
             assert connections(proxy)["alice"]["refreshable"] is True
-            # A 4 s token is due for refresh in its last quarter (3 s after it was issued).
-            await asyncio.sleep(3.2)
+            auth.settings(access_token_ttl=4)
+            # A 2 s token is due for refresh in its last quarter (1.5 s after it was issued).
+            await asyncio.sleep(1.7)
             assert (await whoami(proxy))["sub"] == "alice"
             refreshes = [t for t in auth.stats()["token_log"] if t["grant_type"] == "refresh_token"]
             assert refreshes and all(t["status"] == 200 for t in refreshes)
@@ -78,7 +80,8 @@ async def test_refresh_tokens_rotating_or_not(
     """Some providers rotate the refresh token on every use, others keep it (and leave it
     out of the refresh answer): both refresh again, with no reuse detected."""
     with (
-        run_authorization_server(rotate_refresh_tokens=rotating, access_token_ttl=4) as auth,
+        # The first token lives 2 s, those the refreshes get 4 s: each is waited for until due.
+        run_authorization_server(rotate_refresh_tokens=rotating, access_token_ttl=2) as auth,
         run_resource_server(auth.issuer) as resource,
     ):
         proxy = start_proxy(
@@ -87,8 +90,9 @@ async def test_refresh_tokens_rotating_or_not(
         try:
             link, _ = await elicitation(proxy)
             await connect_in_browser(browser, link)
-            for _ in range(2):
-                await asyncio.sleep(3.2)  # into the token's last quarter: due
+            auth.settings(access_token_ttl=4)
+            for lifetime in (2, 4):
+                await asyncio.sleep(0.75 * lifetime + 0.2)  # into the token's last quarter: due
                 assert (await whoami(proxy))["sub"] == "alice"
             stats = auth.stats()
             refreshes = [t for t in stats["token_log"] if t["grant_type"] == "refresh_token"]
@@ -122,7 +126,7 @@ async def test_provider_without_refresh_tokens(browser: Browser, tmp_path: Path,
             assert page.status_code == 200 and "expires without refresh; reconnect then" in page.text
 
             # A token that has really expired: now the agent is asked to reconnect.
-            auth.settings(access_token_ttl=2)
+            auth.settings(access_token_ttl=1)
             link, _ = await elicitation(proxy, "bob")
             await connect_in_browser(browser, link, "bob")
             expires_at = connections(proxy)["bob"]["expires_at"]

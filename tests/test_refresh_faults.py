@@ -27,7 +27,7 @@ from peers.oauth import AuthorizationServer, run_authorization_server
 from playwright.async_api import Browser
 from support import ProxyProcess, free_port, replicas_running
 from test_store_faults import PostgresServer
-from test_token_lifecycle import SERVER, call, connect, wait_expired
+from test_token_lifecycle import SERVER, call, connect_expired, wait_expired
 
 from proxy.connect.clients import server_cache_prefix
 from proxy.connect.lifecycle import REFRESH_WAIT, unseal
@@ -159,8 +159,7 @@ async def test_redis_dies_during_a_refresh(
     salt: str,
 ) -> None:
     """Item 1: the rotated tokens outlive the store's outage in the replica that got them."""
-    await connect(replicas, browser, "rita")
-    await wait_expired(tokens, "rita")
+    await connect_expired(replicas, browser, auth, tokens, "rita", TTL)
     version, old_refresh_token = await refresh_token_of(tokens, "rita", salt)
     auth.reset_stats()
     auth.settings(faults=[{"route": "token", "grant_type": "refresh_token", "delay": 2}])
@@ -213,8 +212,7 @@ async def test_postgres_down_refreshes_go_on(
     salt: str,
 ) -> None:
     """Item 2: a refresh needs the client the tokens were issued to, which every replica knows."""
-    await connect(replicas, browser, "paula")
-    await wait_expired(tokens, "paula")
+    await connect_expired(replicas, browser, auth, tokens, "paula", TTL)
     version, _ = await refresh_token_of(tokens, "paula", salt)
     auth.reset_stats()
     answers: list[tuple[httpx.Response, float]] = []
@@ -222,9 +220,13 @@ async def test_postgres_down_refreshes_go_on(
     try:
         started = time.monotonic()
         async with httpx.AsyncClient(timeout=LIMIT + 5) as client:
-            while time.monotonic() - started < 2.5 * TTL:  # at least two refreshes due
+            # Until a second refresh (the first one's tokens are due after 0.75 TTL), then a
+            # round more: every replica uses the tokens that refresh got.
+            while token_requests(auth) < 2:
+                assert time.monotonic() - started < 2.5 * TTL, "no second refresh during the outage"
                 answers += await asyncio.gather(*(timed(r, "paula", client) for r in replicas))
                 await asyncio.sleep(0.3)
+            answers += await asyncio.gather(*(timed(r, "paula", client) for r in replicas))
     finally:
         postgres.start()
     failed = [(a.status_code, a.text[:200]) for a, _ in answers if not ok(a)]
@@ -245,8 +247,7 @@ async def test_replica_killed_mid_refresh(
     salt: str,
 ) -> None:
     """Item 4: the others answer 503 while the dead holder's lock stands, then one refreshes."""
-    await connect(replicas, browser, "kim")
-    await wait_expired(tokens, "kim")
+    await connect_expired(replicas, browser, auth, tokens, "kim", TTL)
     version, _ = await refresh_token_of(tokens, "kim", salt)
     auth.reset_stats()
     # The killed replica's token call never reaches the provider: its refresh token stays unused.
@@ -287,8 +288,7 @@ async def test_stalled_holder_does_not_reuse_the_refresh_token(
 ) -> None:
     """Item 5: a holder frozen past its lock's expiry, between taking the lock and calling the
     token endpoint, finds the lock gone and uses what the next holder wrote."""
-    await connect(replicas, browser, "sam")
-    await wait_expired(tokens, "sam")
+    await connect_expired(replicas, browser, auth, tokens, "sam", TTL)
     version, _ = await refresh_token_of(tokens, "sam", salt)
     # Every replica forgets the discovery, so that the holder's refresh fetches it: that fetch,
     # made slow, is where the test freezes the holder.

@@ -10,7 +10,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from peers.mcp_client import Upstream, result_text, run_upstream, streamable_session
 from services import REDIS_URL
-from support import ProxyProcess
+from support import ProxyProcess, start_all, stop_all
 
 from proxy.connect.lifecycle import TokenSet, seal, unseal
 from proxy.crypto import Keyring
@@ -88,20 +87,18 @@ def replicas(database_url: str, prefix: str, tmp_path: Path) -> Iterator[list[Pr
         (tmp_path / f"r{i}").mkdir()
     procs = [ProxyProcess(config, tmp_path / f"r{i}", {}, start=False) for i in range(2)]
     yield procs
-    for proc in procs:
-        proc.stop()
+    stop_all(procs)
 
 
 def restart(replicas: list[ProxyProcess], salt: str, previous: str | None) -> None:
     """Every replica with the new salt settings, all at once."""
+    stop_all(replicas)
     for proc in replicas:
-        proc.stop()
         proc.env = {k: v for k, v in proc.env.items() if not k.startswith(("KEYBEARER_SALT", "SALT"))}
         proc.env["KEYBEARER_SALT"] = salt
         if previous:
             proc.env["KEYBEARER_SALT_PREVIOUS"] = previous
-    with ThreadPoolExecutor(len(replicas)) as pool:
-        list(pool.map(lambda p: p.start(), replicas))
+    start_all(replicas)
 
 
 async def seed(replica: ProxyProcess, upstream: Upstream, tokens: RedisTokenStore, keyring_a: Keyring,

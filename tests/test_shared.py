@@ -10,7 +10,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import asyncpg
@@ -19,7 +18,7 @@ import pytest
 from conftest import RedisServer
 from peers.mcp_client import INITIALIZE, Upstream, raw_post, result_text, run_upstream, streamable_session
 from services import REDIS_URL
-from support import ProxyProcess
+from support import ProxyProcess, start_all, stop_all
 from test_store_faults import PostgresServer
 
 from proxy.crypto import Keyring
@@ -48,13 +47,6 @@ async def schema_in(database_url: str) -> str:
     finally:
         await conn.close()
     return f"{database_url}?search_path={schema}"
-
-
-def start_all(procs: list[ProxyProcess]) -> list[ProxyProcess]:
-    """Start every process at the same moment (their migrations race)."""
-    with ThreadPoolExecutor(len(procs)) as pool:
-        list(pool.map(lambda p: p.start(), procs))
-    return procs
 
 
 def replica_config(database_url: str, redis_url: str, prefix: str, **extra: Any) -> dict[str, Any]:
@@ -145,10 +137,9 @@ def replicas(
         for i in range(3)
     ]
     try:
-        yield start_all(procs)
+        yield start_all(procs)  # at the same moment: their migrations race
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
         for proc in procs:
             for secret in (KEY, NEW_KEY, ADMIN_TOKEN, salt):
                 assert secret not in proc.log()

@@ -28,6 +28,9 @@ from proxy.stores.redis import RedisTokenStore
 
 pytestmark = pytest.mark.slow
 TTL = 4
+# The first access token of a test that starts from an expired one: the refresh that
+# follows is the same whatever it lived, and waiting out TTL instead cost each test 3 s.
+FIRST_TTL = 1
 SERVER = "lc"
 
 
@@ -67,7 +70,7 @@ def replicas(
         "oauth_allow_http_loopback": True,
         "refresh_skew": 1,
         "refresh_lock_ttl": 3,
-        "token_endpoint_cooldown": 2,
+        "token_endpoint_cooldown": 1,
         "servers": {SERVER: {"url": resource.mcp_url, "auth": "oauth"}},
     }
     with replicas_running(config, ports, {"KEYBEARER_SALT": salt}, tmp_path_factory) as procs:
@@ -101,6 +104,38 @@ async def wait_expired(tokens: RedisTokenStore, user: str) -> Connection:
     return conn
 
 
+async def connect_short(
+    replicas: list[ProxyProcess],
+    browser: Browser,
+    auth: AuthorizationServer,
+    user: str,
+    ttl: int = TTL,
+    first_ttl: int = FIRST_TTL,
+) -> None:
+    """`connect` with a first access token of `first_ttl` s; the authorization server
+    issues `ttl`-second tokens again after (those the refreshes get)."""
+    auth.settings(access_token_ttl=first_ttl)
+    try:
+        await connect(replicas, browser, user)
+    finally:
+        auth.settings(access_token_ttl=ttl)
+
+
+async def connect_expired(
+    replicas: list[ProxyProcess],
+    browser: Browser,
+    auth: AuthorizationServer,
+    tokens: RedisTokenStore,
+    user: str,
+    ttl: int = TTL,
+) -> Connection:
+    """`connect_short`, then `wait_expired`."""
+    await connect_short(replicas, browser, auth, user, ttl)
+    conn = await wait_expired(tokens, user)
+    assert conn.expires_at is not None and round(conn.expires_at - conn.obtained_at) == FIRST_TTL, conn
+    return conn
+
+
 async def call(replica: ProxyProcess, user: str, client: httpx.AsyncClient) -> httpx.Response:
     return await client.post(
         f"{replica.url}/{user}/{SERVER}",
@@ -112,8 +147,7 @@ async def call(replica: ProxyProcess, user: str, client: httpx.AsyncClient) -> h
 async def test_refresh_storm_one_token_request(
     replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    await connect(replicas, browser, "alice")
-    before = await wait_expired(tokens, "alice")
+    before = await connect_expired(replicas, browser, auth, tokens, "alice")
     auth.reset_stats()
     limits = httpx.Limits(max_connections=300, max_keepalive_connections=300)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
@@ -134,8 +168,7 @@ async def test_replica_dead_holding_the_lock(
     tokens: RedisTokenStore,
     prefix: str,
 ) -> None:
-    await connect(replicas, browser, "bob")
-    await wait_expired(tokens, "bob")
+    await connect_expired(replicas, browser, auth, tokens, "bob")
     # A process takes the refresh lock the way a replica does, then dies without releasing it.
     holder = subprocess.Popen(
         [sys.executable, "-c", _LOCK_HOLDER, REDIS_URL, prefix, "bob", SERVER],
@@ -172,7 +205,8 @@ asyncio.run(main())
 async def test_authorization_server_down(
     replicas: list[ProxyProcess], browser: Browser, auth: AuthorizationServer, tokens: RedisTokenStore
 ) -> None:
-    await connect(replicas, browser, "carol")
+    # A 3 s first token: valid for the call right after connecting, then a second less to wait out.
+    await connect_short(replicas, browser, auth, "carol", first_ttl=TTL - 1)
     auth.settings(faults=[{"route": "token", "grant_type": "refresh_token", "status": 503, "count": -1}])
     try:
         async with httpx.AsyncClient(timeout=30) as client:
@@ -189,7 +223,7 @@ async def test_authorization_server_down(
         assert conn is not None and conn.state == "connected"  # the stored tokens are kept
     finally:
         auth.settings(faults=[])
-    await asyncio.sleep(2.2)  # the circuit breaker's cooldown
+    await asyncio.sleep(1.2)  # the cooldown (token_endpoint_cooldown) of the recorded failure
     async with httpx.AsyncClient(timeout=30) as client:
         for replica in replicas:
             back = await call(replica, "carol", client)
@@ -204,9 +238,8 @@ async def test_revoked_grant_means_reconnect(
     tokens: RedisTokenStore,
     salt: str,
 ) -> None:
-    await connect(replicas, browser, "dave")
+    await connect_expired(replicas, browser, auth, tokens, "dave")
     assert auth.revoke("dave") >= 1
-    await wait_expired(tokens, "dave")
     answer = await raw_post(f"{replicas[2].url}/dave/{SERVER}", jsonrpc("tools/list", id=9))
     assert answer.status_code == 200
     error = answer.json()["error"]
