@@ -389,7 +389,11 @@ class Response:
 
     def body_now(self) -> bytes:
         """The body arrived so far, without waiting: the whole of it once `complete`."""
-        chunks, self._chunks, self._size = self._chunks, [], 0
+        chunks, self._chunks = self._chunks, []
+        # Taken, the bytes no longer count towards HIGH_WATER: reading goes on.
+        if self._size > HIGH_WATER and self._connection is not None and self._connection.transport:
+            self._connection.transport.resume_reading()
+        self._size = 0
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def expire(self, waiter: Waiter, timeout: float | None) -> None:
@@ -409,13 +413,7 @@ class Response:
             if self.complete:
                 return b""
             await self._wait_for_more(timeout)
-        chunks = self._chunks
-        chunk = b"".join(chunks) if len(chunks) > 1 else chunks[0]
-        self._chunks = []
-        if self._size > HIGH_WATER and self._connection is not None and self._connection.transport:
-            self._connection.transport.resume_reading()
-        self._size = 0
-        return chunk
+        return self.body_now()
 
     def close(self) -> None:
         """Give the connection back when the exchange ended cleanly, else close it."""
