@@ -417,6 +417,9 @@ class Response:
 
     def close(self) -> None:
         """Give the connection back when the exchange ended cleanly, else close it."""
+        # The lane's waiter holds this response: left here, the two would wait for the
+        # cycle collector (a tenth of the proxy's CPU under load) instead of going now.
+        self.on_wake = None
         connection, self._connection = self._connection, None
         if connection is None:
             return
