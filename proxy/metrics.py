@@ -76,6 +76,11 @@ def upstream_latency(server: str) -> Any:
     return UPSTREAM_LATENCY.labels(server)
 
 
+@functools.lru_cache(maxsize=1024)
+def time_to_expiry(server: str) -> Any:
+    return TIME_TO_EXPIRY.labels(server)
+
+
 def refresh_result(server: str, result: str) -> None:
     REFRESHES.labels(server, result).inc()
 

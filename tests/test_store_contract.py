@@ -280,6 +280,9 @@ async def test_connections_read_together(tokens: TokenStore) -> None:
     users = [*(c.user for c in written), "nobody", "u3"]
     found = await asyncio.gather(*(tokens.get_connection(user, "srv") for user in users))
     assert found == [*written, None, written[3]]
+    # Or asked for in one call (the token memory's reads ahead).
+    assert await tokens.get_connections([(user, "srv") for user in users]) == [*written, None, written[3]]
+    assert await tokens.get_connections([]) == []
 
 
 async def test_connections_list_and_delete(tokens: TokenStore) -> None:

@@ -152,6 +152,131 @@ async def test_what_a_read_says_besides_the_ciphertext_still_counts(
         await lifecycle.access_token(SERVER, "alice")
 
 
+async def soon(check: Callable[[], bool], within: float = 2.0) -> bool:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_a_token_used_near_the_end_of_its_time_is_read_again_in_the_background(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every use falls in the read-ahead share here: in production, the last quarter.
+    monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
+    lifecycle, store, keyring = on_redis
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    # Changed without an announcement (lost, or a replica that died before sending it).
+    await store_token(store, keyring, "token-b", time.time() + 3600, 2)  # type: ignore[arg-type]
+    # The request is not held up: it gets what is remembered, and the read goes on without it.
+    assert lifecycle.remembered(SERVER, "alice") == "token-a"
+    assert await soon(lambda: lifecycle.remembered(SERVER, "alice") == "token-b")
+
+
+async def test_a_read_ahead_that_finds_the_grant_gone_forgets_the_token(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
+    lifecycle, store, keyring = on_redis
+    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+    stored = await store.get_connection("alice", SERVER.id)
+    assert stored is not None
+    await store.put_connection(replace(stored, state=MUST_RECONNECT, last_error="revoked", version=2))
+    assert lifecycle.remembered(SERVER, "alice") == "token-a"
+    assert await soon(lambda: lifecycle.remembered(SERVER, "alice") is None)
+    with pytest.raises(NeedsConsent, match="revoked"):
+        await lifecycle.access_token(SERVER, "alice")
+
+
+async def test_a_read_ahead_the_store_cannot_answer_leaves_the_token_in_use(
+    redis_server_factory: Callable[..., RedisServer], salt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
+    redis = redis_server_factory()
+    store = RedisTokenStore.from_url(redis.url_for(0), prefix="kbahead", timeout=0.3)
+    keyring = Keyring(salt)
+    lifecycle = TokenLifecycle(keyring, store, None, None, SKEW)  # type: ignore[arg-type]
+    try:
+        await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
+        assert await lifecycle.access_token(SERVER, "alice") == "token-a"
+        redis.stop()
+        assert lifecycle.remembered(SERVER, "alice") == "token-a"
+        assert await soon(lambda: not lifecycle._reads_ahead)  # the read failed
+        # An outage within the token's time costs its user nothing.
+        assert lifecycle.remembered(SERVER, "alice") == "token-a"
+    finally:
+        await store.close()
+
+
+async def test_reads_ahead_asked_for_at_different_moments_share_one_store_call(
+    redis_server_factory: Callable[..., RedisServer], salt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nobody waits for a read ahead: they are held for a moment and sent together, and the
+    # store's commands counted (on a Redis of the test's own) show one call for all.
+    monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
+    redis = redis_server_factory()
+    store = RedisTokenStore.from_url(redis.url_for(0), prefix="kbahead")
+    keyring = Keyring(salt)
+    lifecycle = TokenLifecycle(keyring, store, None, None, SKEW)  # type: ignore[arg-type]
+    users = [f"user{i}" for i in range(12)]
+    try:
+        for user in users:
+            sealed = seal(keyring, user, SERVER.id, TokenSet(f"token-{user}", "refresh-1"))
+            await store.put_connection(
+                Connection(user=user, server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
+                           scopes=("mcp",), expires_at=time.time() + 3600, obtained_at=time.time(), version=1)
+            )  # fmt: skip
+        await asyncio.gather(*(lifecycle.access_token(SERVER, user) for user in users))
+        redis.cli("config", "resetstat")
+        for user in users:  # one request at a time, each in a turn of the loop of its own
+            assert lifecycle.remembered(SERVER, user) == f"token-{user}"
+            await asyncio.sleep(0.002)
+        assert await soon(lambda: not lifecycle._reads_ahead)
+        stats = redis.cli("info", "commandstats")
+        assert "cmdstat_evalsha:calls=1," in stats and "cmdstat_hgetall:calls=12," in stats, stats
+    finally:
+        await store.close()
+
+
+async def test_reads_ahead_at_once_are_bounded(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
+    monkeypatch.setattr(lifecycle_module, "READS_AHEAD_AT_ONCE", 2)
+    lifecycle, store, keyring = on_redis
+    users = [f"user{i}" for i in range(5)]
+    for user in users:
+        sealed = seal(keyring, user, SERVER.id, TokenSet(f"token-{user}", "refresh-1"))
+        await store.put_connection(
+            Connection(user=user, server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
+                       scopes=("mcp",), expires_at=time.time() + 3600, obtained_at=time.time(), version=1)
+        )  # fmt: skip
+        assert await lifecycle.access_token(SERVER, user) == f"token-{user}"
+    gate, reads = asyncio.Event(), []
+    get_connections = store.get_connections
+
+    async def held_read(pairs: list[tuple[str, str]]) -> list[Connection | None]:
+        reads.extend(user for user, _ in pairs)
+        await gate.wait()
+        return await get_connections(pairs)
+
+    monkeypatch.setattr(store, "get_connections", held_read)
+    try:
+        assert [lifecycle.remembered(SERVER, user) for user in users] == [f"token-{u}" for u in users]
+        assert await soon(lambda: len(reads) == 2)
+        await asyncio.sleep(0.05)
+        assert reads == users[:2]
+    finally:
+        gate.set()
+    assert await soon(lambda: not lifecycle._reads_ahead)
+    for user in users:
+        await store.delete_connection(user, SERVER.id)
+
+
 async def test_a_change_on_one_replica_reaches_the_others_memory_at_once(
     redis_prefix: str, salt: str
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import json
 import math
@@ -53,6 +54,17 @@ MUST_RECONNECT = "must_reconnect"
 # tokens opened together (every user's first request after a start) would
 # otherwise all be read again from the store in the same second.
 RECENT_TTL = 60.0
+# A remembered token used in the last quarter of its time is read again in the background
+# (and refreshed, when due), so that a user with steady traffic never waits for the store:
+# their requests keep taking the lane. It is the read the end of its time would have made:
+# a token is still never used past `until` unread.
+READ_AHEAD_SHARE = 0.25
+# At most this many background reads at once per process; past it a token is read when
+# its time ends, by the request that finds it ended.
+READS_AHEAD_AT_ONCE = 256
+# Reads ahead wait this long for each other, then go to the store in one call
+# (stores/coalesce.py): a read alone costs the proxy several times its share of one.
+READ_AHEAD_DELAY = 0.1
 # At most this many remembered tokens (about 400 bytes each, with a short token).
 RECENT_MAX = 50_000
 # The share of a token's lifetime left when its refresh is due, at most (see `ahead`).
@@ -131,12 +143,30 @@ class Opened(NamedTuple):
     """An access token remembered after its tokens were read and opened."""
 
     until: float  # used without a store read until then (monotonic clock)
+    read_ahead: float  # read again in the background when used after this (READ_AHEAD_SHARE)
     token: str
     url: str  # the server url it was opened for
     # After `until` the tokens are read again; when the stored ciphertext is the
     # same (its digest: the ciphertext itself is kilobytes, 50,000 times over),
     # they are not decrypted again.
     sealed: bytes
+
+
+class Found(NamedTuple):
+    """What a read of the store gives the token memory."""
+
+    token: str
+    refresh_in: float  # seconds until its refresh is due
+    sealed: bytes  # the digest of the sealed tokens it was opened from
+
+
+def _connected(server: ServerConfig, conn: Connection | None) -> Connection:
+    """A connection whose tokens can be used, or why the user must connect."""
+    if conn is None:
+        raise NeedsConsent(f"{server.id!r} is not connected for this user")
+    if conn.state == MUST_RECONNECT or conn.sealed is None:
+        raise NeedsConsent(conn.last_error or f"{server.id!r} must be reconnected")
+    return conn
 
 
 def sealed_digest(conn: Connection) -> bytes:
@@ -264,32 +294,113 @@ class TokenLifecycle:
         # Rotated tokens waiting for the store, and the task writing each.
         self._held: dict[tuple[str, str], Held] = {}
         self._writers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        # Background reads of remembered tokens near the end of their time (READ_AHEAD_SHARE):
+        # those waiting for READ_AHEAD_DELAY, and those under way.
+        self._ahead_due: dict[tuple[str, str], ServerConfig] = {}
+        self._ahead_timer: asyncio.TimerHandle | None = None
+        self._reads_ahead: set[tuple[str, str]] = set()
+        self._ahead_tasks: set[asyncio.Task[None]] = set()
 
     async def access_token(self, server: ServerConfig, user: str) -> str:
         """A usable access token, refreshed first when it is about to expire."""
-        key = (user, server.id)
-        opened = self._recent.get(key)
-        if opened is not None and opened.url == server.url:
-            if opened.until > time.monotonic():
-                return opened.token
-        else:
-            opened = None
-        forgetting = self._forgetting
-        token, refresh_in, sealed = await self._access_token(server, user, opened)
-        if refresh_in > 0 and forgetting == self._forgetting:
-            # Saves a Redis read and a decryption on every request but the first.
-            # A change made on another replica (a reconnect, a delete) arrives as
-            # an event and is forgotten then; never kept past the refresh.
-            kept = min(refresh_in, RECENT_TTL * random.uniform(0.5, 1.0))  # noqa: S311 (spread, not a secret)
-            self._recent[key] = Opened(time.monotonic() + kept, token, server.url, sealed)
-        return token
+        token = self.remembered(server, user)
+        if token is not None:
+            return token
+        return await self._read(server, user)
 
     def remembered(self, server: ServerConfig, user: str) -> str | None:
         """The access token this process opened lately, if it still holds: no store read."""
-        opened = self._recent.get((user, server.id))
-        if opened is not None and opened.until > time.monotonic() and opened.url == server.url:
-            return opened.token
-        return None
+        key = (user, server.id)
+        opened = self._recent.get(key)
+        if opened is None or opened.url != server.url:
+            return None
+        now = time.monotonic()
+        if opened.until <= now:
+            return None
+        if (
+            opened.read_ahead <= now
+            and key not in self._reads_ahead
+            and len(self._reads_ahead) < READS_AHEAD_AT_ONCE
+        ):
+            self._reads_ahead.add(key)
+            self._ahead_due[key] = server
+            if self._ahead_timer is None:
+                # In a context of its own: not the request's (its log fields, its trace).
+                self._ahead_timer = asyncio.get_running_loop().call_later(
+                    READ_AHEAD_DELAY, self._start_reads_ahead, context=contextvars.Context()
+                )
+        return opened.token
+
+    def _start_reads_ahead(self) -> None:
+        self._ahead_timer = None
+        due, self._ahead_due = self._ahead_due, {}
+        task = asyncio.get_running_loop().create_task(self._read_all_ahead(due))
+        self._ahead_tasks.add(task)
+        task.add_done_callback(self._ahead_tasks.discard)
+
+    async def _read_all_ahead(self, due: dict[tuple[str, str], ServerConfig]) -> None:
+        """Read tokens ahead in one store call: each read's own coroutine, task and
+        deadline would cost the proxy several times its share of the call."""
+        keys = list(due)
+        forgetting = self._forgetting
+        try:
+            found = await self.store.get_connections(keys)
+            slow = []
+            for key, conn in zip(keys, found, strict=True):
+                try:
+                    ready = self._read_at_once(key, due[key], conn)
+                except NeedsConsent:
+                    # The store says the grant is gone: no use sending the token until its time ends.
+                    self.forget(*key)
+                    continue
+                if ready is None:
+                    slow.append(key)
+                else:
+                    self._remember(key, due[key], ready, forgetting)
+            for key in slow:
+                try:
+                    await self._read(due[key], key[0])
+                except NeedsConsent:
+                    self.forget(*key)
+        except KeybearerError as exc:
+            # Kept until their time ends; the requests that read then answer for themselves.
+            log.debug("tokens not read ahead", count=len(keys), error=exc.code, reason=str(exc))
+        except Exception:
+            log.exception("tokens not read ahead", count=len(keys))
+        finally:
+            self._reads_ahead.difference_update(keys)
+
+    def _read_at_once(
+        self, key: tuple[str, str], server: ServerConfig, conn: Connection | None
+    ) -> Found | None:
+        """What a read ahead found, when it needs nothing more; None when it needs the
+        whole way (`_read`): a refresh is due, or the store has not taken the newest tokens."""
+        if key in self._held or (conn is not None and self._due(conn)):
+            return None
+        return self._token(server, _connected(server, conn), self._opened(key, server))
+
+    async def _read(self, server: ServerConfig, user: str) -> str:
+        """The token from the store (refreshed when due), remembered for a while."""
+        key = (user, server.id)
+        forgetting = self._forgetting
+        found = await self._access_token(server, user, self._opened(key, server))
+        self._remember(key, server, found, forgetting)
+        return found.token
+
+    def _opened(self, key: tuple[str, str], server: ServerConfig) -> Opened | None:
+        opened = self._recent.get(key)
+        return opened if opened is not None and opened.url == server.url else None
+
+    def _remember(self, key: tuple[str, str], server: ServerConfig, found: Found, forgetting: int) -> None:
+        # Saves a store read and a decryption on every request but the first. A change
+        # made on another replica (a reconnect, a delete) arrives as an event and is
+        # forgotten then: never kept past the refresh, nor when an event came during the read.
+        if found.refresh_in > 0 and forgetting == self._forgetting:
+            kept = min(found.refresh_in, RECENT_TTL * random.uniform(0.5, 1.0))  # noqa: S311 (spread, not a secret)
+            now = time.monotonic()
+            self._recent[key] = Opened(
+                now + kept, now + kept * (1 - READ_AHEAD_SHARE), found.token, server.url, found.sealed
+            )
 
     def forget(self, user: str, server_id: str) -> None:
         self._forgetting += 1
@@ -316,37 +427,45 @@ class TokenLifecycle:
             if key in self._waiting:
                 self._waiting[key].set()
 
-    async def _access_token(
-        self, server: ServerConfig, user: str, opened: Opened | None
-    ) -> tuple[str, float, bytes]:
-        """The token, the seconds until its refresh is due, and the digest of its sealed tokens."""
+    async def _access_token(self, server: ServerConfig, user: str, opened: Opened | None) -> Found:
         conn = await self._load(server, user)
+        if not self._due(conn):
+            return self._token(server, conn, opened)
+        assert conn.expires_at is not None
+        tokens = self._open(conn, server)
+        if (user, server.id) in self._held:
+            # The newest tokens are not stored yet: never refresh past them.
+            if conn.expires_at <= time.time():
+                raise TemporarilyUnavailable(
+                    "token storage is unavailable and the access token expired; retry shortly", 5
+                )
+        # Without a refresh token nothing can be done early: used until it expires.
+        elif tokens.refresh_token or conn.expires_at <= time.time():
+            conn, tokens = await self.refresh(server, conn)
+        return self._found(server, conn, tokens.access_token)
+
+    def _token(self, server: ServerConfig, conn: Connection, opened: Opened | None) -> Found:
+        """The access token of a connection whose refresh is not due."""
         sealed = sealed_digest(conn)
-        due = conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
-        if opened is not None and opened.sealed == sealed and not due:
-            # The very ciphertext opened before, read again when its memory ended:
-            # it opens to the same tokens. What else the read says (state, expiry)
-            # was checked above, as for any read.
-            access = opened.token
-        else:
-            tokens = self._open(conn, server)
-            if due and conn.expires_at is not None:
-                if (user, server.id) in self._held:
-                    # The newest tokens are not stored yet: never refresh past them.
-                    if conn.expires_at <= time.time():
-                        raise TemporarilyUnavailable(
-                            "token storage is unavailable and the access token expired; retry shortly", 5
-                        )
-                # Without a refresh token nothing can be done early: used until it expires.
-                elif tokens.refresh_token or conn.expires_at <= time.time():
-                    conn, tokens = await self.refresh(server, conn)
-                    sealed = sealed_digest(conn)
-            access = tokens.access_token
+        if opened is not None and opened.sealed == sealed:
+            # The very ciphertext opened before, read again when its memory ended: it
+            # opens to the same tokens. What else the read says (state, expiry) was
+            # checked before, as for any read.
+            return self._found(server, conn, opened.token, sealed)
+        return self._found(server, conn, self._open(conn, server).access_token, sealed)
+
+    def _found(
+        self, server: ServerConfig, conn: Connection, access: str, sealed: bytes | None = None
+    ) -> Found:
+        sealed = sealed_digest(conn) if sealed is None else sealed
         if conn.expires_at is None:
-            return access, float("inf"), sealed
+            return Found(access, math.inf, sealed)
         remaining = conn.expires_at - time.time()
-        metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return access, remaining - self.ahead(conn), sealed
+        metrics.time_to_expiry(server.id).observe(max(0.0, remaining))
+        return Found(access, remaining - self.ahead(conn), sealed)
+
+    def _due(self, conn: Connection) -> bool:
+        return conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
 
     def ahead(self, conn: Connection) -> float:
         """How long before expiry a refresh is due: `refresh_skew`, but never more
@@ -668,11 +787,7 @@ class TokenLifecycle:
                     f"token storage is unavailable ({exc}); retry shortly", 5
                 ) from None
             conn = held.conn  # the newest tokens, kept here until the store is back
-        if conn is None:
-            raise NeedsConsent(f"{server.id!r} is not connected for this user")
-        if conn.state == MUST_RECONNECT or conn.sealed is None:
-            raise NeedsConsent(conn.last_error or f"{server.id!r} must be reconnected")
-        return conn
+        return _connected(server, conn)
 
     def _open(self, conn: Connection, server: ServerConfig) -> TokenSet:
         try:

@@ -28,12 +28,12 @@ import structlog
 from proxy import metrics
 from proxy.connect.clients import ServiceClientUnusable, ServiceGrant
 from proxy.connect.lifecycle import (
+    Found,
     Opened,
     TemporarilyUnavailable,
     TokenLifecycle,
     TokenSet,
     new_connection,
-    sealed_digest,
     unseal,
 )
 from proxy.crypto import DecryptError, Keyring
@@ -130,20 +130,19 @@ class ServiceTokens(TokenLifecycle):
 
     # -- TokenLifecycle, as service tokens differ --------------------------------------
 
-    async def _access_token(
-        self, server: ServerConfig, user: str, opened: Opened | None
-    ) -> tuple[str, float, bytes]:
+    async def _access_token(self, server: ServerConfig, user: str, opened: Opened | None) -> Found:
         # Every read is opened: what was opened before is not looked at (a refused or
         # replaced token is judged on what is stored; and these tokens are few).
         conn = await self._load(server, user)
         tokens = self._usable(conn, server)
         if tokens is None or self._due(conn):
             conn, tokens = await self.refresh(server, conn)
-        if conn.expires_at is None:
-            return tokens.access_token, float("inf"), sealed_digest(conn)
-        remaining = conn.expires_at - time.time()
-        metrics.TIME_TO_EXPIRY.labels(server.id).observe(max(0.0, remaining))
-        return tokens.access_token, remaining - self.ahead(conn), sealed_digest(conn)
+        return self._found(server, conn, tokens.access_token)
+
+    def _read_at_once(
+        self, key: tuple[str, str], server: ServerConfig, conn: Connection | None
+    ) -> Found | None:
+        return None  # read ahead the whole way, as above
 
     async def refresh_rejected(self, server: ServerConfig, user: str, rejected: str) -> str:
         """The server refused the token: a new one, unless another request got it already."""
@@ -239,9 +238,6 @@ class ServiceTokens(TokenLifecycle):
             return None
         # Issued for another url of the server: never sent to this one.
         return tokens if tokens.resource in (None, server.url) else None
-
-    def _due(self, conn: Connection) -> bool:
-        return conn.expires_at is not None and conn.expires_at - self.ahead(conn) <= time.time()
 
     async def _refuse(self, server: ServerConfig, current: Connection, message: str) -> ServiceTokenFailed:
         log.warning("service token refused", server=server.id, reason=message)

@@ -7,9 +7,10 @@ Stores hold ciphertext only: sealing and opening happen in the layer above
 from __future__ import annotations
 
 import abc
+import asyncio
 import json
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 
@@ -252,6 +253,10 @@ class TokenStore(abc.ABC):
 
     @abc.abstractmethod
     async def get_connection(self, user: str, server: str) -> Connection | None: ...
+
+    async def get_connections(self, pairs: Sequence[tuple[str, str]]) -> list[Connection | None]:
+        """Several connections, each a (user, server): in one call, where the backend has one."""
+        return list(await asyncio.gather(*(self.get_connection(user, server) for user, server in pairs)))
 
     @abc.abstractmethod
     async def put_connection(

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -52,7 +52,7 @@ from proxy.errors import InvalidInput
 from proxy.names import RESYNC
 from proxy.settings import ConfigError
 from proxy.stores.base import Connection, StoreUnavailable, TokenStore
-from proxy.stores.coalesce import Coalesced
+from proxy.stores.coalesce import MAX_BATCH, Coalesced
 
 log = structlog.get_logger("keybearer.stores.redis")
 
@@ -184,6 +184,18 @@ class RedisTokenStore(TokenStore):
         async with self._guard("reading a connection"):
             fields = await self._reads.read(key)
         return _decode(user, server, fields) if fields else None
+
+    async def get_connections(self, pairs: Sequence[tuple[str, str]]) -> list[Connection | None]:
+        rows: list[dict[str, str]] = []
+        async with self._guard("reading connections"):
+            for start in range(0, len(pairs), MAX_BATCH):
+                rows += await self._read_connections(
+                    [self._tokens(*pair) for pair in pairs[start : start + MAX_BATCH]]
+                )
+        return [
+            _decode(user, server, fields) if fields else None
+            for (user, server), fields in zip(pairs, rows, strict=True)
+        ]
 
     async def _read_connections(self, keys: list[str]) -> list[dict[str, str]]:
         """The hashes of the connections read in one turn of the loop, in one round trip."""

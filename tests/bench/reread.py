@@ -10,13 +10,16 @@ time, as RECENT_TTL does, and reads them all again.
 
     .venv/bin/python tests/bench/reread.py                     # CPU us per reread
     .venv/bin/python tests/bench/reread.py --at-once 16        # 16 rereads started together
+    .venv/bin/python tests/bench/reread.py --ahead 30          # read ahead, 30 to a store call
     .venv/bin/python tests/bench/reread.py --profile 25        # cProfile, top 25 by own time
     .venv/bin/python tests/bench/reread.py --source /tmp/base  # another tree's proxy/
     .venv/bin/python tests/bench/reread.py --instructions      # instructions per reread (valgrind)
 
 `--at-once N` starts N rereads in the same loop iteration (a wave of N requests
 whose tokens ran out together), N at a time; 1 (the default) is one after
-another. CPU is this process's (user + system, `time.process_time`), the
+another. `--ahead N` reads them ahead instead, as requests that use tokens near
+the end of their time have them read (`TokenLifecycle._read_all_ahead`), N to
+a store call. CPU is this process's (user + system, `time.process_time`), the
 minimum of `--rounds` rounds: other load on the machine only ever adds to it.
 `--instructions` counts user-space instructions instead (callgrind: stable
 whatever else runs, but blind to the kernel's share, the system calls): the
@@ -42,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-async def measure(users: int, rounds: int, at_once: int, profile: int) -> None:
+async def measure(users: int, rounds: int, at_once: int, profile: int, ahead: int = 0) -> None:
     from proxy.connect.lifecycle import TokenLifecycle, TokenSet, seal
     from proxy.crypto import Keyring
     from proxy.events import ChangeFeed
@@ -80,6 +83,11 @@ async def measure(users: int, rounds: int, at_once: int, profile: int) -> None:
                 expired = (0.0, *entry[1:])
                 tokens._recent[key] = expired if type(entry) is tuple else type(entry)(*expired)
             started = time.process_time()
+            for start in range(0, users, ahead) if ahead else ():
+                await tokens._read_all_ahead({(u, server.id): server for u in names[start : start + ahead]})
+            if ahead:
+                assert all(tokens.remembered(server, u) == f"at-{u}" for u in names)
+                return time.process_time() - started
             if at_once == 1:  # as a request does: in its own task, no other
                 for user in names:
                     assert await tokens.access_token(server, user) == f"at-{user}"
@@ -102,7 +110,8 @@ async def measure(users: int, rounds: int, at_once: int, profile: int) -> None:
         spent = [await one_round() for _ in range(rounds)]
         per = [s / users * 1e6 for s in spent]
         print(
-            f"{users} rereads, {at_once} at once: {min(per):.1f} us CPU per reread "
+            f"{users} rereads, {f'{ahead} to a call, read ahead' if ahead else f'{at_once} at once'}: "
+            f"{min(per):.1f} us CPU per reread "
             f"(min of {rounds}; all: {', '.join(f'{p:.1f}' for p in per)})"
         )
     finally:
@@ -118,13 +127,14 @@ def count_instructions(args: argparse.Namespace) -> None:
         for rounds in (1, 3):
             out = Path(work) / f"callgrind.{rounds}"
             command = [sys.executable, __file__, "--users", str(args.users), "--rounds", str(rounds),
-                       "--at-once", str(args.at_once)] + (["--source", str(args.source)] if args.source else [])  # fmt: skip
+                       "--at-once", str(args.at_once), "--ahead", str(args.ahead)] + (["--source", str(args.source)] if args.source else [])  # fmt: skip
             subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
                            check=True, capture_output=True)  # fmt: skip
             found = re.findall(r"^totals:\s*(\d+)", out.read_text(errors="replace"), re.MULTILINE)
             totals.append(int(found[-1]))
     per = (totals[1] - totals[0]) / (2 * args.users)
-    print(f"{args.users} rereads, {args.at_once} at once: {per:,.0f} instructions per reread")
+    how = f"{args.ahead} to a call, read ahead" if args.ahead else f"{args.at_once} at once"
+    print(f"{args.users} rereads, {how}: {per:,.0f} instructions per reread")
 
 
 def main() -> None:
@@ -134,6 +144,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--at-once", type=int, default=1)
+    parser.add_argument("--ahead", type=int, default=0, metavar="N", help="read ahead, N to a store call")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile, top N functions")
     parser.add_argument("--source", type=Path, help="a tree whose proxy/ is measured instead of this one")
     parser.add_argument("--instructions", action="store_true", help="count instructions (needs valgrind)")
@@ -144,7 +155,7 @@ def main() -> None:
     sys.path.insert(0, str(args.source.resolve() if args.source else HERE.parent.parent))
     import uvloop
 
-    uvloop.run(measure(args.users, args.rounds, args.at_once, args.profile))
+    uvloop.run(measure(args.users, args.rounds, args.at_once, args.profile, args.ahead))
 
 
 if __name__ == "__main__":
