@@ -152,6 +152,15 @@ async def test_what_a_read_says_besides_the_ciphertext_still_counts(
         await lifecycle.access_token(SERVER, "alice")
 
 
+async def store_users(store: RedisTokenStore, keyring: Keyring, users: list[str]) -> None:
+    for user in users:
+        sealed = seal(keyring, user, SERVER.id, TokenSet(f"token-{user}", "refresh-1"))
+        await store.put_connection(
+            Connection(user=user, server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
+                       scopes=("mcp",), expires_at=time.time() + 3600, obtained_at=time.time(), version=1)
+        )  # fmt: skip
+
+
 async def soon(check: Callable[[], bool], within: float = 2.0) -> bool:
     deadline = time.monotonic() + within
     while not check():
@@ -224,12 +233,7 @@ async def test_reads_ahead_asked_for_at_different_moments_share_one_store_call(
     lifecycle = TokenLifecycle(keyring, store, None, None, SKEW)  # type: ignore[arg-type]
     users = [f"user{i}" for i in range(12)]
     try:
-        for user in users:
-            sealed = seal(keyring, user, SERVER.id, TokenSet(f"token-{user}", "refresh-1"))
-            await store.put_connection(
-                Connection(user=user, server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
-                           scopes=("mcp",), expires_at=time.time() + 3600, obtained_at=time.time(), version=1)
-            )  # fmt: skip
+        await store_users(store, keyring, users)
         await asyncio.gather(*(lifecycle.access_token(SERVER, user) for user in users))
         redis.cli("config", "resetstat")
         for user in users:  # one request at a time, each in a turn of the loop of its own
@@ -249,12 +253,8 @@ async def test_reads_ahead_at_once_are_bounded(
     monkeypatch.setattr(lifecycle_module, "READS_AHEAD_AT_ONCE", 2)
     lifecycle, store, keyring = on_redis
     users = [f"user{i}" for i in range(5)]
+    await store_users(store, keyring, users)
     for user in users:
-        sealed = seal(keyring, user, SERVER.id, TokenSet(f"token-{user}", "refresh-1"))
-        await store.put_connection(
-            Connection(user=user, server=SERVER.id, sealed=sealed, issuer="https://as.test", client_id="c",
-                       scopes=("mcp",), expires_at=time.time() + 3600, obtained_at=time.time(), version=1)
-        )  # fmt: skip
         assert await lifecycle.access_token(SERVER, user) == f"token-{user}"
     gate, reads = asyncio.Event(), []
     get_connections = store.get_connections
