@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -30,9 +30,9 @@ async def peer() -> Iterator[HostileUpstream]:  # type: ignore[misc]
 
 
 @pytest.fixture(scope="module", params=["lane", "task"])
-def proxy(
+async def proxy(
     request: pytest.FixtureRequest, peer: HostileUpstream, tmp_path_factory: pytest.TempPathFactory, salt: str
-) -> Iterator[ProxyProcess]:
+) -> AsyncIterator[ProxyProcess]:
     servers = {mode: {"url": peer.url(mode), "auth": "api_key", "api_key_env": "LANE_KEY"} for mode in MODES}
     env = {"KEYBEARER_SALT": salt, "LANE_KEY": KEY}
     if request.param == "task":
@@ -40,7 +40,9 @@ def proxy(
     proc = ProxyProcess({"servers": servers, "upstream_timeout": 1}, tmp_path_factory.mktemp("proxy"), env)
     proc.way = request.param  # type: ignore[attr-defined]
     yield proc
-    proc.stop()
+    # Off this loop: the peer, on it, is the traced proxy's collector, which gets its last
+    # spans at shutdown (a blocked loop held every traced stop to its 10 s kill).
+    await asyncio.to_thread(proc.stop)
     assert KEY not in proc.log()
 
 
