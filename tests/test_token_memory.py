@@ -132,15 +132,22 @@ async def test_tokens_read_again_unchanged_are_not_decrypted_again(
     assert len(opened) == 2
 
 
-async def test_what_a_read_says_besides_the_ciphertext_still_counts(
-    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+async def opened_token_a(on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring]) -> Connection:
+    """token-a stored and opened (remembered); what the store holds."""
     lifecycle, store, keyring = on_redis
     await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
     assert await lifecycle.access_token(SERVER, "alice") == "token-a"
     stored = await store.get_connection("alice", SERVER.id)
     assert stored is not None
+    return stored
+
+
+async def test_what_a_read_says_besides_the_ciphertext_still_counts(
+    on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lifecycle_module, "RECENT_TTL", 0.2)
+    lifecycle, store, _ = on_redis
+    stored = await opened_token_a(on_redis)
     # The same ciphertext, now due for refresh: the refresh is asked for, as before.
     await store.put_connection(replace(stored, expires_at=time.time() + SKEW / 2, version=2))
     await asyncio.sleep(0.25)
@@ -189,11 +196,8 @@ async def test_a_read_ahead_that_finds_the_grant_gone_forgets_the_token(
     on_redis: tuple[TokenLifecycle, RedisTokenStore, Keyring], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(lifecycle_module, "READ_AHEAD_SHARE", 1.0)
-    lifecycle, store, keyring = on_redis
-    await store_token(store, keyring, "token-a", time.time() + 3600, 1)  # type: ignore[arg-type]
-    assert await lifecycle.access_token(SERVER, "alice") == "token-a"
-    stored = await store.get_connection("alice", SERVER.id)
-    assert stored is not None
+    lifecycle, store, _ = on_redis
+    stored = await opened_token_a(on_redis)
     await store.put_connection(replace(stored, state=MUST_RECONNECT, last_error="revoked", version=2))
     assert lifecycle.remembered(SERVER, "alice") == "token-a"
     assert await soon(lambda: lifecycle.remembered(SERVER, "alice") is None)
